@@ -1,0 +1,84 @@
+// pad: ragged batch -> dense [n, L] rows, with attention mask and labels in the same pass.
+//
+// Contract. Row i holds sequence i truncated to L tokens (from the right or the left end) and
+// placed at the left or right end of the row; the rest is pad_value. The mask is 1 exactly over
+// the placed tokens: it is computed from the lengths, never by comparing tokens to pad_value, so
+// pad == eos leaves real EOS tokens unmasked. Labels are the ids themselves or a second ragged
+// input with the same lengths, label_pad_value (-100) on padding; with shift_labels, the label at
+// token k is the label of token k + 1 and the last kept token gets label_pad_value.
+// Outputs are caller-given buffers (pinned, reused), each of n * L elements, any may be null.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+#include "common/ragged.h"
+
+namespace mixtape {
+
+struct PadOptions {
+  int64_t length = 0;  // L: columns of every output row
+  bool pad_left = false;
+  bool truncate_left = false;
+  int64_t pad_value = 0;
+  int64_t label_pad_value = -100;
+  bool shift_labels = false;
+};
+
+// Where row i's kept tokens come from and go to, after truncation.
+struct PadRow {
+  int64_t src;  // index of the first kept token in `values`
+  int64_t len;  // kept tokens, <= L
+  int64_t dst;  // column of the first kept token
+};
+
+MIXTAPE_HD PadRow pad_row(int64_t begin, int64_t end, const PadOptions& o) {
+  const int64_t n = end - begin;
+  const int64_t len = n < o.length ? n : o.length;
+  return PadRow{o.truncate_left ? end - len : begin, len, o.pad_left ? o.length - len : 0};
+}
+
+// Index into the label source of the label for column j, or -1 where the label is padding.
+MIXTAPE_HD int64_t pad_label_source(const PadRow& r, int64_t j, const PadOptions& o) {
+  const int64_t k = j - r.dst + (o.shift_labels ? 1 : 0);
+  return (j >= r.dst && j < r.dst + r.len && k < r.len) ? r.src + k : -1;
+}
+
+// The three outputs of column j of a row, given its geometry; shared by the CPU and CUDA paths.
+template <typename In, typename Out>
+MIXTAPE_HD void pad_element(const PadRow& r, int64_t j, const In* values, const In* labels,
+                            int64_t label_shift, const PadOptions& o, Out* ids, Out* mask,
+                            Out* out_labels) {
+  const bool real = j >= r.dst && j < r.dst + r.len;
+  if (ids) ids[j] = real ? static_cast<Out>(values[r.src + j - r.dst]) : static_cast<Out>(o.pad_value);
+  if (mask) mask[j] = real ? Out(1) : Out(0);
+  if (out_labels) {
+    const int64_t s = pad_label_source(r, j, o);
+    out_labels[j] = s >= 0 ? static_cast<Out>(labels[s + label_shift])
+                           : static_cast<Out>(o.label_pad_value);
+  }
+}
+
+// CPU. `labels` may be null (labels come from the ids) and must otherwise have the same lengths
+// as `ids` (its own offsets). Returns the first example whose kept ids include a negative value,
+// or -1; throws std::invalid_argument on bad offsets or label lengths.
+template <typename In, typename Out>
+int64_t pad_cpu(Ragged<In> ids, const In* label_values, const int64_t* label_offsets,
+                const PadOptions& opt, Out* out_ids, Out* out_mask, Out* out_labels,
+                bool check_negative);
+
+// CUDA (all pointers on the device; offsets already checked on the host). Enqueued on `stream`.
+template <typename In, typename Out>
+void pad_cuda(Ragged<In> ids, const In* label_values, const int64_t* label_offsets,
+              const PadOptions& opt, Out* out_ids, Out* out_mask, Out* out_labels,
+              void* stream);
+
+}  // namespace mixtape
+
+namespace mixtape {
+// CPU, with `elementwise` choosing the per-element path the CUDA kernel runs (for tests).
+template <typename In, typename Out>
+int64_t pad_cpu_impl(Ragged<In> ids, const In* label_values, const int64_t* label_offsets,
+                     const PadOptions& opt, Out* out_ids, Out* out_mask, Out* out_labels,
+                     bool check_negative, bool elementwise);
+}  // namespace mixtape

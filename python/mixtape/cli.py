@@ -1,0 +1,55 @@
+"""The ``mixtape`` command line: ``demo``, ``bench``, ``pack-stats``, ``info``.
+
+Each subcommand lives with the stage it drives (``mixtape.bench``, ``mixtape.packing``, ...);
+this module only parses the first word and hands the rest over, so importing it stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+# subcommand -> (module, function taking argv and returning an exit code, help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "bench": ("mixtape.bench", "main", "side-by-side speed comparison against the usual peers"),
+    "pack-stats": ("mixtape.packing", "stats_main", "packing statistics of a dataset or lengths"),
+    "info": ("mixtape.cli", "info_main", "build information: compiler, flags, CUDA"),
+}
+
+
+def info_main(argv: list[str]) -> int:
+    """Print :func:`mixtape.build_info` as JSON."""
+    from mixtape.ops import build_info
+
+    if argv:
+        print(f"mixtape info takes no arguments, got {argv}", file=sys.stderr)
+        return 2
+    print(json.dumps(build_info(), indent=2))
+    return 0
+
+
+def _usage() -> str:
+    lines = ["usage: mixtape COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name:<12} {helptext}" for name, (_, _, helptext) in COMMANDS.items()]
+    lines += ["", "mixtape COMMAND --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mixtape`` console script."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"mixtape: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    result: int = getattr(importlib.import_module(module), func)(rest)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
