@@ -1,0 +1,467 @@
+"""The pad kernel (``mixtape.ops.pad``) against a plain numpy reference, torch parity, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mixtape import ops
+
+SIDES = ["left", "right"]
+DTYPES = [np.int32, np.int64]
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+
+def ragged(seqs: Sequence[Sequence[int]], dtype: Any = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Values and offsets of a list of sequences."""
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(s) for s in seqs])
+    values = np.array([t for s in seqs for t in s], dtype=dtype)
+    return values, offsets
+
+
+def reference_length(
+    seqs: Sequence[Sequence[int]], max_length: int | None, multiple: int | None
+) -> int:
+    """Row length the way transformers computes it: longest, capped, rounded up to a multiple."""
+    length = max((len(s) for s in seqs), default=0)
+    if max_length is not None:
+        length = min(length, max_length)
+    if multiple:
+        length = (length + multiple - 1) // multiple * multiple
+    return length
+
+
+def reference_pad(
+    seqs: Sequence[Sequence[int]],
+    length: int,
+    *,
+    labels: Sequence[Sequence[int]] | None = None,
+    padding_side: str = "right",
+    truncation_side: str = "right",
+    pad_value: int = 0,
+    label_pad_value: int = -100,
+    shift_labels: bool = False,
+) -> dict[str, np.ndarray]:
+    """Obvious per-row Python: truncate, shift labels within the kept tokens, place, pad."""
+    n = len(seqs)
+    ids = np.full((n, length), pad_value, dtype=np.int64)
+    mask = np.zeros((n, length), dtype=np.int64)
+    lab = np.full((n, length), label_pad_value, dtype=np.int64)
+    for i, seq in enumerate(seqs):
+        s = list(seq)
+        lb = list(labels[i]) if labels is not None else list(s)
+        if len(s) > length:
+            start = len(s) - length if truncation_side == "left" else 0
+            s, lb = s[start : start + length], lb[start : start + length]
+        if shift_labels:
+            lb = [*lb[1:], label_pad_value][: len(s)]
+        begin = length - len(s) if padding_side == "left" else 0
+        ids[i, begin : begin + len(s)] = s
+        mask[i, begin : begin + len(s)] = 1
+        lab[i, begin : begin + len(s)] = lb
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def to_device(x: np.ndarray, device: str) -> Any:
+    """numpy on the CPU; a torch tensor on CUDA."""
+    return x if device == "cpu" else torch.from_numpy(x).to(device)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def random_seqs(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[list[int]]:
+    return [rng.integers(0, 1000, int(k)).tolist() for k in rng.integers(lo, hi + 1, n)]
+
+
+def check(
+    got: dict[str, Any], want: dict[str, np.ndarray], keys: Sequence[str], dtype: Any
+) -> None:
+    assert set(got) == set(keys)
+    for key in keys:
+        arr = to_numpy(got[key])
+        assert arr.dtype == np.dtype(dtype), key
+        np.testing.assert_array_equal(arr, want[key].astype(dtype), err_msg=key)
+
+
+# --- correctness -------------------------------------------------------------------------------
+
+SEQS = [[5, 6, 7], [], [8], [1, 2, 3, 4, 9, 9], [0, 0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("padding_side", SIDES)
+@pytest.mark.parametrize("truncation_side", SIDES)
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("shift_labels", [False, True])
+@pytest.mark.parametrize(("max_length", "multiple"), [(None, None), (4, None), (None, 4), (1, 3)])
+def test_pad_matches_reference(
+    device: str,
+    elementwise: bool,
+    padding_side: str,
+    truncation_side: str,
+    in_dtype: Any,
+    out_dtype: Any,
+    shift_labels: bool,
+    max_length: int | None,
+    multiple: int | None,
+) -> None:
+    if device != "cpu" and elementwise:
+        pytest.skip("the elementwise path is the CPU rehearsal of the CUDA kernel")
+    values, offsets = ragged(SEQS, in_dtype)
+    got = ops.pad(
+        to_device(values, device), to_device(offsets, device), max_length=max_length,
+        pad_to_multiple_of=multiple, padding_side=padding_side,  # type: ignore[arg-type]
+        truncation_side=truncation_side,  # type: ignore[arg-type]
+        pad_value=3, return_labels=True, shift_labels=shift_labels, dtype=out_dtype,
+        _elementwise=elementwise,
+    )  # fmt: skip
+    length = reference_length(SEQS, max_length, multiple)
+    want = reference_pad(
+        SEQS, length, padding_side=padding_side, truncation_side=truncation_side, pad_value=3,
+        shift_labels=shift_labels,
+    )  # fmt: skip
+    check(got, want, ["input_ids", "attention_mask", "labels"], out_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("shift_labels", [False, True])
+@pytest.mark.parametrize("padding_side", SIDES)
+def test_separate_labels(
+    device: str, elementwise: bool, shift_labels: bool, padding_side: str
+) -> None:
+    if device != "cpu" and elementwise:
+        pytest.skip("the elementwise path is the CPU rehearsal of the CUDA kernel")
+    labels = [[-100, 60, 70], [], [80], [10, 20, -100, 40, 90, 91], [1, 2]]
+    values, offsets = ragged(SEQS)
+    lab_values, lab_offsets = ragged(labels)
+    got = ops.pad(
+        to_device(values, device), offsets, labels=to_device(lab_values, device),
+        label_offsets=lab_offsets, max_length=5, truncation_side="left",
+        padding_side=padding_side,  # type: ignore[arg-type]
+        shift_labels=shift_labels, return_attention_mask=False, _elementwise=elementwise,
+    )  # fmt: skip
+    want = reference_pad(
+        SEQS, 5, labels=labels, truncation_side="left", padding_side=padding_side,
+        shift_labels=shift_labels,
+    )  # fmt: skip
+    check(got, want, ["input_ids", "labels"], np.int64)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seqs=st.lists(st.lists(st.integers(0, 2**31 - 1), max_size=12), max_size=9),
+    padding_side=st.sampled_from(SIDES),
+    truncation_side=st.sampled_from(SIDES),
+    max_length=st.none() | st.integers(1, 14),
+    multiple=st.none() | st.integers(1, 5),
+    in_dtype=st.sampled_from(DTYPES),
+    out_dtype=st.sampled_from(DTYPES),
+    shift_labels=st.booleans(),
+    separate_labels=st.booleans(),
+    pad_value=st.integers(0, 7),
+    elementwise=st.booleans(),
+)
+def test_pad_hypothesis(
+    seqs: list[list[int]],
+    padding_side: str,
+    truncation_side: str,
+    max_length: int | None,
+    multiple: int | None,
+    in_dtype: Any,
+    out_dtype: Any,
+    shift_labels: bool,
+    separate_labels: bool,
+    pad_value: int,
+    elementwise: bool,
+) -> None:
+    values, offsets = ragged(seqs, in_dtype)
+    labels = [[(t * 7 + 1) % 1000 - 100 for t in s] for s in seqs] if separate_labels else None
+    kwargs: dict[str, Any] = {}
+    if labels is not None:
+        kwargs["labels"], kwargs["label_offsets"] = ragged(labels, in_dtype)
+    got = ops.pad(
+        values, offsets, max_length=max_length, pad_to_multiple_of=multiple,
+        padding_side=padding_side, truncation_side=truncation_side,  # type: ignore[arg-type]
+        pad_value=pad_value, return_labels=True, shift_labels=shift_labels, dtype=out_dtype,
+        _elementwise=elementwise, **kwargs,
+    )  # fmt: skip
+    length = reference_length(seqs, max_length, multiple)
+    want = reference_pad(
+        seqs, length, labels=labels, padding_side=padding_side, truncation_side=truncation_side,
+        pad_value=pad_value, shift_labels=shift_labels,
+    )  # fmt: skip
+    # int32 outputs hold ids that fit; wider ids wrap exactly as a C cast does.
+    for key in want:
+        want[key] = want[key].astype(out_dtype)
+    check(got, want, ["input_ids", "attention_mask", "labels"], out_dtype)
+
+
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("padding_side", SIDES)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_large_batch_streaming_path(
+    in_dtype: Any, out_dtype: Any, padding_side: str, misaligned: bool
+) -> None:
+    """Batches past the cache take the streaming-store path; outputs may start off 16 bytes."""
+    rng = np.random.default_rng(1)
+    seqs = random_seqs(rng, 420, 0, 2048)
+    values, offsets = ragged(seqs, in_dtype)
+    length = reference_length(seqs, None, None)
+    size = len(seqs) * length
+    out = {}
+    for key in ("input_ids", "attention_mask", "labels"):
+        flat = np.full(size + 1, 12345, dtype=out_dtype)
+        out[key] = (flat[1:] if misaligned else flat[:-1]).reshape(len(seqs), length)
+    got = ops.pad(
+        values, offsets, padding_side=padding_side,  # type: ignore[arg-type]
+        return_labels=True, shift_labels=True, dtype=out_dtype, out=out,
+    )  # fmt: skip
+    assert all(got[k] is out[k] for k in out)
+    want = reference_pad(seqs, length, padding_side=padding_side, shift_labels=True)
+    check(got, want, list(out), out_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_buffers_reused(device: str) -> None:
+    """Buffers given in ``out`` are filled completely: nothing of an earlier batch survives."""
+    rng = np.random.default_rng(2)
+    n, length = 6, 16
+    out = {
+        k: to_device(np.full((n, length), 777, dtype=np.int64), device)
+        for k in ("input_ids", "attention_mask", "labels")
+    }
+    for step in range(3):
+        seqs = random_seqs(rng, n, 0, 20)
+        values, offsets = ragged(seqs)
+        got = ops.pad(
+            to_device(values, device), offsets, length=length, padding_side="left",
+            return_labels=True, out=out,
+        )  # fmt: skip
+        assert all(got[k] is out[k] for k in out), step
+        check(got, reference_pad(seqs, length, padding_side="left"), list(out), np.int64)
+
+
+def test_out_accepts_cpu_tensors() -> None:
+    seqs = [[1, 2], [3]]
+    values, offsets = ragged(seqs)
+    out = {"input_ids": torch.full((2, 4), -1), "attention_mask": torch.full((2, 4), -1)}
+    got = ops.pad(torch.from_numpy(values), torch.from_numpy(offsets), length=4, out=out)
+    assert got["input_ids"] is out["input_ids"]
+    check(got, reference_pad(seqs, 4), ["input_ids", "attention_mask"], np.int64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_pad_equal_to_eos_is_not_masked(device: str, elementwise: bool) -> None:
+    """The mask comes from lengths: a real EOS equal to the pad id stays attended and labelled."""
+    if device != "cpu" and elementwise:
+        pytest.skip("the elementwise path is the CPU rehearsal of the CUDA kernel")
+    eos = 2
+    seqs = [[7, 8, eos], [9, eos]]
+    values, offsets = ragged(seqs)
+    got = ops.pad(
+        to_device(values, device), offsets, pad_value=eos, return_labels=True,
+        _elementwise=elementwise,
+    )  # fmt: skip
+    np.testing.assert_array_equal(to_numpy(got["attention_mask"]), [[1, 1, 1], [1, 1, 0]])
+    np.testing.assert_array_equal(to_numpy(got["labels"]), [[7, 8, eos], [9, eos, -100]])
+    np.testing.assert_array_equal(to_numpy(got["input_ids"]), [[7, 8, eos], [9, eos, eos]])
+
+
+def test_empty_batch_and_empty_values() -> None:
+    got = ops.pad(np.zeros(0, np.int64), np.zeros(1, np.int64))
+    assert got["input_ids"].shape == (0, 0)
+    got = ops.pad(np.zeros(0, np.int64), np.zeros(3, np.int64), pad_to_multiple_of=8)
+    assert got["input_ids"].shape == (2, 0)
+    got = ops.pad([], np.zeros(3, np.int64), length=2, pad_value=5)
+    np.testing.assert_array_equal(got["input_ids"], [[5, 5], [5, 5]])
+    np.testing.assert_array_equal(got["attention_mask"], [[0, 0], [0, 0]])
+
+
+def test_offsets_rebased_like_an_arrow_slice() -> None:
+    values = np.array([100, 1, 2, 3, 4], dtype=np.int64)
+    got = ops.pad(values[1:], np.array([7, 9, 11]), length=2)  # rebased to [0, 2, 4]
+    np.testing.assert_array_equal(got["input_ids"], [[1, 2], [3, 4]])
+
+
+# --- parity ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_side", SIDES)
+@pytest.mark.parametrize("padding_value", [0, 5])
+def test_parity_with_torch_pad_sequence(padding_side: str, padding_value: int) -> None:
+    rng = np.random.default_rng(3)
+    seqs = random_seqs(rng, 33, 0, 50)
+    values, offsets = ragged(seqs)
+    theirs = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(s, dtype=torch.int64) for s in seqs], batch_first=True,
+        padding_value=padding_value, padding_side=padding_side,
+    )  # fmt: skip
+    ours = ops.pad(
+        torch.from_numpy(values), torch.from_numpy(offsets), pad_value=padding_value,
+        padding_side=padding_side,  # type: ignore[arg-type]
+        return_attention_mask=False,
+    )  # fmt: skip
+    assert torch.equal(torch.from_numpy(ours["input_ids"]), theirs)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_non_monotonic_offsets(elementwise: bool) -> None:
+    with pytest.raises(ValueError, match=r"non-decreasing.*example 1"):
+        ops.pad(np.arange(4), np.array([0, 3, 1, 4]), _elementwise=elementwise)
+
+
+def test_offsets_not_ending_at_values() -> None:
+    with pytest.raises(ValueError, match=r"offsets\[-1\] = 5 but there are 4 values"):
+        ops.pad(np.arange(4), np.array([0, 2, 5]))
+    with pytest.raises(ValueError, match=r"offsets\[-1\] = 3 but there are 4 values"):
+        ops.pad(np.arange(4), np.array([0, 2, 3]))
+
+
+@pytest.mark.parametrize("bad", [np.float32, np.float64, np.uint8, np.int16, np.bool_])
+def test_wrong_id_dtypes(bad: Any) -> None:
+    with pytest.raises(TypeError, match="input_ids: token ids must be int32 or int64"):
+        ops.pad(np.array([1, 2, 3], dtype=bad), np.array([0, 1, 3]))
+
+
+def test_wrong_offset_and_output_dtypes() -> None:
+    with pytest.raises(TypeError, match="offsets must be an integer array"):
+        ops.pad(np.array([1, 2, 3]), np.array([0.0, 1.0, 3.0]))
+    with pytest.raises(TypeError, match="dtype must be int32 or int64"):
+        ops.pad(np.array([1, 2, 3]), np.array([0, 1, 3]), dtype=np.float32)
+    with pytest.raises(TypeError, match="labels: token ids must be int32 or int64"):
+        ops.pad(
+            np.array([1, 2, 3]), np.array([0, 1, 3]), labels=np.array([1.0, 2.0, 3.0]),
+            label_offsets=np.array([0, 1, 3]),
+        )  # fmt: skip
+    with pytest.raises(TypeError, match=r"out\['input_ids'\] must be a int64 array"):
+        ops.pad(
+            np.array([1, 2, 3]), np.array([0, 1, 3]), out={"input_ids": np.zeros((2, 2), np.int32)}
+        )
+    with pytest.raises(ValueError, match=r"out\['attention_mask'\] must be a contiguous array"):
+        ops.pad(
+            np.array([1, 2, 3]), np.array([0, 1, 3]),
+            out={"attention_mask": np.zeros((2, 3), np.int64)},
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("in_dtype", DTYPES)
+def test_negative_ids_name_the_example(elementwise: bool, in_dtype: Any) -> None:
+    seqs = [[1, 2], [3], [4, -7, 5], [-1]]
+    values, offsets = ragged(seqs, in_dtype)
+    with pytest.raises(ValueError, match=r"input_ids: example 2 has a negative token id \(-7\)"):
+        ops.pad(values, offsets, _elementwise=elementwise)
+    with pytest.raises(ValueError, match="my_ids: example 2"):
+        ops.pad(values, offsets, name="my_ids", _elementwise=elementwise)
+    with pytest.raises(ValueError, match="example 3"):
+        ops.pad(values, offsets, truncation_side="left", max_length=1, _elementwise=elementwise)
+    # Only kept ids are checked: truncated away, the bad id is never read.
+    got = ops.pad(values[:6], offsets[:4], max_length=1, _elementwise=elementwise)
+    np.testing.assert_array_equal(got["input_ids"], [[1], [3], [4]])
+    # check_ids=False is the caller's promise; the kernel then copies what it is given.
+    got = ops.pad(values, offsets, check_ids=False, _elementwise=elementwise)
+    assert int(got["input_ids"][2, 1]) == -7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_negative_ids_on_device(device: str) -> None:
+    values, offsets = ragged([[1, 2], [3], [4, -7, 5], [-1]])
+    with pytest.raises(ValueError, match="input_ids: example 2 has a negative token id"):
+        ops.pad(to_device(values, device), offsets)
+    got = ops.pad(to_device(values[:6], device), offsets[:4], max_length=1)
+    np.testing.assert_array_equal(to_numpy(got["input_ids"]), [[1], [3], [4]])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seqs=st.lists(st.lists(st.integers(-3, 3), max_size=6), max_size=6),
+    length=st.integers(0, 7),
+    truncate_left=st.booleans(),
+)
+def test_cuda_id_check_agrees_with_cpu_kernel(
+    seqs: list[list[int]], length: int, truncate_left: bool
+) -> None:
+    """The CUDA path's host-side check names the same example as the CPU kernel's fused check
+    (run here on a CPU tensor, since its logic is device-independent)."""
+    values, offsets = ragged(seqs)
+    side = "left" if truncate_left else "right"
+    try:
+        ops.pad(values, offsets, length=length, truncation_side=side)
+        cpu_error = None
+    except ValueError as e:
+        cpu_error = str(e)
+    try:
+        ops._check_kept_ids_cuda(
+            torch.from_numpy(values), offsets, length, truncate_left, "input_ids"
+        )
+        cuda_error = None
+    except ValueError as e:
+        cuda_error = str(e)
+    assert cpu_error == cuda_error
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_label_length_mismatch_names_the_example(elementwise: bool) -> None:
+    values, offsets = ragged([[1, 2], [3], [4, 5]])
+    lab_values, lab_offsets = ragged([[1, 2], [3], [4]])
+    with pytest.raises(ValueError, match="labels of example 2 have length 1 but its input_ids"):
+        ops.pad(
+            values, offsets, labels=lab_values, label_offsets=lab_offsets,
+            _elementwise=elementwise,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="label rows"):
+        ops.pad(values, offsets, labels=lab_values[:3], label_offsets=np.array([0, 2, 3]))
+    with pytest.raises(ValueError, match="labels given without label_offsets"):
+        ops.pad(values, offsets, labels=lab_values)
+
+
+@pytest.mark.parametrize("max_length", [0, -1])
+def test_max_length_below_one(max_length: int) -> None:
+    with pytest.raises(ValueError, match=f"max_length must be >= 1, got {max_length}"):
+        ops.pad(np.array([1, 2, 3]), np.array([0, 1, 3]), max_length=max_length)
+
+
+def test_bad_options() -> None:
+    values, offsets = np.array([1, 2, 3]), np.array([0, 1, 3])
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'top'"):
+        ops.pad(values, offsets, padding_side="top")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="truncation_side must be 'left' or 'right'"):
+        ops.pad(values, offsets, truncation_side="middle")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1, got 0"):
+        ops.pad(values, offsets, pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="length must be >= 0, got -2"):
+        ops.pad(values, offsets, length=-2)
+    with pytest.raises(ValueError, match=r"values must be 1-D, got shape \(1, 3\)"):
+        ops.pad(values[None], offsets)
+
+
+# --- build -------------------------------------------------------------------------------------
+
+
+def test_build_info_reports_cuda_compiled_where_nvcc_exists() -> None:
+    info = ops.build_info()
+    assert {"compiler", "cxx_flags", "cuda_compiled", "cuda_usable"} <= set(info)
+    if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
+        assert info["cuda_compiled"] is True
+    assert info["cuda_usable"] == (info["cuda_compiled"] and info["cuda_device_count"] > 0)
