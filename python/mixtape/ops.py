@@ -129,7 +129,7 @@ def pad(
         return _pad_cuda(
             values, offsets, labels, label_offsets, length, max_length, pad_to_multiple_of,
             pad_left, truncate_left, pad_value, label_pad_value, return_attention_mask,
-            return_labels or labels is not None, shift_labels, dtype, out, name,
+            return_labels or labels is not None, shift_labels, dtype, out, name, check_ids,
         )  # fmt: skip
     vals = _check_ids(name, _host(values))
     offs = as_offsets(_host(offsets), f"{name} offsets")
@@ -144,7 +144,9 @@ def pad(
     if labels is not None:
         if label_offsets is None:
             raise ValueError("labels given without label_offsets")
-        lab_vals = _check_ids("labels", _host(labels)).astype(vals.dtype, copy=False)
+        lab_vals = _check_ids("labels", _host(labels))
+        if lab_vals.dtype != vals.dtype:  # the kernel reads both with one type
+            lab_vals = _check_ids("labels", lab_vals.astype(vals.dtype))
         lab_offs = as_offsets(_host(label_offsets), "labels offsets")
         return_labels = True
     out_dtype = np.dtype(dtype)
@@ -180,8 +182,10 @@ def pad(
     )  # fmt: skip
     if bad >= 0:
         row = vals[offs[bad] : offs[bad + 1]]
+        keep = min(row.size, length)
+        row = row[row.size - keep :] if truncate_left else row[:keep]
         raise ValueError(
-            f"{name}: example {bad} has a negative token id ({int(row.min())}); "
+            f"{name}: example {bad} has a negative token id ({int(row[row < 0][0])}); "
             "token ids must be >= 0"
         )
     return result
@@ -196,6 +200,27 @@ def _host(x: Any) -> Any:
     if hasattr(x, "numpy") and hasattr(x, "is_cuda") and not x.is_cuda:
         return x.numpy()
     return x
+
+
+def _check_kept_ids_cuda(
+    values: torch.Tensor, offs: npt.NDArray[np.int64], length: int, truncate_left: bool, name: str
+) -> None:
+    """The CPU kernel's fused check on CUDA: raise naming the first example whose kept ids include
+    a negative value (one device pass; only the few negative positions come to the host)."""
+    pos = (values < 0).nonzero().flatten().cpu().numpy()
+    if pos.size == 0:
+        return
+    ex = np.searchsorted(offs, pos, side="right") - 1
+    begin, end = offs[ex], offs[ex + 1]
+    keep = np.minimum(end - begin, length)
+    src = end - keep if truncate_left else begin
+    kept = (pos >= src) & (pos < src + keep)
+    if kept.any():
+        first = int(np.argmax(kept))
+        raise ValueError(
+            f"{name}: example {int(ex[first])} has a negative token id "
+            f"({int(values[int(pos[first])])}); token ids must be >= 0"
+        )
 
 
 def _pad_cuda(
@@ -216,6 +241,7 @@ def _pad_cuda(
     dtype: npt.DTypeLike,
     out: dict[str, Any] | None,
     name: str,
+    check_ids: bool = True,
 ) -> dict[str, Any]:
     import torch
 
@@ -232,6 +258,8 @@ def _pad_cuda(
     if length is None:
         longest = int(np.max(np.diff(offs_host))) if n > 0 else 0
         length = padded_length(longest, max_length, pad_to_multiple_of)
+    if check_ids:
+        _check_kept_ids_cuda(values, offs_host, length, truncate_left, name)
     offs = torch.from_numpy(offs_host).to(dev, non_blocking=True)
     lab_v = lab_o = None
     if labels is not None:
