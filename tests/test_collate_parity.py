@@ -1,0 +1,214 @@
+"""Parity with the collators users know: transformers' data collators and torch pad_sequence.
+
+Same inputs, equal tensors (torch.equal), same keys and dtypes. No network: the tokenizer is
+ByT5Tokenizer() (no vocabulary files) and models are tiny configs built from scratch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mixtape.collate import (
+    create_causal_lm_collate,
+    create_collate_fn,
+    create_flattening_collate,
+    create_seq2seq_collate,
+)
+from torch.nn.utils.rnn import pad_sequence
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    ByT5Tokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    DataCollatorWithPadding,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+# ByT5 ids: pad 0, eos 1, unk 2, bytes from 3. Real ids are kept >= 2 where pad must not occur.
+PAD, EOS = 0, 1
+
+
+def tokenizer(side: str = "right") -> Any:
+    tok = ByT5Tokenizer()
+    tok.padding_side = side
+    return tok
+
+
+def assert_same(ours: dict[str, Any], theirs: Any, keys: set[str] | None = None) -> None:
+    theirs = dict(theirs)
+    assert set(ours) == set(theirs) if keys is None else keys <= set(ours) & set(theirs)
+    for key in keys or theirs:
+        a, b = ours[key], theirs[key]
+        if isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
+            assert torch.equal(a, b), (key, a, b)
+        else:
+            assert a == b, key
+
+
+seqs_st = st.lists(st.lists(st.integers(2, 255), min_size=1, max_size=20), min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seqs=seqs_st,
+    side=st.sampled_from(["left", "right"]),
+    multiple=st.one_of(st.none(), st.integers(1, 8)),
+    form=st.sampled_from(["lists", "numpy", "tensors"]),
+    label=st.booleans(),
+)
+def test_data_collator_with_padding(
+    seqs: list[list[int]], side: str, multiple: int | None, form: str, label: bool
+) -> None:
+    def conv(s: list[int]) -> Any:
+        return {"lists": s, "numpy": np.array(s), "tensors": torch.tensor(s)}[form]
+
+    feats = [{"input_ids": s, **({"label": i % 2} if label else {})} for i, s in enumerate(seqs)]
+    ours = create_collate_fn(PAD, padding_side=side, pad_to_multiple_of=multiple)(  # type: ignore[arg-type]
+        [{**f, "input_ids": conv(f["input_ids"])} for f in feats]
+    )
+    theirs = DataCollatorWithPadding(tokenizer(side), pad_to_multiple_of=multiple)(feats)
+    assert_same(ours, theirs)
+
+
+def test_data_collator_with_padding_given_mask_and_token_types() -> None:
+    tok = tokenizer()
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    feats = [
+        {"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1], "attention_mask": [1, 1, 1]},
+        {"input_ids": [8], "token_type_ids": [1], "attention_mask": [1]},
+    ]
+    assert_same(create_collate_fn(PAD)(feats), DataCollatorWithPadding(tok)(feats))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seqs=seqs_st,
+    side=st.sampled_from(["left", "right"]),
+    multiple=st.one_of(st.none(), st.integers(1, 8)),
+)
+def test_data_collator_for_language_modeling(
+    seqs: list[list[int]], side: str, multiple: int | None
+) -> None:
+    feats = [{"input_ids": s} for s in seqs]
+    ours = create_causal_lm_collate(PAD, padding_side=side, pad_to_multiple_of=multiple)(feats)  # type: ignore[arg-type]
+    theirs = DataCollatorForLanguageModeling(
+        tokenizer(side), mlm=False, pad_to_multiple_of=multiple
+    )(feats)
+    assert_same(ours, theirs)
+
+
+def test_pad_equal_to_eos_keeps_real_eos_labels() -> None:
+    """transformers masks every token equal to the pad id; we mask padding by length only."""
+    tok = tokenizer()
+    tok.pad_token = tok.eos_token  # the common GPT-style setup: pad = eos
+    assert tok.pad_token_id == EOS
+    feats = [{"input_ids": [5, 6, EOS]}, {"input_ids": [7, EOS]}]
+    theirs = DataCollatorForLanguageModeling(tok, mlm=False)(feats)
+    ours = create_causal_lm_collate(EOS)(feats)
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+    assert ours["labels"].tolist() == [[5, 6, EOS], [7, EOS, -100]]
+    assert theirs["labels"].tolist() == [[5, 6, -100], [7, -100, -100]]  # real EOS lost
+
+
+def tiny_t5() -> Any:
+    cfg = T5Config(vocab_size=300, d_model=8, d_ff=16, d_kv=4, num_layers=1, num_heads=2,
+                   decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)  # fmt: skip
+    return T5ForConditionalGeneration(cfg)
+
+
+def tiny_bart() -> Any:
+    cfg = BartConfig(vocab_size=300, d_model=8, encoder_layers=1, decoder_layers=1,
+                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                     decoder_ffn_dim=16, max_position_embeddings=64, pad_token_id=PAD,
+                     bos_token_id=3, eos_token_id=EOS, decoder_start_token_id=EOS)  # fmt: skip
+    return BartForConditionalGeneration(cfg)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, Any]:
+    torch.manual_seed(0)
+    return {"t5": tiny_t5(), "bart": tiny_bart()}
+
+
+@pytest.mark.filterwarnings("ignore:Creating a tensor from a list of numpy.ndarrays")
+@settings(max_examples=40, deadline=None)
+@given(
+    seqs=seqs_st,
+    labels=st.lists(
+        st.lists(st.integers(2, 255), min_size=1, max_size=12), min_size=6, max_size=6
+    ),
+    side=st.sampled_from(["left", "right"]),
+    multiple=st.one_of(st.none(), st.integers(1, 8)),
+    model=st.sampled_from([None, "t5", "bart"]),
+    as_numpy=st.booleans(),
+)
+def test_data_collator_for_seq2seq(
+    models: dict[str, Any], seqs: list[list[int]], labels: list[list[int]], side: str,
+    multiple: int | None, model: str | None, as_numpy: bool,
+) -> None:  # fmt: skip
+    feats: list[dict[str, Any]] = [
+        {"input_ids": s, "labels": np.array(lab) if as_numpy else lab}
+        for s, lab in zip(seqs, labels, strict=False)
+    ]
+    m = models[model] if model else None
+    theirs = DataCollatorForSeq2Seq(tokenizer(side), model=m, pad_to_multiple_of=multiple)(feats)
+    start = m.config.decoder_start_token_id if m is not None else None
+    ours = create_seq2seq_collate(PAD, decoder_start_token_id=start, padding_side=side,  # type: ignore[arg-type]
+                                  pad_to_multiple_of=multiple)(feats)  # fmt: skip
+    assert_same(ours, theirs)
+    assert ("decoder_input_ids" in ours) == (m is not None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seqs=seqs_st,
+    own_labels=st.booleans(),
+    flash=st.booleans(),
+    seq_idx=st.booleans(),
+    positions=st.booleans(),
+    sep=st.sampled_from([-100, 3]),
+    start=st.sampled_from([0, 2]),
+    with_mask=st.booleans(),
+)
+def test_data_collator_with_flattening(
+    seqs: list[list[int]], own_labels: bool, flash: bool, seq_idx: bool, positions: bool,
+    sep: int, start: int, with_mask: bool,
+) -> None:  # fmt: skip
+    feats: list[dict[str, Any]] = []
+    for s in seqs:
+        f: dict[str, Any] = {"input_ids": s}
+        if own_labels:
+            f["labels"] = [t + 1 for t in s]
+        if with_mask:
+            f["attention_mask"] = [1] * len(s)
+        feats.append(f)
+    kwargs = {"return_flash_attn_kwargs": flash, "return_seq_idx": seq_idx,
+              "return_position_ids": positions, "separator_id": sep, "position_ids_start": start}
+    theirs = DataCollatorWithFlattening(**kwargs)(feats)
+    ours = create_flattening_collate(**kwargs)(feats)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_pad_sequence(side: str, dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(3)
+    seqs = [torch.from_numpy(rng.integers(0, 1000, n)).to(dtype) for n in [5, 0, 17, 1, 9]]
+    theirs = pad_sequence(seqs, batch_first=True, padding_value=7, padding_side=side)
+    ours = create_collate_fn(7, padding_side=side)([{"input_ids": s} for s in seqs])  # type: ignore[arg-type]
+    assert torch.equal(ours["input_ids"], theirs.to(torch.int64))
+    lengths = torch.tensor([len(s) for s in seqs])
+    mask = torch.arange(theirs.shape[1])[None, :] < lengths[:, None]
+    if side == "left":
+        mask = mask.flip(1)
+    assert torch.equal(ours["attention_mask"], mask.to(torch.int64))
