@@ -484,13 +484,15 @@ def test_outputs_are_the_pinned_buffers(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(collate, "_pinned_empty", fake_pinned)
     out = create_causal_lm_collate(0, pin_memory=True)([{"input_ids": [1, 2]}, {"input_ids": [3]}])
-    assert [t.data_ptr() for t in allocated] == [out[k].data_ptr() for k in
-                                                 ("input_ids", "attention_mask", "labels")]
+    block = allocated[0]  # one block per batch, one slot per output
+    assert block.shape == (3, 2, 2)
+    for i, key in enumerate(("input_ids", "attention_mask", "labels")):
+        assert out[key].data_ptr() == block[i].data_ptr()
     assert as_lists(out["labels"]) == [[1, 2], [3, -100]]
     flat = create_flattening_collate(pin_memory=True, return_flash_attn_kwargs=True)(
         [{"input_ids": [1, 2]}]
     )
-    ptrs = {t.data_ptr() for t in allocated}
+    ptrs = {t[i].data_ptr() for t in allocated for i in range(len(t))}
     assert all(flat[k].data_ptr() in ptrs for k in ("input_ids", "labels", "cu_seq_lens_q"))
     vis = VisionCollator(pin_memory=True)([{"pixel_values": np.zeros((2, 2, 3), np.uint8)}])
     assert vis["pixel_values"].data_ptr() == allocated[-1].data_ptr()

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DEFAULT_PAD_VALUES",
     "IMAGE_NORMALIZATION",
     "CausalLMCollator",
     "CollatorInfo",
@@ -65,7 +66,7 @@ DEFAULT_PAD_VALUES: Mapping[str, int] = {"token_type_ids": 0, "special_tokens_ma
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Ragged:
     """A ragged batch: sequence i is ``values[offsets[i]:offsets[i + 1]]`` (the kernels' currency).
 
@@ -477,17 +478,33 @@ class _Output:
                 return t.numpy()
         return np.empty(shape, dtype=dtype)
 
+    def arena(
+        self, count: int, shape: tuple[int, ...], dtype: npt.DTypeLike = np.int64
+    ) -> _Arena:
+        """``count`` buffers of one shape carved from one block.
+
+        Several MB-sized buffers allocated and freed separately make glibc trim the heap and
+        page-fault them again on every batch; one block per batch avoids that (as ops.pad does).
+        """
+        return _Arena(list(self.empty((count, *shape), dtype)))
+
     def wrap(self, arr: Any) -> Any:
-        """``arr`` as returned: a tensor sharing its memory (the pinned tensor itself), or numpy."""
+        """``arr`` as returned: a tensor sharing its memory (so still pinned), or numpy."""
         if not self.tensors:
             return arr
         import torch
 
-        base = arr.base if isinstance(arr, np.ndarray) else None
-        if base is not None and isinstance(base, torch.Tensor) and base.data_ptr() == \
-                arr.ctypes.data and tuple(base.shape) == arr.shape:  # fmt: skip
-            return base
         return torch.from_numpy(arr)
+
+
+class _Arena:
+    """Hands out the slots of one output block in order."""
+
+    def __init__(self, slots: list[Any]) -> None:
+        self._slots = slots
+
+    def take(self) -> Any:
+        return self._slots.pop(0)
 
 
 def _pinned_empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor | None:
@@ -661,19 +678,22 @@ class PaddingCollator:
         return_labels: bool = False,
         shift_labels: bool = False,
         check_ids: bool = True,
+        arena: _Arena | None = None,
     ) -> dict[str, Any]:
-        """One kernel call writing ids (+ mask, labels) into fresh output buffers."""
+        """One kernel call writing ids (+ mask, labels) into buffers from ``arena`` (or fresh)."""
         n = len(ids)
         values = ids.values
         lab_values = None if labels is None else labels.values
         if lab_values is not None and lab_values.dtype != values.dtype:
             values, lab_values = values.astype(np.int64), lab_values.astype(np.int64)
         want_labels = return_labels or labels is not None
-        out: dict[str, Any] = {"input_ids": self._out.empty((n, length))}
+        if arena is None:
+            arena = self._out.arena(1 + mask + want_labels, (n, length))
+        out: dict[str, Any] = {"input_ids": arena.take()}
         if mask:
-            out["attention_mask"] = self._out.empty((n, length))
+            out["attention_mask"] = arena.take()
         if want_labels:
-            out["labels"] = self._out.empty((n, length))
+            out["labels"] = arena.take()
         return ops.pad(
             values, ids.offsets,
             labels=lab_values, label_offsets=None if labels is None else labels.offsets,
@@ -699,29 +719,35 @@ class PaddingCollator:
             _check_same_lengths(labels, ids, "labels", self.input_key)
         length = self.row_length(ids.lengths, self.max_length)
         given_mask = self.keep_attention_mask and "attention_mask" in c.cols
+        extras = [k for k in self.pad_values
+                  if k in c.cols and k not in (self.input_key, "attention_mask")]  # fmt: skip
+        want_labels = return_labels or labels is not None
+        slots = 1 + self.return_attention_mask + want_labels + len(extras)
+        arena = self._out.arena(slots, (len(ids), length))
         res = self._pad(
             ids, labels, length=length, name=self.input_key, pad_value=self.pad_token_id,
             mask=self.return_attention_mask and not given_mask, return_labels=return_labels,
-            shift_labels=shift_labels,
+            shift_labels=shift_labels, arena=arena,
         )  # fmt: skip
         out: dict[str, Any] = {self.input_key: res["input_ids"]}
         if given_mask and self.return_attention_mask:
-            out["attention_mask"] = self._pad_field(c, "attention_mask", 0, ids, length)
+            out["attention_mask"] = self._pad_field(c, "attention_mask", 0, ids, length, arena)
         elif "attention_mask" in res:
             out["attention_mask"] = res["attention_mask"]
-        for key, value in self.pad_values.items():
-            if key in c.cols and key not in (self.input_key, "attention_mask"):
-                out[key] = self._pad_field(c, key, value, ids, length)
+        for key in extras:
+            out[key] = self._pad_field(c, key, self.pad_values[key], ids, length, arena)
         if "labels" in res:
             out["labels"] = res["labels"]
         return out, ids, length
 
-    def _pad_field(self, c: _Columns, key: str, value: int, ids: Ragged, length: int) -> Any:
+    def _pad_field(
+        self, c: _Columns, key: str, value: int, ids: Ragged, length: int, arena: _Arena
+    ) -> Any:
         r = _as_ragged(c.cols[key], key)
         _check_same_lengths(r, ids, key, self.input_key)
-        return self._pad(r, None, length=length, name=key, pad_value=value, mask=False)[
-            "input_ids"
-        ]
+        res = self._pad(r, None, length=length, name=key, pad_value=value, mask=False,
+                        arena=arena)  # fmt: skip
+        return res["input_ids"]
 
     def _finish(self, out: dict[str, Any], c: _Columns, done: Iterable[str]) -> dict[str, Any]:
         """Wrap padded numpy buffers as tensors, then stack / pass through the other fields."""
@@ -805,19 +831,24 @@ class Seq2SeqCollator(PaddingCollator):
             if max_len is None and self.padding == "max_length":
                 max_len = self.max_length
             length = self.row_length(labels.lengths, max_len)
+            start = self.decoder_start_token_id
+            want_dec = start is not None
+            arena = self._out.arena(1 + want_dec, (len(labels), length))
             lab = self._pad(
                 labels, None, length=length, name="labels", pad_value=self.label_pad_token_id,
-                mask=False, check_ids=False,
+                mask=False, check_ids=False, arena=arena,
             )["input_ids"]  # fmt: skip
             out["labels"] = lab
-            if self.decoder_start_token_id is not None:
-                out["decoder_input_ids"] = self._shift_right(lab)
+            if start is not None:
+                out["decoder_input_ids"] = self._shift_right(lab, start, arena.take())
         return self._finish(out, c, {self.input_key, "labels"})
 
-    def _shift_right(self, labels: npt.NDArray[np.int64]) -> Any:
-        dec = self._out.empty(labels.shape)
+    def _shift_right(
+        self, labels: npt.NDArray[np.int64], start: int, dec: npt.NDArray[np.int64]
+    ) -> Any:
+        """Labels shifted right after ``start``, -100 → pad (transformers' shift_tokens_right)."""
         if labels.shape[1]:
-            dec[:, 0] = self.decoder_start_token_id
+            dec[:, 0] = start
             dec[:, 1:] = labels[:, :-1]
             np.putmask(dec, dec == -100, self.pad_token_id)
         return dec
@@ -872,22 +903,23 @@ class FlatteningCollator:
         n, total = len(ids), int(ids.values.size)
         lengths = ids.lengths
         starts = ids.offsets[:-1]
-        if np.any(ids.values < 0):
+        if total and int(ids.values.min()) < 0:
             pos = int(np.flatnonzero(ids.values < 0)[0])
             raise ValueError(
                 f"{self.input_key}: example {_example_of(ids.offsets, pos)} has a negative "
                 f"token id ({int(ids.values[pos])}); token ids must be >= 0"
             )
         out: dict[str, Any] = {}
-        flat = self._out.empty((1, total))
+        arena = self._out.arena(2 + self.return_position_ids, (1, total))
+        flat = arena.take()
         np.copyto(flat[0], ids.values)
         out[self.input_key] = flat
-        lab = self._out.empty((1, total))
+        lab = arena.take()
         np.copyto(lab[0], ids.values if labels is None else labels.values)
         lab[0, starts[lengths > 0]] = self.separator_id
         out["labels"] = lab
         if self.return_position_ids:
-            pos_ids = self._out.empty((1, total))
+            pos_ids = arena.take()
             first = np.repeat(starts - self.position_ids_start, lengths)
             np.subtract(np.arange(total, dtype=np.int64), first, out=pos_ids[0])
             out["position_ids"] = pos_ids
