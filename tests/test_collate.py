@@ -355,6 +355,26 @@ def test_arrow_dataset_batches(tokenized: datasets.Dataset, index: Any, side: st
     assert as_lists(flat["input_ids"]) == [[t for s in seqs for t in s]]
 
 
+def test_arrow_in_a_dataloader(tokenized: datasets.Dataset) -> None:
+    """The arrow format with a batch sampler: the DataLoader hands the collator one Table."""
+    arrow = tokenized.with_format("arrow")
+    sampler = torch.utils.data.BatchSampler(range(len(arrow)), batch_size=16, drop_last=False)
+    loader = torch.utils.data.DataLoader(
+        arrow, sampler=sampler, batch_size=None, collate_fn=create_causal_lm_collate(0)
+    )
+    batches = list(loader)
+    assert [len(b["input_ids"]) for b in batches] == [16, 16, 8]
+    ref = ref_pad(tokenized[32:40]["input_ids"])
+    assert as_lists(batches[2]["labels"]) == ref["labels"]
+    # a list of one-row tables / record batches is concatenated
+    rows = [arrow[i] for i in range(32, 40)]
+    assert torch.equal(create_causal_lm_collate(0)(rows)["labels"], batches[2]["labels"])
+    rbs = [t.to_batches()[0] for t in rows]
+    assert torch.equal(create_causal_lm_collate(0)(rbs)["labels"], batches[2]["labels"])
+    with pytest.raises(TypeError, match="example 1 must be an Arrow table"):
+        create_causal_lm_collate(0)([rows[0], {"input_ids": [1]}])
+
+
 def test_arrow_sliced_record_batch_and_fixed_size_list() -> None:
     lists = pa.array([[9, 9], [1, 2, 3], [], [4], [8, 8, 8]], pa.list_(pa.int16()))
     rb = pa.record_batch({"input_ids": lists}).slice(1, 3)

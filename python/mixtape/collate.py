@@ -367,6 +367,8 @@ def _columns(batch: Any) -> _Columns:
         if len(batch) == 0:
             raise ValueError("empty batch: no examples")
         first = batch[0]
+        if _is_arrow(first) and hasattr(first, "column_names"):  # Arrow rows / batches
+            return _columns(_concat_arrow(batch))
         if not isinstance(first, Mapping):
             raise TypeError(f"example 0 must be a dict of fields, got {type(first).__name__}")
         keys = first.keys()
@@ -386,6 +388,24 @@ def _columns(batch: Any) -> _Columns:
         "a batch must be a list of example dicts, a dict of columns or a pyarrow "
         f"RecordBatch/Table, got {type(batch).__name__}"
     )
+
+
+def _concat_arrow(parts: Sequence[Any]) -> Any:
+    """One table from a list of Arrow tables / record batches (one C++ concatenation)."""
+    import pyarrow as pa
+
+    tables: list[Any] = []
+    for i, p in enumerate(parts):
+        if isinstance(p, pa.RecordBatch):
+            p = pa.Table.from_batches([p])
+        if not isinstance(p, pa.Table):
+            raise TypeError(f"example {i} must be an Arrow table like example 0, got "
+                            f"{type(p).__name__}")  # fmt: skip
+        if tables and p.schema != tables[0].schema:
+            raise ValueError(f"example {i} has schema {p.schema} but example 0 has "
+                             f"{tables[0].schema}")  # fmt: skip
+        tables.append(p)
+    return pa.concat_tables(tables)
 
 
 def _column_len(name: str, col: Any) -> int:
