@@ -7,7 +7,12 @@ Every collator accepts a batch in any of the forms a PyTorch + HF ``datasets`` u
 - a ``pyarrow.RecordBatch`` / ``Table`` (``Dataset.with_format("arrow")``; list or large_list
   columns, sliced or chunked), the fast path: the column's flattened values and offsets go to the
   kernel as they are, with no Python object per token or per sequence;
-- a dict of columns (``ds[i:j]`` in the default, numpy or torch formats, or :class:`Ragged`).
+- a dict of columns (``ds[i:j]`` in the default, numpy or torch formats, or :class:`Ragged`);
+- a list of Arrow tables / record batches (concatenated once, in C++).
+
+Python lists of ids are read with one ``array.array.fromlist`` per example: as fast as numpy's
+conversion, and unlike ``np.fromiter`` / slice assignment it rejects floats, strings and ints
+beyond int64 instead of silently truncating or parsing them.
 
 Outputs are written once, into buffers we allocate (optionally pinned) and hand to torch with
 ``torch.from_numpy``: no copy after the kernel.
