@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mixtape import collate
 from mixtape.collate import (
     CollatorRegistry,

@@ -13,12 +13,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mixtape.collate import (
-    create_causal_lm_collate,
-    create_collate_fn,
-    create_flattening_collate,
-    create_seq2seq_collate,
-)
 from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     BartConfig,
@@ -30,6 +24,13 @@ from transformers import (
     DataCollatorWithPadding,
     T5Config,
     T5ForConditionalGeneration,
+)
+
+from mixtape.collate import (
+    create_causal_lm_collate,
+    create_collate_fn,
+    create_flattening_collate,
+    create_seq2seq_collate,
 )
 
 # ByT5 ids: pad 0, eos 1, unk 2, bytes from 3. Real ids are kept >= 2 where pad must not occur.
