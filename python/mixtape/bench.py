@@ -246,11 +246,12 @@ def flatten_microbatch(quick: bool) -> list[Measurement]:
     )
     ours = create_flattening_collate()
     note = f"{len(docs)} docs, {tokens} tokens"
+    fast = 20 if quick else 200  # sub-millisecond: more calls for a stable median
     out = [
-        Measurement(name, "mixtape flatten (Arrow batch)", timeit(lambda: ours(record_batch),
-                                                                 repeat), True, note),
-        Measurement(name, "mixtape flatten (list of dicts)", timeit(lambda: ours(examples),
-                                                                   repeat), True),
+        Measurement(name, "mixtape flatten (Arrow batch)",
+                    timeit(lambda: ours(record_batch), fast, warmup=5), True, note),
+        Measurement(name, "mixtape flatten (list of dicts)",
+                    timeit(lambda: ours(examples), fast, warmup=5), True),
     ]  # fmt: skip
     tf, missing = _peer_import(name, "transformers DataCollatorWithFlattening", "transformers")
     if missing:
@@ -281,9 +282,10 @@ def pad_pylists(quick: bool) -> list[Measurement]:
     examples = [{"input_ids": x} for x in ids]
     total = sum(map(len, ids))
     ours = create_collate_fn(pad_token_id=0)
+    fast = 10 if quick else 100
     out = [
-        Measurement(name, "mixtape collate (list of dicts)", timeit(lambda: ours(examples),
-                                                                   repeat), True),
+        Measurement(name, "mixtape collate (list of dicts)",
+                    timeit(lambda: ours(examples), fast, warmup=5), True),
     ]  # fmt: skip
     tf, missing = _peer_import(name, "transformers DataCollatorWithPadding", "transformers")
     if missing:
@@ -313,7 +315,7 @@ def pad_pylists(quick: bool) -> list[Measurement]:
         return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)
 
     out.append(
-        Measurement(name, "numpy reads the same ints (floor)", timeit(floor, repeat), False,
+        Measurement(name, "numpy reads the same ints (floor)", timeit(floor, fast, 5), False,
                     f"{total} ints")
     )  # fmt: skip
     return out
