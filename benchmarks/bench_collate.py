@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from mixtape.bench import micro_batch_docs, pylist_batch
 
 collate = pytest.importorskip("mixtape.collate")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from mixtape import ops
 from mixtape.bench import ragged_batch
 

@@ -13,6 +13,7 @@ import torch
 from conftest import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mixtape import ops
 
 SIDES = ["left", "right"]
