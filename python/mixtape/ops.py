@@ -559,6 +559,7 @@ def pack_fill(
     fields: Sequence[str] = ("input_ids", "labels", "position_ids"),
     cu_seqlens_size: int | None = None,
     dtype: npt.DTypeLike = np.int64,
+    out: dict[str, Any] | None = None,
     _elementwise: bool = False,
 ) -> dict[str, Any]:
     """Materialise the rows of ``plan`` from the ragged tokens ``values``/``offsets``.
@@ -568,6 +569,8 @@ def pack_fill(
     Labels are ``label_pad_value`` at the first token of every piece and on padding, as in
     transformers' ``DataCollatorWithFlattening``. CUDA tensors run the CUDA kernel. Returns the
     requested ``fields`` (numpy, or tensors on the values' device; ``max_seqlen`` as int).
+    ``out`` supplies token-field buffers to write into (host only; e.g. pinned, reused between
+    batches: a fresh 240 MB output costs more in page faults than the fill itself).
     """
     _check_choice("layout", layout, PACK_LAYOUTS)
     if isinstance(fields, str):
@@ -581,6 +584,8 @@ def pack_fill(
         raise TypeError(f"dtype must be int32 or int64, got {out_dtype}")
     flat = layout == "flat"
     if _is_cuda_tensor(values):
+        if out:
+            raise ValueError("pack_fill: out= buffers are supported for host (CPU) fills only")
         return _pack_fill_cuda(
             plan, values, offsets, wanted, flat, pad_value, label_pad_value, position_start,
             cu_seqlens_size, out_dtype,
@@ -596,7 +601,27 @@ def pack_fill(
     shape = (1, plan.packed_tokens) if flat else (plan.num_rows, plan.capacity)
     dtypes = {"input_ids": out_dtype, "labels": out_dtype, "position_ids": np.dtype(np.int64),
               "seq_idx": np.dtype(np.int32), "loss_mask": np.dtype(bool)}  # fmt: skip
-    buf = {k: np.empty(shape, dtype=dtypes[k]) for k in _TOKEN_FIELDS if k in wanted}
+    buf: dict[str, Any] = {}
+    for key in _TOKEN_FIELDS:
+        if key not in wanted:
+            continue
+        given = (out or {}).get(key)
+        if given is None:
+            buf[key] = np.empty(shape, dtype=dtypes[key])
+            result[key] = buf[key]
+            continue
+        arr = _host(given)
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtypes[key]:
+            raise TypeError(
+                f"out[{key!r}] must be a {dtypes[key]} array, got {type(given).__name__} "
+                f"of dtype {getattr(given, 'dtype', None)}"
+            )
+        if arr.shape != shape or not arr.flags.c_contiguous:
+            raise ValueError(
+                f"out[{key!r}] must be a contiguous array of shape {shape}, got shape {arr.shape}"
+            )
+        buf[key] = arr
+        result[key] = given
     _C.pack_fill(
         vals, offs, plan.row_offsets, plan.doc, plan.start, plan.length, plan.column,
         capacity=plan.capacity, flat=flat, pad_value=pad_value, label_pad_value=label_pad_value,
@@ -605,7 +630,6 @@ def pack_fill(
         out_seq_idx=buf.get("seq_idx"), out_loss_mask=buf.get("loss_mask"),
         elementwise=_elementwise,
     )  # fmt: skip
-    result.update(buf)
     return {k: result[k] for k in PACK_FIELDS if k in wanted}
 
 
