@@ -106,19 +106,34 @@ def _ragged_from_arrow(arr: pa.Array | pa.ChunkedArray, where: str) -> tuple[Int
     return _int_values(values, where), offsets
 
 
-def _arrow_table(data: Any) -> pa.Table | None:
-    """The Arrow table behind an HF ``Dataset`` (its row order applied) or a pyarrow Table."""
+class _TableView:
+    """The columns of a pyarrow Table or HF ``Dataset``, each read in the dataset's row order.
+
+    An HF ``select`` / ``shuffle`` keeps the table and adds a row mapping; only the columns
+    actually packed are gathered through it.
+    """
+
+    def __init__(self, table: pa.Table, indices: pa.ChunkedArray | None = None) -> None:
+        self.table, self.indices = table, indices
+        self.column_names: list[str] = table.column_names
+        self.schema = table.schema
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        col = self.table.column(name)
+        return col if self.indices is None else col.take(self.indices)
+
+
+def _arrow_table(data: Any) -> _TableView | None:
+    """The Arrow columns behind an HF ``Dataset`` or a pyarrow Table; None for other inputs."""
     if isinstance(data, pa.Table):
-        return data
+        return _TableView(data)
     if isinstance(data, (pa.Array, pa.ChunkedArray, tuple, list, np.ndarray)):
         return None
     inner = getattr(data, "data", None)
     table = getattr(inner, "table", None)
     if isinstance(table, pa.Table) and hasattr(data, "_indices"):
-        indices = data._indices  # set by select / shuffle / sort: a row mapping, not a copy
-        if indices is not None:
-            table = table.take(indices.column(0))
-        return table
+        indices = data._indices  # set by select / shuffle / sort
+        return _TableView(table, None if indices is None else indices.column(0))
     return None
 
 
@@ -253,7 +268,7 @@ def _token_column(
 
 
 def _extra_columns(
-    table: pa.Table | None, column: str, columns: Sequence[str] | None, offsets: Int64Array
+    table: _TableView | None, column: str, columns: Sequence[str] | None, offsets: Int64Array
 ) -> dict[str, tuple[IntArray, npt.DTypeLike]]:
     """Other list columns packed along with the tokens (TRL packs every column the same way)."""
     if table is None:
