@@ -6,7 +6,12 @@ without a copy); CUDA tensors go to the CUDA kernels as device pointers plus the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import operator
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -19,9 +24,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INDEX_DTYPES",
+    "OVERFLOW_POLICIES",
+    "PACK_FIELDS",
+    "PACK_LAYOUTS",
+    "PACK_STRATEGIES",
+    "PackPlan",
     "as_offsets",
+    "block_causal_mask",
     "build_info",
     "cuda_available",
+    "pack_fill",
+    "pack_plan",
     "pad",
     "padded_length",
 ]
@@ -294,3 +307,464 @@ def _pad_cuda(
         torch.cuda.current_stream(dev).cuda_stream,
     )  # fmt: skip
     return result
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+PACK_STRATEGIES = ("bfd", "ffd", "next_fit", "wrapped")
+OVERFLOW_POLICIES = ("split", "truncate", "drop", "error")
+PACK_LAYOUTS = ("padded", "flat")
+PACK_FIELDS = (
+    "input_ids",
+    "labels",
+    "position_ids",
+    "seq_idx",
+    "loss_mask",
+    "cu_seqlens",
+    "cu_seqlens_padded",
+    "max_seqlen",
+    "doc_lens",
+    "doc_ids",
+)
+_TOKEN_FIELDS = ("input_ids", "labels", "position_ids", "seq_idx", "loss_mask")
+_PLAN_ARRAYS = ("row_offsets", "doc", "start", "length", "column")
+_PLAN_COUNTS = (
+    "num_docs",
+    "num_tokens",
+    "truncated_tokens",
+    "dropped_docs",
+    "dropped_tokens",
+    "split_docs",
+)
+Int64Array = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class PackPlan:
+    """Rows of capacity C as pieces (doc, start, length, column); row r holds pieces
+    ``row_offsets[r]:row_offsets[r + 1]`` at increasing columns.
+
+    The counters describe the planned input (kept unchanged by :meth:`select_rows`, since
+    ``doc`` still indexes the same sequences).
+    """
+
+    capacity: int
+    strategy: str
+    row_offsets: Int64Array
+    doc: Int64Array
+    start: Int64Array
+    length: Int64Array
+    column: Int64Array
+    num_docs: int
+    num_tokens: int
+    truncated_tokens: int = 0
+    dropped_docs: int = 0
+    dropped_tokens: int = 0
+    split_docs: int = 0
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        for name in _PLAN_ARRAYS:
+            arr = np.ascontiguousarray(getattr(self, name), dtype=np.int64)
+            if arr.ndim != 1:
+                raise ValueError(f"PackPlan.{name} must be 1-D, got shape {arr.shape}")
+            object.__setattr__(self, name, arr)
+        if self.row_offsets.size < 1:
+            raise ValueError("PackPlan.row_offsets needs num_rows + 1 >= 1 entries")
+        sizes = {name: getattr(self, name).size for name in _PLAN_ARRAYS[1:]}
+        if len(set(sizes.values())) != 1 or int(self.row_offsets[-1]) != sizes["doc"]:
+            raise ValueError(
+                f"PackPlan: doc/start/length/column sizes {sizes} must agree with "
+                f"row_offsets[-1] = {int(self.row_offsets[-1])}"
+            )
+
+    @property
+    def num_rows(self) -> int:
+        """Rows, including empty rows appended by ``rows_multiple_of``."""
+        return int(self.row_offsets.size - 1)
+
+    @property
+    def num_pieces(self) -> int:
+        return int(self.doc.size)
+
+    @property
+    def packed_tokens(self) -> int:
+        """Tokens placed in rows (the flat layout's length)."""
+        return int(self.length.sum())
+
+    def row_lengths(self) -> Int64Array:
+        """Used columns per row: end of its last piece (alignment gaps included), 0 if empty."""
+        out = np.zeros(self.num_rows, dtype=np.int64)
+        counts = np.diff(self.row_offsets)
+        nonempty = counts > 0
+        last = self.row_offsets[1:][nonempty] - 1
+        out[nonempty] = self.column[last] + self.length[last]
+        return out
+
+    def select_rows(self, start: int, stop: int) -> PackPlan:
+        """Rows ``start:stop`` as a plan of their own (row_offsets rebased to 0; views, no copy)."""
+        if not 0 <= start <= stop <= self.num_rows:
+            raise ValueError(
+                f"select_rows({start}, {stop}): need 0 <= start <= stop <= {self.num_rows}"
+            )
+        a, b = int(self.row_offsets[start]), int(self.row_offsets[stop])
+        return dataclasses.replace(
+            self,
+            row_offsets=self.row_offsets[start : stop + 1] - a,
+            doc=self.doc[a:b],
+            start=self.start[a:b],
+            length=self.length[a:b],
+            column=self.column[a:b],
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan to an ``.npz`` file (exact round trip with :meth:`load`)."""
+        scalars = {name: np.int64(getattr(self, name)) for name in ("capacity", *_PLAN_COUNTS)}
+        arrays = {name: getattr(self, name) for name in _PLAN_ARRAYS}
+        np.savez(path, strategy=np.str_(self.strategy), **scalars, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PackPlan:
+        """Read a plan written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("capacity", "strategy", *_PLAN_COUNTS, *_PLAN_ARRAYS)
+                       if k not in z.files]  # fmt: skip
+            if missing:
+                raise ValueError(f"{path}: not a saved PackPlan (missing {missing})")
+            counts = {name: int(z[name]) for name in ("capacity", *_PLAN_COUNTS)}
+            arrays = {name: np.array(z[name], dtype=np.int64) for name in _PLAN_ARRAYS}
+            return cls(strategy=str(z["strategy"]), **counts, **arrays)  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PackPlan):
+            return NotImplemented
+        return (
+            self.capacity == other.capacity
+            and self.strategy == other.strategy
+            and all(getattr(self, k) == getattr(other, k) for k in _PLAN_COUNTS)
+            and all(np.array_equal(getattr(self, k), getattr(other, k)) for k in _PLAN_ARRAYS)
+        )
+
+
+def _check_lengths(lengths: Any) -> IntArray:
+    arr = np.asarray(_host(lengths))
+    if arr.ndim != 1:
+        raise ValueError(f"lengths must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
+    if arr.dtype not in INDEX_DTYPES:
+        if arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:
+            bad = int(np.argmax(arr > np.iinfo(np.int64).max))
+            raise ValueError(f"lengths[{bad}] = {int(arr[bad])} is too large")
+        arr = arr.astype(np.int64)
+    return np.ascontiguousarray(arr)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def pack_plan(
+    lengths: Any,
+    capacity: int,
+    *,
+    strategy: str = "bfd",
+    overflow: str = "split",
+    max_docs_per_row: int | None = None,
+    align: int = 1,
+    rows_multiple_of: int | None = None,
+    shuffle_seed: int | None = None,
+) -> PackPlan:
+    """Assign sequences of the given lengths to rows of ``capacity`` tokens (deterministic).
+
+    ``strategy``: ``bfd`` (best-fit decreasing, O(n log C)), ``ffd``, ``next_fit`` (input order
+    kept) or ``wrapped`` (concatenate and cut every C tokens; ``overflow`` then does not apply).
+    ``overflow`` for sequences longer than C: ``split`` into C-token pieces, ``truncate``,
+    ``drop`` or ``error``. Each piece starts at a multiple of ``align``; ``max_docs_per_row``
+    caps the pieces per row; ``rows_multiple_of`` appends empty rows; ``shuffle_seed`` permutes
+    the rows (before those empty rows are appended) with a platform-independent RNG.
+    """
+    _check_choice("strategy", strategy, PACK_STRATEGIES)
+    _check_choice("overflow", overflow, OVERFLOW_POLICIES)
+    capacity = operator.index(capacity)
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    align = operator.index(align)
+    if align < 1 or capacity % align != 0:
+        raise ValueError(f"align must be >= 1 and divide capacity={capacity}, got {align}")
+    if max_docs_per_row is not None and max_docs_per_row < 1:
+        raise ValueError(f"max_docs_per_row must be >= 1 or None, got {max_docs_per_row}")
+    if rows_multiple_of is not None and rows_multiple_of < 1:
+        raise ValueError(f"rows_multiple_of must be >= 1 or None, got {rows_multiple_of}")
+    if shuffle_seed is not None and not 0 <= shuffle_seed < 2**64:
+        raise ValueError(f"shuffle_seed must be in [0, 2**64), got {shuffle_seed}")
+    arr = _check_lengths(lengths)
+    r = _C.pack_plan(
+        arr, capacity=capacity, strategy=strategy, overflow=overflow,
+        max_docs_per_row=max_docs_per_row or 0, align=align,
+        rows_multiple_of=rows_multiple_of or 1, shuffle_seed=shuffle_seed,
+    )  # fmt: skip
+    return PackPlan(
+        capacity=capacity,
+        strategy=strategy,
+        row_offsets=r["row_offsets"],
+        doc=r["doc"],
+        start=r["start"],
+        length=r["length"],
+        column=r["column"],
+        num_docs=int(arr.size),
+        num_tokens=r["num_tokens"],
+        truncated_tokens=r["truncated_tokens"],
+        dropped_docs=r["dropped_docs"],
+        dropped_tokens=r["dropped_tokens"],
+        split_docs=r["split_docs"],
+    )
+
+
+def _padded_cu_seqlens(plan: PackPlan) -> Int64Array:
+    """Boundaries over the rows * C flattened tokens: every piece and every padding run is one
+    segment (a row start, then each piece's start and end; repeated boundaries removed)."""
+    rows, pieces, cap = plan.num_rows, plan.num_pieces, plan.capacity
+    counts = np.diff(plan.row_offsets)
+    piece_row = np.repeat(np.arange(rows, dtype=np.int64), counts)
+    points = np.empty(2 * pieces + rows + 1, dtype=np.int64)
+    row_at = 2 * plan.row_offsets[:-1] + np.arange(rows, dtype=np.int64)
+    points[row_at] = np.arange(rows, dtype=np.int64) * cap
+    piece_at = 2 * np.arange(pieces, dtype=np.int64) + piece_row + 1
+    begin = piece_row * cap + plan.column
+    points[piece_at] = begin
+    points[piece_at + 1] = begin + plan.length
+    points[-1] = rows * cap
+    keep = np.ones(points.size, dtype=bool)
+    keep[1:] = points[1:] != points[:-1]
+    return points[keep]
+
+
+def _piece_fields(
+    plan: PackPlan, wanted: set[str], flat: bool, cu_seqlens_size: int | None
+) -> dict[str, Any]:
+    """The per-piece fields (numpy; O(pieces))."""
+    out: dict[str, Any] = {}
+    if "cu_seqlens" in wanted or "cu_seqlens_padded" in wanted:
+        if flat:
+            cu = np.zeros(plan.num_pieces + 1, dtype=np.int64)
+            np.cumsum(plan.length, out=cu[1:])
+        else:
+            cu = _padded_cu_seqlens(plan)
+        if cu[-1] > np.iinfo(np.int32).max:
+            raise ValueError(f"cu_seqlens: {int(cu[-1])} tokens do not fit int32; fill fewer rows")
+        if "cu_seqlens" in wanted:
+            out["cu_seqlens"] = cu.astype(np.int32)
+        if "cu_seqlens_padded" in wanted:
+            if cu_seqlens_size is None or cu_seqlens_size < cu.size:
+                raise ValueError(
+                    f"cu_seqlens_padded needs cu_seqlens_size >= {cu.size} (the cu_seqlens of "
+                    f"these rows), got {cu_seqlens_size}"
+                )
+            padded = np.full(cu_seqlens_size, cu[-1], dtype=np.int32)
+            padded[: cu.size] = cu
+            out["cu_seqlens_padded"] = padded
+    if "max_seqlen" in wanted:
+        out["max_seqlen"] = int(plan.length.max()) if plan.num_pieces else 0
+    if "doc_lens" in wanted:
+        out["doc_lens"] = plan.length.astype(np.int32)
+    if "doc_ids" in wanted:
+        out["doc_ids"] = plan.doc.copy()
+    return out
+
+
+def pack_fill(
+    plan: PackPlan,
+    values: Any,
+    offsets: Any,
+    *,
+    layout: str = "padded",
+    pad_value: int = 0,
+    label_pad_value: int = -100,
+    position_start: int = 0,
+    fields: Sequence[str] = ("input_ids", "labels", "position_ids"),
+    cu_seqlens_size: int | None = None,
+    dtype: npt.DTypeLike = np.int64,
+    out: dict[str, Any] | None = None,
+    _elementwise: bool = False,
+) -> dict[str, Any]:
+    """Materialise the rows of ``plan`` from the ragged tokens ``values``/``offsets``.
+
+    ``offsets`` has ``plan.num_docs + 1`` entries (``plan.doc`` indexes it). ``layout``:
+    ``padded`` gives ``[rows, C]`` token fields, ``flat`` gives ``[1, T]`` (pieces back to back).
+    Labels are ``label_pad_value`` at the first token of every piece and on padding, as in
+    transformers' ``DataCollatorWithFlattening``. CUDA tensors run the CUDA kernel. Returns the
+    requested ``fields`` (numpy, or tensors on the values' device; ``max_seqlen`` as int).
+    ``out`` supplies token-field buffers to write into (host only; e.g. pinned, reused between
+    batches: a fresh 240 MB output costs more in page faults than the fill itself).
+    """
+    _check_choice("layout", layout, PACK_LAYOUTS)
+    if isinstance(fields, str):
+        raise TypeError(f"fields must be a sequence of names, got the string {fields!r}")
+    wanted = set(fields)
+    unknown = sorted(wanted - set(PACK_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown pack_fill fields {unknown}; valid fields: {PACK_FIELDS}")
+    out_dtype = np.dtype(dtype)
+    if out_dtype not in INDEX_DTYPES:
+        raise TypeError(f"dtype must be int32 or int64, got {out_dtype}")
+    flat = layout == "flat"
+    if _is_cuda_tensor(values):
+        if out:
+            raise ValueError("pack_fill: out= buffers are supported for host (CPU) fills only")
+        return _pack_fill_cuda(
+            plan, values, offsets, wanted, flat, pad_value, label_pad_value, position_start,
+            cu_seqlens_size, out_dtype,
+        )  # fmt: skip
+    vals = _check_ids("pack_fill values", _host(values))
+    offs = as_offsets(_host(offsets), "pack_fill offsets")
+    if offs.size != plan.num_docs + 1:
+        raise ValueError(
+            f"offsets has {offs.size} entries but the plan indexes {plan.num_docs} documents "
+            f"(expected {plan.num_docs + 1} entries)"
+        )
+    result = _piece_fields(plan, wanted, flat, cu_seqlens_size)
+    shape = (1, plan.packed_tokens) if flat else (plan.num_rows, plan.capacity)
+    dtypes = {"input_ids": out_dtype, "labels": out_dtype, "position_ids": np.dtype(np.int64),
+              "seq_idx": np.dtype(np.int32), "loss_mask": np.dtype(bool)}  # fmt: skip
+    buf: dict[str, Any] = {}
+    for key in _TOKEN_FIELDS:
+        if key not in wanted:
+            continue
+        given = (out or {}).get(key)
+        if given is None:
+            buf[key] = np.empty(shape, dtype=dtypes[key])
+            result[key] = buf[key]
+            continue
+        arr = _host(given)
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtypes[key]:
+            raise TypeError(
+                f"out[{key!r}] must be a {dtypes[key]} array, got {type(given).__name__} "
+                f"of dtype {getattr(given, 'dtype', None)}"
+            )
+        if arr.shape != shape or not arr.flags.c_contiguous:
+            raise ValueError(
+                f"out[{key!r}] must be a contiguous array of shape {shape}, got shape {arr.shape}"
+            )
+        buf[key] = arr
+        result[key] = given
+    _C.pack_fill(
+        vals, offs, plan.row_offsets, plan.doc, plan.start, plan.length, plan.column,
+        capacity=plan.capacity, flat=flat, pad_value=pad_value, label_pad_value=label_pad_value,
+        position_start=position_start, out_ids=buf.get("input_ids"),
+        out_labels=buf.get("labels"), out_positions=buf.get("position_ids"),
+        out_seq_idx=buf.get("seq_idx"), out_loss_mask=buf.get("loss_mask"),
+        elementwise=_elementwise,
+    )  # fmt: skip
+    return {k: result[k] for k in PACK_FIELDS if k in wanted}
+
+
+def _pack_fill_cuda(
+    plan: PackPlan,
+    values: torch.Tensor,
+    offsets: Any,
+    wanted: set[str],
+    flat: bool,
+    pad_value: int,
+    label_pad_value: int,
+    position_start: int,
+    cu_seqlens_size: int | None,
+    out_dtype: np.dtype[Any],
+) -> dict[str, Any]:
+    import torch
+
+    if not _C.cuda_compiled:
+        raise RuntimeError("mixtape was built without CUDA kernels (MIXTAPE_CUDA=OFF or no nvcc)")
+    dev = values.device
+    if values.dtype not in (torch.int32, torch.int64) or values.dim() != 1:
+        raise TypeError(
+            f"pack_fill: CUDA values must be a 1-D int32/int64 tensor, got {values.dtype} "
+            f"with shape {tuple(values.shape)}"
+        )
+    offs_host = as_offsets(torch.as_tensor(offsets).cpu().numpy(), "pack_fill offsets")
+    if offs_host.size != plan.num_docs + 1:
+        raise ValueError(
+            f"offsets has {offs_host.size} entries but the plan indexes {plan.num_docs} "
+            f"documents (expected {plan.num_docs + 1} entries)"
+        )
+    if np.any(np.diff(offs_host) < 0) or offs_host[-1] != values.numel():
+        raise ValueError(f"pack_fill: offsets must be non-decreasing and end at {values.numel()}")
+    # The kernel trusts the plan: check it on the host first.
+    tokens = _C.pack_check(
+        offs_host, plan.row_offsets, plan.doc, plan.start, plan.length, plan.column,
+        capacity=plan.capacity,
+    )  # fmt: skip
+    host = _piece_fields(plan, wanted, flat, cu_seqlens_size)
+    result: dict[str, Any] = {
+        k: (torch.from_numpy(v).to(dev) if isinstance(v, np.ndarray) else v)
+        for k, v in host.items()
+    }
+    shape = (1, tokens) if flat else (plan.num_rows, plan.capacity)
+    tdtype = torch.int64 if out_dtype == np.int64 else torch.int32
+    dtypes = {"input_ids": tdtype, "labels": tdtype, "position_ids": torch.int64,
+              "seq_idx": torch.int32, "loss_mask": torch.bool}  # fmt: skip
+    buf = {k: torch.empty(shape, dtype=dtypes[k], device=dev) for k in _TOKEN_FIELDS
+           if k in wanted}  # fmt: skip
+    dev_arrays = {k: torch.from_numpy(getattr(plan, k)).to(dev) for k in _PLAN_ARRAYS}
+    flat_offsets = None
+    if flat:
+        fo = np.zeros(plan.num_pieces + 1, dtype=np.int64)
+        np.cumsum(plan.length, out=fo[1:])
+        flat_offsets = torch.from_numpy(fo).to(dev)
+    offs = torch.from_numpy(offs_host).to(dev)
+    vals = values.contiguous()
+
+    def ptr(t: Any) -> int:
+        return int(t.data_ptr()) if t is not None else 0
+
+    _C.pack_fill_cuda(
+        ptr(vals), ptr(offs), plan.num_docs, ptr(dev_arrays["row_offsets"]),
+        ptr(dev_arrays["doc"]), ptr(dev_arrays["start"]), ptr(dev_arrays["length"]),
+        ptr(dev_arrays["column"]), ptr(flat_offsets), plan.num_rows, plan.num_pieces,
+        shape[0] * shape[1], 32 if vals.dtype == torch.int32 else 64,
+        32 if tdtype == torch.int32 else 64, plan.capacity, flat, pad_value, label_pad_value,
+        position_start, ptr(buf.get("input_ids")), ptr(buf.get("labels")),
+        ptr(buf.get("position_ids")), ptr(buf.get("seq_idx")), ptr(buf.get("loss_mask")),
+        torch.cuda.current_stream(dev).cuda_stream,
+    )  # fmt: skip
+    # The device copies of the plan may be freed on return: the caching allocator reuses them only
+    # for work ordered after this kernel on the same stream.
+    result.update(buf)
+    return {k: result[k] for k in PACK_FIELDS if k in wanted}
+
+
+def block_causal_mask(
+    seq_idx: Any, *, additive: bool = False, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Block-diagonal causal attention mask ``[rows, 1, C, C]`` from ``seq_idx`` ``[rows, C]``.
+
+    True where query q may attend key k: same piece and k <= q. A padding query (seq_idx -1)
+    attends only to itself, so SDPA rows are never fully masked (no NaN). ``additive=True`` gives
+    a float mask (0 where allowed, ``finfo(dtype).min`` elsewhere) for eager attention. The mask
+    is O(rows * C^2): build it per batch, never for a whole dataset.
+    """
+    import torch
+
+    s = torch.as_tensor(seq_idx)
+    if s.dim() != 2:
+        raise ValueError(f"seq_idx must be [rows, C], got shape {tuple(s.shape)}")
+    if s.dtype.is_floating_point or s.dtype == torch.bool:
+        raise TypeError(f"seq_idx must be an integer tensor, got {s.dtype}")
+    length = s.shape[1]
+    q, k = s[:, :, None], s[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=s.device).tril_()
+    eye = torch.eye(length, dtype=torch.bool, device=s.device)
+    mask = ((q == k) & (q >= 0) & causal) | ((q < 0) & eye)
+    mask = mask[:, None]
+    if not additive:
+        return mask
+    fdtype = dtype or torch.float32
+    if not fdtype.is_floating_point:
+        raise TypeError(f"additive masks need a floating dtype, got {fdtype}")
+    return torch.zeros(mask.shape, dtype=fdtype, device=s.device).masked_fill_(
+        ~mask, torch.finfo(fdtype).min
+    )

@@ -1,0 +1,187 @@
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/parallel.h"
+#include "pack/pack.h"
+
+namespace mixtape {
+namespace {
+
+std::string where(int64_t piece, int64_t row) {
+  return "piece " + std::to_string(piece) + " (row " + std::to_string(row) + ")";
+}
+
+// Output pointers of one fill, each advanced to a given element.
+template <typename Out>
+struct FillOut {
+  Out* ids;
+  Out* labels;
+  int64_t* positions;
+  int32_t* seq_idx;
+  bool* loss_mask;
+};
+
+// Padding over [b, e).
+template <typename Out>
+void fill_padding(const FillOut<Out>& o, int64_t b, int64_t e, const PackFillOptions& opt) {
+  if (e <= b) return;
+  if (o.ids) std::fill(o.ids + b, o.ids + e, static_cast<Out>(opt.pad_value));
+  if (o.labels) std::fill(o.labels + b, o.labels + e, static_cast<Out>(opt.label_pad_value));
+  if (o.positions) std::fill(o.positions + b, o.positions + e, int64_t{0});
+  if (o.seq_idx) std::fill(o.seq_idx + b, o.seq_idx + e, int32_t{-1});
+  if (o.loss_mask) std::fill(o.loss_mask + b, o.loss_mask + e, false);
+}
+
+// One piece of `len` tokens from `src` at output element `at`, field by field (each loop is a
+// plain copy or fill the compiler vectorises).
+template <typename In, typename Out>
+void fill_piece(const FillOut<Out>& o, int64_t at, const In* src, int64_t len, int32_t piece,
+                const PackFillOptions& opt) {
+  if (o.ids) {
+    Out* dst = o.ids + at;
+    if constexpr (std::is_same_v<In, Out>) {
+      std::memcpy(dst, src, static_cast<size_t>(len) * sizeof(In));
+    } else {
+      for (int64_t k = 0; k < len; ++k) dst[k] = static_cast<Out>(src[k]);
+    }
+  }
+  if (o.labels) {
+    Out* dst = o.labels + at;
+    dst[0] = static_cast<Out>(opt.label_pad_value);
+    if constexpr (std::is_same_v<In, Out>) {
+      std::memcpy(dst + 1, src + 1, static_cast<size_t>(len - 1) * sizeof(In));
+    } else {
+      for (int64_t k = 1; k < len; ++k) dst[k] = static_cast<Out>(src[k]);
+    }
+  }
+  if (o.positions) {
+    int64_t* dst = o.positions + at;
+    for (int64_t k = 0; k < len; ++k) dst[k] = opt.position_start + k;
+  }
+  if (o.seq_idx) std::fill(o.seq_idx + at, o.seq_idx + at + len, piece);
+  if (o.loss_mask) {
+    bool* dst = o.loss_mask + at;
+    dst[0] = false;
+    for (int64_t k = 1; k < len; ++k) dst[k] = static_cast<int64_t>(src[k]) != opt.label_pad_value;
+  }
+}
+
+}  // namespace
+
+int64_t check_pack_pieces(const PackPieces& p, const int64_t* offsets, int64_t num_docs,
+                          int64_t capacity) {
+  if (p.rows < 0 || p.pieces < 0) throw std::invalid_argument("pack plan: negative size");
+  if (p.row_offsets[0] != 0 || p.row_offsets[p.rows] != p.pieces) {
+    throw std::invalid_argument("pack plan: row_offsets must go from 0 to the number of pieces " +
+                                std::to_string(p.pieces) + ", got " +
+                                std::to_string(p.row_offsets[0]) + " ... " +
+                                std::to_string(p.row_offsets[p.rows]));
+  }
+  for (int64_t r = 0; r < p.rows; ++r) {
+    if (p.row_offsets[r + 1] < p.row_offsets[r]) {
+      throw std::invalid_argument("pack plan: row_offsets must be non-decreasing, but row_offsets[" +
+                                  std::to_string(r + 1) + "] = " +
+                                  std::to_string(p.row_offsets[r + 1]) + " < row_offsets[" +
+                                  std::to_string(r) + "] = " + std::to_string(p.row_offsets[r]));
+    }
+  }
+  if (p.pieces > std::numeric_limits<int32_t>::max()) {
+    throw std::invalid_argument("pack plan: more than 2^31 - 1 pieces in one fill");
+  }
+  int64_t tokens = 0;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    int64_t end = 0;  // first free column of the row
+    for (int64_t k = p.row_offsets[r]; k < p.row_offsets[r + 1]; ++k) {
+      const int64_t d = p.doc[k], s = p.start[k], len = p.length[k], col = p.column[k];
+      if (d < 0 || d >= num_docs) {
+        throw std::invalid_argument("pack plan: " + where(k, r) + " refers to document " +
+                                    std::to_string(d) + " but there are " +
+                                    std::to_string(num_docs) + " documents");
+      }
+      const int64_t doc_len = offsets[d + 1] - offsets[d];
+      if (len < 1 || s < 0 || s + len > doc_len) {
+        throw std::invalid_argument("pack plan: " + where(k, r) + " takes tokens [" +
+                                    std::to_string(s) + ", " + std::to_string(s + len) +
+                                    ") of document " + std::to_string(d) + ", which has " +
+                                    std::to_string(doc_len) + " tokens");
+      }
+      if (col < end || col + len > capacity) {
+        throw std::invalid_argument("pack plan: " + where(k, r) + " occupies columns [" +
+                                    std::to_string(col) + ", " + std::to_string(col + len) +
+                                    "), overlapping the previous piece or beyond the capacity " +
+                                    std::to_string(capacity));
+      }
+      end = col + len;
+      tokens += len;
+    }
+  }
+  return tokens;
+}
+
+template <typename In, typename Out>
+void pack_fill_cpu(Ragged<In> docs, const PackPieces& plan, const PackFillOptions& opt, Out* ids,
+                   Out* labels, int64_t* positions, int32_t* seq_idx, bool* loss_mask,
+                   bool elementwise) {
+  check_pack_pieces(plan, docs.offsets, docs.n, opt.capacity);
+  const int64_t pieces = plan.pieces;
+  const int64_t C = opt.capacity;
+  PackPieces p = plan;
+  std::vector<int64_t> flat_offsets;
+  if (opt.flat) {
+    flat_offsets.resize(static_cast<size_t>(pieces) + 1);
+    flat_offsets[0] = 0;
+    for (int64_t k = 0; k < pieces; ++k) {
+      flat_offsets[static_cast<size_t>(k) + 1] = flat_offsets[static_cast<size_t>(k)] + p.length[k];
+    }
+    p.flat_offsets = flat_offsets.data();
+  }
+  const FillOut<Out> out{ids, labels, positions, seq_idx, loss_mask};
+  // ~16K output elements per thread at least: small batches stay on the calling thread.
+  const int64_t rows_per_thread = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
+  parallel_for(p.rows, rows_per_thread, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const int64_t lo = p.row_offsets[r], hi = p.row_offsets[r + 1];
+      if (elementwise) {  // the CUDA kernel's per-element path, run on the CPU for testing
+        if (opt.flat) {
+          if (hi == lo) continue;
+          for (int64_t t = p.flat_offsets[lo]; t < p.flat_offsets[hi]; ++t) {
+            pack_element(pack_source_flat(p, t), t, docs.values, docs.offsets, p, opt, ids,
+                         labels, positions, seq_idx, loss_mask);
+          }
+        } else {
+          for (int64_t j = 0; j < C; ++j) {
+            pack_element(pack_source_padded(p, r, j), r * C + j, docs.values, docs.offsets, p,
+                         opt, ids, labels, positions, seq_idx, loss_mask);
+          }
+        }
+        continue;
+      }
+      int64_t col = 0;
+      for (int64_t k = lo; k < hi; ++k) {
+        const In* src = docs.values + docs.offsets[p.doc[k]] + p.start[k];
+        const int64_t at = opt.flat ? p.flat_offsets[k] : r * C + p.column[k];
+        if (!opt.flat) fill_padding(out, r * C + col, at, opt);
+        fill_piece(out, at, src, p.length[k], static_cast<int32_t>(k), opt);
+        col = p.column[k] + p.length[k];
+      }
+      if (!opt.flat) fill_padding(out, r * C + col, (r + 1) * C, opt);
+    }
+  });
+}
+
+#define MIXTAPE_INSTANTIATE_PACK_FILL(In, Out)                                                  \
+  template void pack_fill_cpu<In, Out>(Ragged<In>, const PackPieces&, const PackFillOptions&,   \
+                                       Out*, Out*, int64_t*, int32_t*, bool*, bool);
+MIXTAPE_INSTANTIATE_PACK_FILL(int32_t, int32_t)
+MIXTAPE_INSTANTIATE_PACK_FILL(int32_t, int64_t)
+MIXTAPE_INSTANTIATE_PACK_FILL(int64_t, int32_t)
+MIXTAPE_INSTANTIATE_PACK_FILL(int64_t, int64_t)
+#undef MIXTAPE_INSTANTIATE_PACK_FILL
+
+}  // namespace mixtape
