@@ -41,11 +41,12 @@ Ragged<T> ragged(const Array<T>& values, const Array<int64_t>& offsets, const ch
   return Ragged<T>{values.data(), offsets.data(), n};
 }
 
+// The data of an optional caller-given output, checked to hold `size` elements.
 template <typename T>
-T* out_ptr(OptArray<T>& a, int64_t size, const char* what) {
+T* out_ptr(OptArray<T>& a, int64_t size, const char* op, const char* what) {
   if (!a) return nullptr;
   if (a->size() != size) {
-    throw py::value_error(std::string("pad: output '") + what + "' has " +
+    throw py::value_error(std::string(op) + ": output '" + what + "' has " +
                           std::to_string(a->size()) + " elements, expected " +
                           std::to_string(size));
   }
@@ -82,9 +83,9 @@ void bind_pad(py::module_& m) {
         o.label_pad_value = label_pad_value;
         o.shift_labels = shift_labels;
         const int64_t size = ids.n * length;
-        return pad_cpu_impl<In, Out>(ids, lv, lo, o, out_ptr(out_ids, size, "input_ids"),
-                                     out_ptr(out_mask, size, "attention_mask"),
-                                     out_ptr(out_labels, size, "labels"), check_negative,
+        return pad_cpu_impl<In, Out>(ids, lv, lo, o, out_ptr(out_ids, size, "pad", "input_ids"),
+                                     out_ptr(out_mask, size, "pad", "attention_mask"),
+                                     out_ptr(out_labels, size, "pad", "labels"), check_negative,
                                      elementwise);
       },
       "values"_a.noconvert(), "offsets"_a.noconvert(), "label_values"_a.noconvert() = py::none(),
@@ -186,15 +187,7 @@ void bind_pack_fill(py::module_& m) {
           tokens = check_pack_pieces(p, docs.offsets, docs.n, capacity);
         }
         const int64_t size = flat ? tokens : p.rows * capacity;
-        auto ptr = [size](auto& a, const char* what) -> decltype(a->mutable_data()) {
-          if (!a) return nullptr;
-          if (a->size() != size) {
-            throw py::value_error(std::string("pack_fill: output '") + what + "' has " +
-                                  std::to_string(a->size()) + " elements, expected " +
-                                  std::to_string(size));
-          }
-          return a->mutable_data();
-        };
+        auto ptr = [size](auto& a, const char* what) { return out_ptr(a, size, "pack_fill", what); };
         Out* ids = ptr(out_ids, "input_ids");
         Out* labels = ptr(out_labels, "labels");
         int64_t* positions = ptr(out_positions, "position_ids");

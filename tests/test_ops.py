@@ -445,9 +445,10 @@ def test_max_length_below_one(max_length: int) -> None:
 
 def test_bad_options() -> None:
     values, offsets = np.array([1, 2, 3]), np.array([0, 1, 3])
-    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'top'"):
+    sides = r"one of \('left', 'right'\)"
+    with pytest.raises(ValueError, match=f"padding_side must be {sides}, got 'top'"):
         ops.pad(values, offsets, padding_side="top")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="truncation_side must be 'left' or 'right'"):
+    with pytest.raises(ValueError, match=r"truncation_side must be one of \('left', 'right'\)"):
         ops.pad(values, offsets, truncation_side="middle")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1, got 0"):
         ops.pad(values, offsets, pad_to_multiple_of=0)

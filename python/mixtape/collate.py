@@ -462,11 +462,6 @@ def _check_int(
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_side(name: str, side: str) -> None:
-    if side not in ("left", "right"):
-        raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
-
-
 class _Output:
     """Allocates output buffers (pinned when asked and possible) and wraps them as tensors."""
 
@@ -658,8 +653,8 @@ class PaddingCollator:
         _check_int("label_pad_token_id", label_pad_token_id)
         _check_int("max_length", max_length, minimum=1, optional=True)
         _check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1, optional=True)
-        _check_side("padding_side", padding_side)
-        _check_side("truncation_side", truncation_side)
+        ops.is_left("padding_side", padding_side)
+        ops.is_left("truncation_side", truncation_side)
         if padding not in ("longest", "max_length"):
             raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
         if padding == "max_length" and max_length is None:

@@ -32,7 +32,9 @@ __all__ = [
     "as_offsets",
     "block_causal_mask",
     "build_info",
+    "check_choice",
     "cuda_available",
+    "is_left",
     "pack_fill",
     "pack_plan",
     "pad",
@@ -58,9 +60,15 @@ def build_info() -> dict[str, Any]:
     return info
 
 
-def _check_side(name: str, side: str) -> bool:
-    if side not in ("left", "right"):
-        raise ValueError(f"{name} must be 'left' or 'right', got {side!r}")
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Raise ValueError naming the option, the valid choices and the value given."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def is_left(name: str, side: str) -> bool:
+    """Validate a padding/truncation side; True for "left"."""
+    check_choice(name, side, ("left", "right"))
     return side == "left"
 
 
@@ -136,8 +144,8 @@ def pad(
     lengths; ``out`` supplies buffers (numpy arrays or CPU tensors, e.g. pinned) to write into.
     Returns ``{"input_ids", "attention_mask"?, "labels"?}`` as numpy arrays (tensors on CUDA).
     """
-    pad_left = _check_side("padding_side", padding_side)
-    truncate_left = _check_side("truncation_side", truncation_side)
+    pad_left = is_left("padding_side", padding_side)
+    truncate_left = is_left("truncation_side", truncation_side)
     if _is_cuda_tensor(values):
         return _pad_cuda(
             values, offsets, labels, label_offsets, length, max_length, pad_to_multiple_of,
@@ -463,11 +471,6 @@ def _check_lengths(lengths: Any) -> IntArray:
     return np.ascontiguousarray(arr)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def pack_plan(
     lengths: Any,
     capacity: int,
@@ -488,8 +491,8 @@ def pack_plan(
     caps the pieces per row; ``rows_multiple_of`` appends empty rows; ``shuffle_seed`` permutes
     the rows (before those empty rows are appended) with a platform-independent RNG.
     """
-    _check_choice("strategy", strategy, PACK_STRATEGIES)
-    _check_choice("overflow", overflow, OVERFLOW_POLICIES)
+    check_choice("strategy", strategy, PACK_STRATEGIES)
+    check_choice("overflow", overflow, OVERFLOW_POLICIES)
     capacity = operator.index(capacity)
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -602,7 +605,7 @@ def pack_fill(
     ``out`` supplies token-field buffers to write into (host only; e.g. pinned, reused between
     batches: a fresh 240 MB output costs more in page faults than the fill itself).
     """
-    _check_choice("layout", layout, PACK_LAYOUTS)
+    check_choice("layout", layout, PACK_LAYOUTS)
     if isinstance(fields, str):
         raise TypeError(f"fields must be a sequence of names, got the string {fields!r}")
     wanted = set(fields)

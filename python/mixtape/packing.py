@@ -31,6 +31,7 @@ from mixtape.ops import (
     PACK_STRATEGIES,
     PackPlan,
     as_offsets,
+    check_choice,
     pack_fill,
     pack_plan,
 )
@@ -206,11 +207,6 @@ def dataset_lengths(data: Any, column: str = "input_ids") -> Int64Array:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
 def plan_dataset(
     dataset: Any,
     max_length: int,
@@ -355,17 +351,17 @@ def pack_sequences(
         }  # fmt: skip
         return DatasetDict({split: pack_sequences(ds, max_length, strategy, **options)
                             for split, ds in dataset.items()})  # fmt: skip
-    _check_choice("layout", layout, _LAYOUTS)
+    check_choice("layout", layout, _LAYOUTS)
     if layout == "ragged" and align != 1:
         raise ValueError(f"align={align} places documents at aligned columns: use layout='padded'")
     for f in fields:
-        _check_choice("field", f, PACKED_FIELDS)
+        check_choice("field", f, PACKED_FIELDS)
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
         raise TypeError(f"max_length must be an int, got {max_length!r}")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    _check_choice("strategy", strategy, PACK_STRATEGIES)
-    _check_choice("overflow", overflow, OVERFLOW_POLICIES)
+    check_choice("strategy", strategy, PACK_STRATEGIES)
+    check_choice("overflow", overflow, OVERFLOW_POLICIES)
 
     values, offsets = _ragged(dataset, column)
     table = _arrow_table(dataset)
@@ -593,8 +589,8 @@ class PackingStream:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         if not 0.0 <= min_fill <= 1.0:
             raise ValueError(f"min_fill must be in [0, 1], got {min_fill}")
-        _check_choice("strategy", strategy, PACK_STRATEGIES)
-        _check_choice("overflow", overflow, OVERFLOW_POLICIES)
+        check_choice("strategy", strategy, PACK_STRATEGIES)
+        check_choice("overflow", overflow, OVERFLOW_POLICIES)
         self.source = source
         self.capacity = int(capacity)
         self.batch_size = int(batch_size)
