@@ -58,8 +58,8 @@ void bind_pad(py::module_& m) {
   m.def(
       "pad",
       [](const Array<In>& values, const Array<int64_t>& offsets, const OptArray<In>& label_values,
-         const std::optional<Array<int64_t>>& label_offsets, int64_t length, bool pad_left,
-         bool truncate_left, int64_t pad_value, int64_t label_pad_value, bool shift_labels,
+         const std::optional<Array<int64_t>>& label_offsets, int64_t length, int64_t max_tokens,
+         bool pad_left, bool truncate_left, int64_t pad_value, int64_t label_pad_value, bool shift_labels,
          OptArray<Out> out_ids, OptArray<Out> out_mask, OptArray<Out> out_labels,
          bool check_negative, bool elementwise) {
         const Ragged<In> ids = ragged(values, offsets, "input_ids");
@@ -77,6 +77,7 @@ void bind_pad(py::module_& m) {
         }
         PadOptions o;
         o.length = length;
+        o.max_tokens = max_tokens;
         o.pad_left = pad_left;
         o.truncate_left = truncate_left;
         o.pad_value = pad_value;
@@ -89,7 +90,8 @@ void bind_pad(py::module_& m) {
                                      elementwise);
       },
       "values"_a.noconvert(), "offsets"_a.noconvert(), "label_values"_a.noconvert() = py::none(),
-      "label_offsets"_a.noconvert() = py::none(), py::kw_only(), "length"_a, "pad_left"_a = false,
+      "label_offsets"_a.noconvert() = py::none(), py::kw_only(), "length"_a, "max_tokens"_a = -1,
+      "pad_left"_a = false,
       "truncate_left"_a = false, "pad_value"_a = 0, "label_pad_value"_a = -100,
       "shift_labels"_a = false, "out_ids"_a.noconvert() = py::none(),
       "out_mask"_a.noconvert() = py::none(), "out_labels"_a.noconvert() = py::none(),
@@ -273,10 +275,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "pad_cuda",
       [](uintptr_t values, uintptr_t offsets, int64_t n, uintptr_t label_values,
-         uintptr_t label_offsets, int in_bits, int out_bits, int64_t length, bool pad_left,
-         bool truncate_left, int64_t pad_value, int64_t label_pad_value, bool shift_labels,
+         uintptr_t label_offsets, int in_bits, int out_bits, int64_t length, int64_t max_tokens,
+         bool pad_left, bool truncate_left, int64_t pad_value, int64_t label_pad_value, bool shift_labels,
          uintptr_t out_ids, uintptr_t out_mask, uintptr_t out_labels, uintptr_t stream) {
-        PadOptions o{length, pad_left, truncate_left, pad_value, label_pad_value, shift_labels};
+        PadOptions o{length,    max_tokens,      pad_left,    truncate_left,
+                     pad_value, label_pad_value, shift_labels};
         dispatch_int_bits(in_bits, "in_bits", [&](auto in) {
           dispatch_int_bits(out_bits, "out_bits", [&](auto out) {
             using In = decltype(in);
@@ -292,7 +295,7 @@ PYBIND11_MODULE(_C, m) {
         });
       },
       "values"_a, "offsets"_a, "n"_a, "label_values"_a, "label_offsets"_a, "in_bits"_a,
-      "out_bits"_a, "length"_a, "pad_left"_a, "truncate_left"_a, "pad_value"_a,
+      "out_bits"_a, "length"_a, "max_tokens"_a, "pad_left"_a, "truncate_left"_a, "pad_value"_a,
       "label_pad_value"_a, "shift_labels"_a, "out_ids"_a, "out_mask"_a, "out_labels"_a,
       "stream"_a, gil_release());
   m.def(

@@ -60,11 +60,12 @@ def ref_pad(
     shift: bool = False,
 ) -> dict[str, list[list[int]]]:
     width = ref_width([len(s) for s in seqs], max_length, multiple)
+    keep = width if max_length is None else min(width, max_length)  # tokens kept per row
     lab_src = seqs if labels is None else labels
     out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for s, lab in zip(seqs, lab_src, strict=True):
-        kept = s if len(s) <= width else (s[:width] if trunc == "right" else s[-width:])
-        kept_lab = lab if len(lab) <= width else (lab[:width] if trunc == "right" else lab[-width:])
+        kept = s if len(s) <= keep else (s[:keep] if trunc == "right" else s[-keep:])
+        kept_lab = lab if len(lab) <= keep else (lab[:keep] if trunc == "right" else lab[-keep:])
         if shift:
             kept_lab = [*kept_lab[1:], -100] if kept_lab else []
         out["input_ids"].append(ref_row(kept, width, pad, side, trunc))

@@ -53,8 +53,11 @@ def reference_pad(
     pad_value: int = 0,
     label_pad_value: int = -100,
     shift_labels: bool = False,
+    max_length: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Obvious per-row Python: truncate, shift labels within the kept tokens, place, pad."""
+    """Obvious per-row Python: truncate to max_length (and the row), shift labels within the kept
+    tokens, place, pad."""
+    keep = length if max_length is None else min(length, max_length)
     n = len(seqs)
     ids = np.full((n, length), pad_value, dtype=np.int64)
     mask = np.zeros((n, length), dtype=np.int64)
@@ -62,9 +65,9 @@ def reference_pad(
     for i, seq in enumerate(seqs):
         s = list(seq)
         lb = list(labels[i]) if labels is not None else list(s)
-        if len(s) > length:
-            start = len(s) - length if truncation_side == "left" else 0
-            s, lb = s[start : start + length], lb[start : start + length]
+        if len(s) > keep:
+            start = len(s) - keep if truncation_side == "left" else 0
+            s, lb = s[start : start + keep], lb[start : start + keep]
         if shift_labels:
             lb = [*lb[1:], label_pad_value][: len(s)]
         begin = length - len(s) if padding_side == "left" else 0
@@ -134,7 +137,7 @@ def test_pad_matches_reference(
     length = reference_length(SEQS, max_length, multiple)
     want = reference_pad(
         SEQS, length, padding_side=padding_side, truncation_side=truncation_side, pad_value=3,
-        shift_labels=shift_labels,
+        shift_labels=shift_labels, max_length=max_length,
     )  # fmt: skip
     check(got, want, ["input_ids", "attention_mask", "labels"], out_dtype)
 
@@ -205,7 +208,7 @@ def test_pad_hypothesis(
     length = reference_length(seqs, max_length, multiple)
     want = reference_pad(
         seqs, length, labels=labels, padding_side=padding_side, truncation_side=truncation_side,
-        pad_value=pad_value, shift_labels=shift_labels,
+        pad_value=pad_value, shift_labels=shift_labels, max_length=max_length,
     )  # fmt: skip
     # int32 outputs hold ids that fit; wider ids wrap exactly as a C cast does.
     for key in want:

@@ -1,6 +1,6 @@
 // pad: ragged batch -> dense [n, L] rows, with attention mask and labels in the same pass.
 //
-// Contract. Row i holds sequence i truncated to L tokens (from the right or the left end) and
+// Contract. Row i holds sequence i truncated to min(L, max_tokens) tokens (from the right or the left end) and
 // placed at the left or right end of the row; the rest is pad_value. The mask is 1 exactly over
 // the placed tokens: it is computed from the lengths, never by comparing tokens to pad_value, so
 // pad == eos leaves real EOS tokens unmasked. Labels are the ids themselves or a second ragged
@@ -17,7 +17,9 @@
 namespace mixtape {
 
 struct PadOptions {
-  int64_t length = 0;  // L: columns of every output row
+  int64_t length = 0;       // L: columns of every output row
+  int64_t max_tokens = -1;  // tokens kept per row (max_length; the row may be longer when
+                            // rounded up to a multiple); -1: L
   bool pad_left = false;
   bool truncate_left = false;
   int64_t pad_value = 0;
@@ -34,7 +36,8 @@ struct PadRow {
 
 MIXTAPE_HD PadRow pad_row(int64_t begin, int64_t end, const PadOptions& o) {
   const int64_t n = end - begin;
-  const int64_t len = n < o.length ? n : o.length;
+  const int64_t keep = (o.max_tokens >= 0 && o.max_tokens < o.length) ? o.max_tokens : o.length;
+  const int64_t len = n < keep ? n : keep;
   return PadRow{o.truncate_left ? end - len : begin, len, o.pad_left ? o.length - len : 0};
 }
 

@@ -695,6 +695,7 @@ class PaddingCollator:
         name: str,
         pad_value: int,
         mask: bool,
+        max_length: int | None = None,
         return_labels: bool = False,
         shift_labels: bool = False,
         check_ids: bool = True,
@@ -717,7 +718,8 @@ class PaddingCollator:
         return ops.pad(
             values, ids.offsets,
             labels=lab_values, label_offsets=None if labels is None else labels.offsets,
-            length=length, padding_side=self.padding_side, truncation_side=self.truncation_side,
+            length=length, max_length=max_length, padding_side=self.padding_side,
+            truncation_side=self.truncation_side,
             pad_value=pad_value, label_pad_value=self.label_pad_token_id,
             return_attention_mask=mask, return_labels=want_labels, shift_labels=shift_labels,
             out=out, check_ids=check_ids, name=name,
@@ -745,8 +747,9 @@ class PaddingCollator:
         slots = 1 + self.return_attention_mask + want_labels + len(extras)
         arena = self._out.arena(slots, (len(ids), length))
         res = self._pad(
-            ids, labels, length=length, name=self.input_key, pad_value=self.pad_token_id,
-            mask=self.return_attention_mask and not given_mask, return_labels=return_labels,
+            ids, labels, length=length, max_length=self.max_length, name=self.input_key,
+            pad_value=self.pad_token_id, mask=self.return_attention_mask and not given_mask,
+            return_labels=return_labels,
             shift_labels=shift_labels, arena=arena,
         )  # fmt: skip
         out: dict[str, Any] = {self.input_key: res["input_ids"]}
@@ -765,8 +768,8 @@ class PaddingCollator:
     ) -> Any:
         r = _as_ragged(c.cols[key], key)
         _check_same_lengths(r, ids, key, self.input_key)
-        res = self._pad(r, None, length=length, name=key, pad_value=value, mask=False,
-                        arena=arena)  # fmt: skip
+        res = self._pad(r, None, length=length, max_length=self.max_length, name=key,
+                        pad_value=value, mask=False, arena=arena)  # fmt: skip
         return res["input_ids"]
 
     def _finish(self, out: dict[str, Any], c: _Columns, done: Iterable[str]) -> dict[str, Any]:
@@ -855,8 +858,8 @@ class Seq2SeqCollator(PaddingCollator):
             want_dec = start is not None
             arena = self._out.arena(1 + want_dec, (len(labels), length))
             lab = self._pad(
-                labels, None, length=length, name="labels", pad_value=self.label_pad_token_id,
-                mask=False, check_ids=False, arena=arena,
+                labels, None, length=length, max_length=max_len, name="labels",
+                pad_value=self.label_pad_token_id, mask=False, check_ids=False, arena=arena,
             )["input_ids"]  # fmt: skip
             out["labels"] = lab
             if start is not None:

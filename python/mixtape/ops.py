@@ -101,8 +101,8 @@ def padded_length(
 ) -> int:
     """Row length for a batch: the longest sequence, capped at max_length, rounded up.
 
-    As in ``transformers``: ``max_length`` truncates, ``pad_to_multiple_of`` rounds the result up
-    (so the row may exceed ``max_length`` when it is not itself a multiple).
+    As a ``transformers`` tokenizer with truncation: at most ``max_length`` tokens are kept and
+    the row is then rounded up to ``pad_to_multiple_of`` (so it may be longer than ``max_length``).
     """
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -139,9 +139,10 @@ def pad(
     """Pad a ragged batch into dense rows; ids, attention mask and labels in one pass.
 
     ``values``/``offsets`` are the ragged ids (numpy, or torch tensors: CUDA tensors run the CUDA
-    kernel). ``length`` fixes the row length; otherwise it is :func:`padded_length` of the longest
-    sequence. Labels are the ids unless ``labels``/``label_offsets`` give a ragged batch of the same
-    lengths; ``out`` supplies buffers (numpy arrays or CPU tensors, e.g. pinned) to write into.
+    kernel). ``max_length`` caps the tokens kept per row; ``length`` fixes the row length,
+    otherwise it is :func:`padded_length` of the longest sequence. Labels are the ids unless
+    ``labels``/``label_offsets`` give a ragged batch of the same lengths; ``out`` supplies
+    buffers (numpy arrays or CPU tensors, e.g. pinned) to write into.
     Returns ``{"input_ids", "attention_mask"?, "labels"?}`` as numpy arrays (tensors on CUDA).
     """
     pad_left = is_left("padding_side", padding_side)
@@ -160,6 +161,7 @@ def pad(
         length = padded_length(longest, max_length, pad_to_multiple_of)
     elif length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
+    max_tokens = _max_tokens(max_length)
     lab_vals: IntArray | None = None
     lab_offs: npt.NDArray[np.int64] | None = None
     if labels is not None:
@@ -199,7 +201,7 @@ def pad(
             result[key] = given
         buffers[key] = arr
     bad = _C.pad(
-        vals, offs, lab_vals, lab_offs, length=length, pad_left=pad_left,
+        vals, offs, lab_vals, lab_offs, length=length, max_tokens=max_tokens, pad_left=pad_left,
         truncate_left=truncate_left, pad_value=pad_value, label_pad_value=label_pad_value,
         shift_labels=shift_labels, out_ids=buffers["input_ids"],
         out_mask=buffers.get("attention_mask"), out_labels=buffers.get("labels"),
@@ -214,6 +216,15 @@ def pad(
             "token ids must be >= 0"
         )
     return result
+
+
+def _max_tokens(max_length: int | None) -> int:
+    """The kernel's cap on kept tokens: max_length, or -1 for none."""
+    if max_length is None:
+        return -1
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    return max_length
 
 
 def _is_cuda_tensor(x: Any) -> bool:
@@ -310,8 +321,9 @@ def _pad_cuda(
     _C.pad_cuda(
         ptr(values.contiguous()), ptr(offs), n, ptr(lab_v), ptr(lab_o),
         32 if values.dtype == torch.int32 else 64, 32 if tdtype == torch.int32 else 64,
-        length, pad_left, truncate_left, pad_value, label_pad_value, shift_labels,
-        ptr(result["input_ids"]), ptr(result.get("attention_mask")), ptr(result.get("labels")),
+        length, _max_tokens(max_length), pad_left, truncate_left, pad_value, label_pad_value,
+        shift_labels, ptr(result["input_ids"]), ptr(result.get("attention_mask")),
+        ptr(result.get("labels")),
         torch.cuda.current_stream(dev).cuda_stream,
     )  # fmt: skip
     return result
