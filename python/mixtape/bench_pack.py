@@ -178,8 +178,8 @@ def bench_pack_fill(quick: bool) -> list[Measurement]:
     ours = pack_fill(plan, values, offsets, fields=fields, dtype=np.int32)
     ref = numpy_fill(plan, values, offsets)
     same = all(np.array_equal(ours[k], ref[k]) for k in fields)
-    note = (f"{int(values.size) / 1e6:.1f}M tokens into {plan.num_rows:,} x {CAPACITY}; "
-            f"outputs equal: {same}")  # fmt: skip
+    note = (f"{int(values.size) / 1e6:.1f}M tokens into {plan.num_rows:,} x {CAPACITY}, int32, "
+            f"fresh outputs; outputs equal: {same}")  # fmt: skip
     sec = timeit(lambda: pack_fill(plan, values, offsets, fields=fields, dtype=np.int32),
                  repeat=5, warmup=1)  # fmt: skip
     out = [Measurement(name, "mixtape pack_fill", sec, True, note)]
