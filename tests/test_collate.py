@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixtape import collate
+from mixtape import collate, ops
 from mixtape.collate import (
     CollatorRegistry,
     Ragged,
@@ -308,6 +308,30 @@ def test_large_ids_and_int32_columns() -> None:
     assert as_lists(out["input_ids"]) == [[big, 1], [2, 0]]
     u = create_collate_fn(0)({"input_ids": [np.array([1, 2], np.uint64), np.array([3], np.uint8)]})
     assert as_lists(u["input_ids"]) == [[1, 2], [3, 0]]
+
+
+def test_pad_int32_output_rejects_values_it_cannot_hold() -> None:
+    """ops.pad(dtype=int32) used to wrap wider ids, fills and labels silently (a C cast)."""
+    offsets = np.array([0, 2, 3])
+    ids = np.array([1, 2, 2**40], np.int64)
+    with pytest.raises(ValueError, match=r"input_ids: example 1 has a value \(1099511627776\)"):
+        ops.pad(ids, offsets, dtype=np.int32)
+    small = np.array([1, 2, 3], np.int64)
+    with pytest.raises(ValueError, match="pad_value = 2147483648 does not fit"):
+        ops.pad(small, offsets, dtype=np.int32, pad_value=2**31)
+    with pytest.raises(ValueError, match="label_pad_value = -2147483649 does not fit"):
+        ops.pad(small, offsets, dtype=np.int32, return_labels=True, label_pad_value=-(2**31) - 1)
+    labels = np.array([-100, 2**33, 5], np.int64)
+    with pytest.raises(ValueError, match="labels: example 0 has a value"):
+        ops.pad(small.astype(np.int32), offsets, labels=labels, label_offsets=offsets,
+                dtype=np.int32)  # fmt: skip
+    # int32 ids with int64 labels: the labels are not narrowed to the ids' dtype.
+    got = ops.pad(small.astype(np.int32), offsets, labels=labels, label_offsets=offsets)
+    assert got["labels"].tolist() == [[-100, 2**33], [5, -100]]
+    # Values that fit (negative labels included) still go to int32 outputs.
+    got = ops.pad(small, offsets, labels=labels[[0, 0, 2]], label_offsets=offsets, dtype=np.int32)
+    assert got["input_ids"].tolist() == [[1, 2], [3, 0]]
+    assert got["labels"].tolist() == [[-100, -100], [5, -100]]
 
 
 def test_two_dimensional_columns() -> None:

@@ -168,13 +168,17 @@ def pad(
         if label_offsets is None:
             raise ValueError("labels given without label_offsets")
         lab_vals = _check_ids("labels", _host(labels))
-        if lab_vals.dtype != vals.dtype:  # the kernel reads both with one type
-            lab_vals = _check_ids("labels", lab_vals.astype(vals.dtype))
+        if lab_vals.dtype != vals.dtype:  # the kernel reads both with one type: the wider
+            vals, lab_vals = vals.astype(np.int64), lab_vals.astype(np.int64)
         lab_offs = as_offsets(_host(label_offsets), "labels offsets")
         return_labels = True
     out_dtype = np.dtype(dtype)
     if out_dtype not in INDEX_DTYPES:
         raise TypeError(f"dtype must be int32 or int64, got {out_dtype}")
+    if out_dtype == np.int32:  # the kernel's C cast would wrap wider values silently
+        _check_fits_int32(name, vals, offs, pad_value, "pad_value")
+        if return_labels:
+            _check_fits_int32("labels", lab_vals, lab_offs, label_pad_value, "label_pad_value")
     wanted = {"input_ids": True, "attention_mask": return_attention_mask, "labels": return_labels}
     result: dict[str, Any] = {}
     buffers: dict[str, Any] = {}
@@ -216,6 +220,36 @@ def pad(
             "token ids must be >= 0"
         )
     return result
+
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _check_fits_int32(
+    name: str,
+    values: Any,
+    offsets: npt.NDArray[np.int64] | None,
+    fill: int,
+    fill_name: str,
+) -> None:
+    """Raise ValueError naming the example when int32 outputs cannot hold a value or the fill.
+
+    ``values`` (numpy or a torch tensor, any device) is checked only when it is int64; only the
+    position of the first bad value comes to the host.
+    """
+    if not _INT32.min <= fill <= _INT32.max:
+        raise ValueError(f"{fill_name} = {fill} does not fit the int32 output dtype")
+    if values is None or offsets is None or str(values.dtype) not in ("int64", "torch.int64"):
+        return
+    bad = (values > _INT32.max) | (values < _INT32.min)
+    if not bad.any():
+        return
+    pos = int(bad.nonzero()[0][0]) if isinstance(bad, np.ndarray) else int(bad.nonzero()[0, 0])
+    ex = int(np.searchsorted(offsets, pos, side="right")) - 1
+    raise ValueError(
+        f"{name}: example {ex} has a value ({int(values[pos])}) that does not fit the int32 "
+        "output dtype; use dtype=int64"
+    )
 
 
 def _max_tokens(max_length: int | None) -> int:
@@ -299,13 +333,21 @@ def _pad_cuda(
     offs = torch.from_numpy(offs_host).to(dev, non_blocking=True)
     lab_v = lab_o = None
     if labels is not None:
-        lab_v = torch.as_tensor(labels, device=dev).to(values.dtype).contiguous()
+        lab_v = torch.as_tensor(labels, device=dev)
+        if lab_v.dtype != values.dtype:  # the kernel reads both with one type: the wider
+            values, lab_v = values.to(torch.int64), lab_v.to(torch.int64)
+        lab_v = lab_v.contiguous()
         lo = as_offsets(torch.as_tensor(label_offsets).cpu().numpy(), "labels offsets")
         if not np.array_equal(np.diff(lo), np.diff(offs_host)):
             bad = int(np.argmax(np.diff(lo) != np.diff(offs_host)))
             raise ValueError(f"labels of example {bad} differ in length from its {name}")
         lab_o = torch.from_numpy(lo).to(dev)
     tdtype = torch.int64 if np.dtype(dtype) == np.int64 else torch.int32
+    if tdtype == torch.int32:  # the kernel's C cast would wrap wider values silently
+        _check_fits_int32(name, values, offs_host, pad_value, "pad_value")
+        if return_labels:
+            lab_offs = None if lab_v is None else lo
+            _check_fits_int32("labels", lab_v, lab_offs, label_pad_value, "label_pad_value")
     result: dict[str, Any] = {}
     for key, want in (("input_ids", True), ("attention_mask", return_mask),
                       ("labels", return_labels)):  # fmt: skip
