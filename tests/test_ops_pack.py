@@ -448,6 +448,34 @@ def test_bad_fill_inputs() -> None:
         pack_fill(plan, values, offsets, out={"labels": np.empty((2, 8), np.int32)})
 
 
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("layout", ops.PACK_LAYOUTS)
+def test_plan_check_does_not_overflow(elementwise: bool, layout: str) -> None:
+    """start + length or column + length past 2^63 (a corrupt saved plan) must be rejected, not
+    wrap negative through the bounds check into an out-of-bounds read or write."""
+    values, offsets = ragged_tokens(np.array([4, 6]))
+    big = 2**63 - 2
+
+    def plan(start: int, column: int) -> PackPlan:
+        return PackPlan(capacity=8, strategy="bfd", row_offsets=[0, 1], doc=[0], start=[start],
+                        length=[4], column=[column], num_docs=2, num_tokens=10)  # fmt: skip
+
+    with pytest.raises(ValueError, match=rf"piece 0 \(row 0\) takes tokens \[{big}, {big} \+ 4\)"):
+        pack_fill(plan(big, 0), values, offsets, layout=layout, _elementwise=elementwise)
+    with pytest.raises(ValueError, match=rf"piece 0 \(row 0\) occupies columns \[{big}, "):
+        pack_fill(plan(0, big), values, offsets, layout=layout, _elementwise=elementwise)
+    p = plan(0, big)
+    with pytest.raises(ValueError, match="occupies columns"):  # the CUDA path's host check
+        ops._C.pack_check(offsets, p.row_offsets, p.doc, p.start, p.length, p.column, capacity=8)
+    # rows * capacity wrapping to a small number must not let a 4-element output through.
+    empty = np.zeros(0, np.int64)
+    for rows, capacity in ((4, 2**62 + 1), (1, -4)):
+        with pytest.raises(ValueError, match="rows of capacity"):
+            ops._C.pack_fill(values, offsets, np.zeros(rows + 1, np.int64), empty, empty, empty,
+                             empty, capacity=capacity, out_ids=np.empty(4, np.int64),
+                             elementwise=elementwise)  # fmt: skip
+
+
 # --- fill ----------------------------------------------------------------------------------------
 
 

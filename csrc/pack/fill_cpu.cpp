@@ -17,6 +17,14 @@ std::string where(int64_t piece, int64_t row) {
   return "piece " + std::to_string(piece) + " (row " + std::to_string(row) + ")";
 }
 
+// "[a, a + n)" without overflowing (a malformed plan may hold any int64).
+std::string span(int64_t a, int64_t n) {
+  const bool fits = n >= 0 ? a <= std::numeric_limits<int64_t>::max() - n
+                           : a >= std::numeric_limits<int64_t>::min() - n;
+  return "[" + std::to_string(a) + ", " +
+         (fits ? std::to_string(a + n) : std::to_string(a) + " + " + std::to_string(n)) + ")";
+}
+
 // Output pointers of one fill, each advanced to a given element.
 template <typename Out>
 struct FillOut {
@@ -77,6 +85,11 @@ void fill_piece(const FillOut<Out>& o, int64_t at, const In* src, int64_t len, i
 int64_t check_pack_pieces(const PackPieces& p, const int64_t* offsets, int64_t num_docs,
                           int64_t capacity) {
   if (p.rows < 0 || p.pieces < 0) throw std::invalid_argument("pack plan: negative size");
+  // The padded output has rows * C elements: both must be sane before any index is formed.
+  if (capacity < 0 || (capacity > 0 && p.rows > std::numeric_limits<int64_t>::max() / capacity)) {
+    throw std::invalid_argument("pack plan: " + std::to_string(p.rows) + " rows of capacity " +
+                                std::to_string(capacity) + " do not fit one int64 index");
+  }
   if (p.row_offsets[0] != 0 || p.row_offsets[p.rows] != p.pieces) {
     throw std::invalid_argument("pack plan: row_offsets must go from 0 to the number of pieces " +
                                 std::to_string(p.pieces) + ", got " +
@@ -105,19 +118,23 @@ int64_t check_pack_pieces(const PackPieces& p, const int64_t* offsets, int64_t n
                                     std::to_string(num_docs) + " documents");
       }
       const int64_t doc_len = offsets[d + 1] - offsets[d];
-      if (len < 1 || s < 0 || s + len > doc_len) {
-        throw std::invalid_argument("pack plan: " + where(k, r) + " takes tokens [" +
-                                    std::to_string(s) + ", " + std::to_string(s + len) +
-                                    ") of document " + std::to_string(d) + ", which has " +
+      // Compared without forming s + len or col + len: a crafted or corrupt plan (e.g. a loaded
+      // .npz) with values near 2^63 must not wrap past the check into an out-of-bounds access.
+      if (len < 1 || s < 0 || len > doc_len || s > doc_len - len) {
+        throw std::invalid_argument("pack plan: " + where(k, r) + " takes tokens " + span(s, len) +
+                                    " of document " + std::to_string(d) + ", which has " +
                                     std::to_string(doc_len) + " tokens");
       }
-      if (col < end || col + len > capacity) {
-        throw std::invalid_argument("pack plan: " + where(k, r) + " occupies columns [" +
-                                    std::to_string(col) + ", " + std::to_string(col + len) +
-                                    "), overlapping the previous piece or beyond the capacity " +
+      if (col < end || len > capacity || col > capacity - len) {
+        throw std::invalid_argument("pack plan: " + where(k, r) + " occupies columns " +
+                                    span(col, len) +
+                                    ", overlapping the previous piece or beyond the capacity " +
                                     std::to_string(capacity));
       }
       end = col + len;
+      if (len > std::numeric_limits<int64_t>::max() - tokens) {
+        throw std::invalid_argument("pack plan: the pieces hold more than 2^63 - 1 tokens");
+      }
       tokens += len;
     }
   }
