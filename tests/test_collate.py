@@ -334,6 +334,54 @@ def test_pad_int32_output_rejects_values_it_cannot_hold() -> None:
     assert got["labels"].tolist() == [[-100, -100], [5, -100]]
 
 
+MULTI_HOT = [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0]]
+MULTI_IDS = [[1, 2], [3], [4, 5, 6, 7], []]
+
+
+@pytest.mark.parametrize(
+    "form", ["lists", "numpy", "tensors", "columns", "hf-torch", "hf-numpy", "hf-arrow", "hf-rows"]
+)
+def test_float_label_rows_are_stacked(form: str) -> None:
+    """Multi-label targets (a float row per example) used to be read as token ids: TypeError."""
+    ds = datasets.Dataset.from_dict({"input_ids": MULTI_IDS, "labels": MULTI_HOT})
+    batch: Any = {
+        "lists": [{"input_ids": i, "labels": m} for i, m in zip(MULTI_IDS, MULTI_HOT, strict=True)],
+        "numpy": [{"input_ids": np.array(i, np.int64), "labels": np.array(m, np.float32)}
+                  for i, m in zip(MULTI_IDS, MULTI_HOT, strict=True)],
+        "tensors": [{"input_ids": torch.tensor(i, dtype=torch.long), "labels": torch.tensor(m)}
+                    for i, m in zip(MULTI_IDS, MULTI_HOT, strict=True)],
+        "columns": {"input_ids": MULTI_IDS, "labels": MULTI_HOT},
+        "hf-torch": ds.with_format("torch")[:],
+        "hf-numpy": [ds.with_format("numpy")[i] for i in range(len(ds))],
+        "hf-arrow": ds.with_format("arrow")[:],
+        "hf-rows": [ds[i] for i in range(len(ds))],
+    }[form]  # fmt: skip
+    out = create_collate_fn(0)(batch)
+    assert out["labels"].dtype.is_floating_point
+    np.testing.assert_allclose(out["labels"].numpy(), MULTI_HOT)
+    assert as_lists(out["input_ids"])[1] == [3, 0, 0, 0]
+
+
+@pytest.mark.parametrize("key", ["label", "labels"])
+def test_missing_labels(key: str) -> None:
+    """A None / null label among others is an error naming the example (was passed through as a
+    Python list); a split with no labels at all gives labels None, as DataCollatorForSeq2Seq."""
+    fn = create_collate_fn(0)
+    ids = [[1, 2], [3]]
+    with pytest.raises(ValueError, match=f"{key}: example 1 has no label"):
+        fn([{"input_ids": ids[0], key: 1}, {"input_ids": ids[1], key: None}])
+    with pytest.raises(ValueError, match=f"{key}: example 1 has no label"):
+        fn(pa.table({"input_ids": ids, key: pa.array([1, None])}))
+    with pytest.raises(TypeError, match=f"{key}: example 1 has label 'b', expected a number"):
+        fn([{"input_ids": ids[0], key: 1}, {"input_ids": ids[1], key: "b"}])
+    with pytest.raises(ValueError, match=f"{key}: example 1 has 1 values but example 0 has 2"):
+        fn([{"input_ids": ids[0], key: [0.5, 0.5]}, {"input_ids": ids[1], key: [1.0]}])
+    out = fn([{"input_ids": ids[0], key: None}, {"input_ids": ids[1], key: None}])
+    assert out["labels"] is None
+    assert key == "labels" or key not in out
+    assert as_lists(out["input_ids"]) == [[1, 2], [3, 0]]
+
+
 def test_two_dimensional_columns() -> None:
     arr = np.arange(6, dtype=np.int32).reshape(2, 3)
     out = create_collate_fn(0)({"input_ids": torch.from_numpy(arr), "y": np.array([1, 2])})

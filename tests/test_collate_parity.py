@@ -90,6 +90,17 @@ def test_data_collator_with_padding_given_mask_and_token_types() -> None:
     assert_same(create_collate_fn(PAD)(feats), DataCollatorWithPadding(tok)(feats))
 
 
+@pytest.mark.parametrize("key", ["label", "labels"])
+def test_data_collator_with_padding_multi_label_scores(key: str) -> None:
+    """Multi-label classification (float multi-hot rows, any length) is stacked, not padded."""
+    feats = [
+        {"input_ids": [5, 6, 7], key: [0.0, 1.0, 1.0, 0.0]},
+        {"input_ids": [8], key: [1.0, 0.0, 0.0, 0.5]},
+        {"input_ids": [9, 9], key: [0.0, 0.0, 0.0, 0.0]},
+    ]
+    assert_same(create_collate_fn(PAD)(feats), DataCollatorWithPadding(tokenizer())(feats))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     seqs=seqs_st,

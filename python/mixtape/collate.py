@@ -581,6 +581,79 @@ def _stack_other(col: Any, name: str, tensors: bool) -> Any:
     return list(col)
 
 
+def _is_float_rows(col: Any) -> bool:
+    """Whether a column of sequences holds floats (class scores / multi-hot targets, not ids)."""
+    if _is_arrow(col):
+        import pyarrow as pa
+
+        vt = getattr(col.type, "value_type", None)
+        return vt is not None and bool(pa.types.is_floating(vt))
+    if hasattr(col, "is_floating_point") and hasattr(col, "dim"):
+        return bool(col.is_floating_point())
+    if isinstance(col, np.ndarray) and col.dtype != object:
+        return bool(col.dtype.kind == "f")
+    for row in col:
+        if row is None:
+            continue
+        if hasattr(row, "is_floating_point"):
+            return bool(row.is_floating_point())
+        if isinstance(row, np.ndarray):
+            return bool(row.dtype.kind == "f")
+        if isinstance(row, list | tuple) and len(row):
+            return isinstance(row[0], float | np.floating)
+    return False
+
+
+def _stack_labels(col: Any, key: str, tensors: bool) -> Any:
+    """One label per example (a number, or an equal-length row of class scores), stacked as
+    ``DataCollatorWithPadding`` does (Python ints → int64, floats → float32).
+
+    A column of only None (an unlabelled split) gives None, as ``DataCollatorForSeq2Seq`` does;
+    a None, null or non-numeric label among others is an error naming the example, never a list
+    passed through to the model.
+    """
+    if _is_arrow(col):
+        if col.null_count == 0 and not _is_sequence_column(col):
+            return _stack_other(col, key, tensors)
+        col = col.to_pylist()
+    if hasattr(col, "detach") and hasattr(col, "numpy"):
+        return col if tensors else col.detach().cpu().numpy()
+    if isinstance(col, np.ndarray) and col.dtype != object:
+        return _stack_other(col, key, tensors)
+    rows = list(col)
+    missing = [i for i, v in enumerate(rows) if v is None]
+    if len(missing) == len(rows):
+        return None
+    if missing:
+        raise ValueError(f"{key}: example {missing[0]} has no label (None)")
+    if not _is_sequence(rows[0]):
+        out = _stack_other(rows, key, tensors)
+        if isinstance(out, list):  # not all numbers
+            i = next(i for i, v in enumerate(rows) if _is_sequence(v) or
+                     np.asarray(_host_array(v)).dtype.kind not in "biuf")  # fmt: skip
+            raise TypeError(f"{key}: example {i} has label {rows[i]!r}, expected a number")
+        return out
+    width = len(rows[0])
+    arrays = []
+    for i, r in enumerate(rows):
+        arr = np.asarray(_host_array(r)) if _is_sequence(r) else np.zeros(())
+        if arr.ndim != 1 or arr.dtype.kind not in "biuf":
+            raise TypeError(f"{key}: example {i} has label {r!r}, expected a row of numbers "
+                            f"like example 0")  # fmt: skip
+        if arr.size != width:
+            raise ValueError(f"{key}: example {i} has {arr.size} values but example 0 has {width} "
+                             "(one row of class scores per example)")  # fmt: skip
+        arrays.append(arr)
+    if all(isinstance(r, list | tuple) for r in rows):  # Python floats → float32, as torch.tensor
+        return _tensor_or_array(np.asarray(rows, dtype=np.float32), tensors)
+    return _tensor_or_array(np.stack(arrays), tensors)
+
+
+def _host_array(x: Any) -> Any:
+    """A torch tensor as numpy (on the host); anything else unchanged."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") and hasattr(x, "numpy") else x
+
+
 def _tensor_or_array(arr: npt.NDArray[Any], tensors: bool) -> Any:
     if not tensors:
         return arr
@@ -620,8 +693,9 @@ class PaddingCollator:
     """Pads ``input_ids`` (+ ``attention_mask``, ragged ``labels``) of a batch in one kernel pass.
 
     Like transformers' ``DataCollatorWithPadding``: ids padded with ``pad_token_id``, a mask of 1
-    over each example's tokens (from lengths), ragged ``labels`` padded with
-    ``label_pad_token_id``; a scalar ``label``/``label_ids`` becomes ``labels``. Fields in
+    over each example's tokens (from lengths), integer token ``labels`` padded with
+    ``label_pad_token_id``; a scalar ``label``/``label_ids``, or a float row of class scores
+    (multi-label), is stacked as ``labels`` (all None: ``labels`` is None). Fields in
     ``pad_values`` (default ``token_type_ids`` → 0, ``special_tokens_mask`` → 1) are padded too;
     other fields are stacked when they are numbers or equal-shape arrays, else passed through as
     lists. Differences from transformers: ``max_length`` truncates (at ``truncation_side``), and
@@ -785,13 +859,14 @@ class PaddingCollator:
         c = _columns(batch)
         label_key, label_col = self._labels(c)
         labels = None
-        if label_key is not None and _is_sequence_column(label_col):
-            labels = _as_ragged(label_col, label_key)
+        if (label_key is not None and _is_sequence_column(label_col)
+                and not _is_float_rows(label_col)):  # fmt: skip
+            labels = _as_ragged(label_col, label_key)  # token labels: padded like the ids
         out, _, _ = self._collate_inputs(c, labels, return_labels=False, shift_labels=False)
         done = {self.input_key}
-        if label_key is not None and labels is None:  # one scalar label per example
+        if label_key is not None and labels is None:  # one label (or score row) per example
             out_t = self._finish(out, c, done | {label_key})
-            out_t["labels"] = _stack_other(label_col, "labels", self._out.tensors)
+            out_t["labels"] = _stack_labels(label_col, label_key, self._out.tensors)
             return out_t
         return self._finish(out, c, done | ({label_key} if label_key else set()))
 
