@@ -461,6 +461,16 @@ def test_bad_options() -> None:
         ops.pad(values[None], offsets)
 
 
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_row_count_times_length_overflow_is_rejected(elementwise: bool) -> None:
+    """4 rows of 2^62 + 1 columns wrap to 4 elements in int64: the binding must not accept a
+    4-element output for them (it wrote rows 2^62 elements apart)."""
+    values, offsets = np.arange(8, dtype=np.int64), np.array([0, 2, 4, 6, 8])
+    with pytest.raises(ValueError, match="4 rows of length 4611686018427387905 do not fit"):
+        ops._C.pad(values, offsets, length=2**62 + 1, out_ids=np.empty(4, np.int64),
+                   elementwise=elementwise)  # fmt: skip
+
+
 # --- build -------------------------------------------------------------------------------------
 
 
