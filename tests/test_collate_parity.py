@@ -181,6 +181,27 @@ def test_data_collator_for_seq2seq(
     assert ("decoder_input_ids" in ours) == (m is not None)
 
 
+@pytest.mark.parametrize("model", ["t5", "bart"])
+def test_data_collator_for_seq2seq_label_key_and_unlabelled(
+    models: dict[str, Any], model: str
+) -> None:
+    """A "label" field is the labels (it was passed through unpadded); labels None in every
+    example (a test split) give labels None and no decoder_input_ids (it raised)."""
+    m = models[model]
+    start = m.config.decoder_start_token_id
+    ours_fn = create_seq2seq_collate(PAD, decoder_start_token_id=start)
+    theirs_fn = DataCollatorForSeq2Seq(tokenizer(), model=m)
+    feats = [{"input_ids": [5, 6, 7], "label": [8, 9]}, {"input_ids": [5], "label": [4, 3, 2]}]
+    assert_same(ours_fn(feats), theirs_fn(feats))
+    unlabelled = [{"input_ids": [5, 6, 7], "labels": None}, {"input_ids": [5], "labels": None}]
+    ours, theirs = ours_fn(unlabelled), theirs_fn(unlabelled)
+    assert ours["labels"] is None and theirs["labels"] is None
+    assert_same(ours, theirs, {"input_ids", "attention_mask"})
+    assert set(ours) == set(theirs)
+    with pytest.raises(ValueError, match="labels: example 1 is None"):
+        ours_fn([{"input_ids": [5], "labels": [4]}, {"input_ids": [5], "labels": None}])
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     seqs=seqs_st,

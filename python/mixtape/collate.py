@@ -649,6 +649,15 @@ def _stack_labels(col: Any, key: str, tensors: bool) -> Any:
     return _tensor_or_array(np.stack(arrays), tensors)
 
 
+def _all_none(col: Any) -> bool:
+    """Whether a column holds no value at all (None in every example, or all Arrow nulls)."""
+    if _is_arrow(col):
+        return bool(col.null_count == len(col))
+    if isinstance(col, list | tuple) or (isinstance(col, np.ndarray) and col.dtype == object):
+        return all(v is None for v in col)
+    return False
+
+
 def _host_array(x: Any) -> Any:
     """A torch tensor as numpy (on the host); anything else unchanged."""
     return x.detach().cpu().numpy() if hasattr(x, "detach") and hasattr(x, "numpy") else x
@@ -900,7 +909,9 @@ class Seq2SeqCollator(PaddingCollator):
 
     With ``decoder_start_token_id``, also ``decoder_input_ids``: the padded labels shifted right
     by one with the start token in front and −100 replaced by ``pad_token_id`` (what transformers'
-    ``shift_tokens_right`` / ``prepare_decoder_input_ids_from_labels`` compute). Labels are cut to
+    ``shift_tokens_right`` / ``prepare_decoder_input_ids_from_labels`` compute). The labels may
+    be named ``label`` (output as ``labels``); labels None in every example give ``labels`` None
+    and no ``decoder_input_ids``, as ``DataCollatorForSeq2Seq``. Labels are cut to
     ``max_label_length`` (at ``truncation_side``) when given; with ``padding="max_length"`` they
     are padded to ``max_label_length`` (or ``max_length``).
     """
@@ -923,8 +934,10 @@ class Seq2SeqCollator(PaddingCollator):
     def __call__(self, batch: Any) -> dict[str, Any]:
         c = _columns(batch)
         out, _, _ = self._collate_inputs(c, None, return_labels=False, shift_labels=False)
-        if "labels" in c.cols:
-            labels = _as_ragged(c.cols["labels"], "labels")
+        label_key, label_col = self._labels(c)  # "label" too, as DataCollatorForSeq2Seq reads it
+        unlabelled = label_key is not None and _all_none(label_col)
+        if label_key is not None and not unlabelled:
+            labels = _as_ragged(label_col, label_key)
             max_len = self.max_label_length
             if max_len is None and self.padding == "max_length":
                 max_len = self.max_length
@@ -939,7 +952,10 @@ class Seq2SeqCollator(PaddingCollator):
             out["labels"] = lab
             if start is not None:
                 out["decoder_input_ids"] = self._shift_right(lab, start, arena.take())
-        return self._finish(out, c, {self.input_key, "labels"})
+        result = self._finish(out, c, {self.input_key, "labels", label_key or "labels"})
+        if unlabelled:  # every example's labels are None (a test split): labels=None, as HF
+            result["labels"] = None
+        return result
 
     def _shift_right(
         self, labels: npt.NDArray[np.int64], start: int, dec: npt.NDArray[np.int64]
