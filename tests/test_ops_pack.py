@@ -409,6 +409,16 @@ def test_bad_plan_inputs() -> None:
         pack_plan([1], 4.0)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("strategy", ops.PACK_STRATEGIES)
+def test_token_total_past_int64_is_an_error(strategy: str) -> None:
+    """Lengths whose sum passes 2^63 (a corrupt lengths file) used to wrap the token counters
+    negative (signed overflow)."""
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 4611686018427387904: the total"):
+        pack_plan([2**62, 2**62, 3], 8, strategy=strategy, overflow="drop")
+    plan = pack_plan([2**62, 3], 8, overflow="drop")
+    assert plan.num_tokens == 2**62 + 3 and plan.dropped_tokens == 2**62
+
+
 def test_bad_fill_inputs() -> None:
     lengths = np.array([3, 5, 2])
     values, offsets = ragged_tokens(lengths)

@@ -118,6 +118,16 @@ void for_each_piece(const T* lengths, int64_t n, const PackPlanOptions& o, Fn&& 
   }
 }
 
+// Adds a sequence's tokens to a running total, rejecting totals past int64 (a corrupt lengths
+// file must give an error, not a wrapped, negative token count).
+inline void add_tokens(int64_t* total, int64_t len, int64_t i) {
+  if (len > std::numeric_limits<int64_t>::max() - *total) {
+    throw std::invalid_argument("lengths[" + std::to_string(i) + "] = " + std::to_string(len) +
+                                ": the total number of tokens exceeds 2^63 - 1");
+  }
+  *total += len;
+}
+
 // Validates the lengths, applies the overflow policy to the counters and returns the number of
 // pieces; `count_by_length[l]` (if given, C + 1 entries) counts the pieces of length l.
 template <typename T>
@@ -131,7 +141,7 @@ int64_t count_pieces(const T* lengths, int64_t n, const PackPlanOptions& o, Pack
       throw std::invalid_argument("lengths[" + std::to_string(i) + "] = " + std::to_string(len) +
                                   ": every sequence needs at least one token");
     }
-    out->num_tokens += len;
+    add_tokens(&out->num_tokens, len, i);
     if (len <= C) {
       ++count;
       if (count_by_length) ++count_by_length[len];
@@ -139,7 +149,7 @@ int64_t count_pieces(const T* lengths, int64_t n, const PackPlanOptions& o, Pack
     }
     switch (o.overflow) {
       case PackOverflow::kSplit:
-        count += (len + C - 1) / C;
+        count += (len - 1) / C + 1;  // ceil(len / C) without forming len + C - 1
         ++out->split_docs;
         if (count_by_length) {
           count_by_length[C] += len / C;
@@ -346,7 +356,7 @@ void wrapped(const T* lengths, int64_t n, const PackPlanOptions& o, PackPlanResu
       throw std::invalid_argument("lengths[" + std::to_string(i) + "] = " + std::to_string(len) +
                                   ": every sequence needs at least one token");
     }
-    total += len;
+    add_tokens(&total, len, i);
   }
   out->num_tokens = total;
   const size_t guess = static_cast<size_t>(n + total / o.capacity + 1);
@@ -475,7 +485,8 @@ void pack_plan_cpu(const T* lengths, int64_t n, const PackPlanOptions& o, PackPl
   }
   if (o.shuffle) shuffle_rows(o.shuffle_seed, out);
   const int64_t rows = static_cast<int64_t>(out->row_offsets.size()) - 1;
-  const int64_t padded = (rows + o.rows_multiple_of - 1) / o.rows_multiple_of * o.rows_multiple_of;
+  const int64_t m = o.rows_multiple_of;  // rounded up without forming rows + m - 1
+  const int64_t padded = rows % m == 0 ? rows : rows + (m - rows % m);
   out->row_offsets.resize(static_cast<size_t>(padded) + 1, out->row_offsets.back());
 }
 
