@@ -28,8 +28,10 @@ from mixtape.ops import (
     pad,
 )
 from mixtape.packing import (
+    PackedCollator,
     PackingStats,
     PackingStream,
+    create_packed_collate,
     dataset_lengths,
     pack_sequences,
     plan_dataset,
@@ -44,6 +46,7 @@ __all__ = [
     "CollatorRegistry",
     "FlatteningCollator",
     "PackPlan",
+    "PackedCollator",
     "PackingStats",
     "PackingStream",
     "PaddingCollator",
@@ -56,6 +59,7 @@ __all__ = [
     "create_causal_lm_collate",
     "create_collate_fn",
     "create_flattening_collate",
+    "create_packed_collate",
     "create_seq2seq_collate",
     "dataset_lengths",
     "get_collator",
