@@ -555,6 +555,9 @@ def test_bad_input_flattening_and_seq2seq() -> None:
         ({"padding": "max_length"}, ValueError, "needs max_length"),
         ({"max_length": 2.5}, TypeError, "max_length must be an int"),
         ({"return_tensors": "tf"}, ValueError, "return_tensors must be"),
+        # Values beyond int64 failed only at the first batch, with pybind11's signature dump.
+        ({"label_pad_token_id": -(2**70)}, ValueError, "label_pad_token_id must fit in int64"),
+        ({"max_length": 2**64}, ValueError, "max_length must fit in int64"),
     ],
 )
 def test_bad_options(kwargs: dict[str, Any], exc: type[Exception], message: str) -> None:
@@ -565,6 +568,12 @@ def test_bad_options(kwargs: dict[str, Any], exc: type[Exception], message: str)
 def test_bad_pad_token() -> None:
     with pytest.raises(TypeError, match="pad_token_id must be an int"):
         create_collate_fn(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pad_token_id must fit in int64, got 1844674407"):
+        create_collate_fn(2**64)
+    with pytest.raises(ValueError, match="decoder_start_token_id must fit in int64"):
+        create_seq2seq_collate(0, decoder_start_token_id=2**63)
+    with pytest.raises(ValueError, match="separator_id must fit in int64"):
+        create_flattening_collate(separator_id=-(2**63) - 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -458,6 +458,8 @@ def _check_int(
         return
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    if not -_INT64_MAX - 1 <= value <= _INT64_MAX:  # else the kernel call fails, at collate time
+        raise ValueError(f"{name} must fit in int64, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
