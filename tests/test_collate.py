@@ -681,6 +681,17 @@ def test_vision_bad_input() -> None:
         VisionCollator()([{"pixel_values": np.zeros(4, np.uint8)}])
 
 
+def test_vision_missing_labels() -> None:
+    """A None label names its example (the error named only dtype object); all None → None."""
+    img = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="label: example 1 has no label"):
+        VisionCollator()([{"pixel_values": img, "label": 3}, {"pixel_values": img, "label": None}])
+    with pytest.raises(TypeError, match="label: example 0 has label 'cat', expected a number"):
+        VisionCollator()([{"pixel_values": img, "label": "cat"}])
+    out = VisionCollator()([{"pixel_values": img, "label": None}] * 2)
+    assert out["labels"] is None and out["pixel_values"].shape == (2, 3, 4, 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------

@@ -1195,7 +1195,10 @@ class VisionCollator:
             if key == self.image_key:
                 continue
             if key in present:
-                labels = _stack_other(value, "labels", False)
+                labels = _stack_labels(value, key, False)  # errors name the example
+                if labels is None:  # an unlabelled split
+                    result["labels"] = None
+                    continue
                 arr = np.asarray(labels)
                 if arr.dtype.kind not in "iu" or arr.ndim != 1:
                     raise TypeError(f"{key}: expected one integer label per example, got "
