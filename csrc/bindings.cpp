@@ -61,8 +61,10 @@ void bind_pad(py::module_& m) {
       [](const Array<In>& values, const Array<int64_t>& offsets, const OptArray<In>& label_values,
          const std::optional<Array<int64_t>>& label_offsets, int64_t length, int64_t max_tokens,
          bool pad_left, bool truncate_left, int64_t pad_value, int64_t label_pad_value, bool shift_labels,
-         OptArray<Out> out_ids, OptArray<Out> out_mask, OptArray<Out> out_labels,
+         OptArray<Out>& out_ids, OptArray<Out>& out_mask, OptArray<Out>& out_labels,
          bool check_negative, bool elementwise) {
+        // Python objects only by reference: the call_guard releases the GIL around this whole
+        // call, so a by-value py::array parameter would be Py_DECREF'd without the GIL.
         const Ragged<In> ids = ragged(values, offsets, "input_ids");
         const In* lv = nullptr;
         const int64_t* lo = nullptr;

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -459,6 +461,44 @@ def test_bad_options() -> None:
         ops.pad(values, offsets, length=-2)
     with pytest.raises(ValueError, match=r"values must be 1-D, got shape \(1, 3\)"):
         ops.pad(values[None], offsets)
+
+
+_REFCOUNT_SCRIPT = """
+import sys, threading, time
+import numpy as np
+from mixtape import ops
+sys.setswitchinterval(1e-6)
+values, offsets = np.arange(4, dtype=np.int64), np.array([0, 4], dtype=np.int64)
+arr = np.empty((1, 4096), np.int64)  # long enough a call that the other thread runs meanwhile
+base = sys.getrefcount(arr)
+stop = False
+def churn():  # refcount traffic on the output array, under the GIL
+    refs = [None] * 64
+    while not stop:
+        for i in range(64):
+            refs[i] = arr
+        for i in range(64):
+            refs[i] = None
+thread = threading.Thread(target=churn)
+thread.start()
+t0 = time.perf_counter()
+while time.perf_counter() - t0 < 1.0:
+    for _ in range(100):
+        ops._C.pad(values, offsets, length=4096, out_ids=arr, out_mask=arr, out_labels=arr)
+stop = True
+thread.join()
+print(sys.getrefcount(arr) - base)
+"""
+
+
+def test_pad_outputs_refcounted_under_the_gil() -> None:
+    """The pad binding runs with the GIL released; its output arrays used to be by-value
+    parameters, Py_DECREF'd at return without the GIL: racing another thread, the refcount
+    drifted (and the array could be freed while in use). A debug build aborts on it."""
+    proc = subprocess.run([sys.executable, "-c", _REFCOUNT_SCRIPT], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "0", f"refcount drift {proc.stdout.strip()}"
 
 
 @pytest.mark.parametrize("elementwise", [False, True])
