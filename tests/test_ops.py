@@ -501,6 +501,54 @@ def test_pad_outputs_refcounted_under_the_gil() -> None:
     assert proc.stdout.strip() == "0", f"refcount drift {proc.stdout.strip()}"
 
 
+_NO_THREADS_SCRIPT = """
+import resource
+import numpy as np
+from mixtape import ops
+
+def vm_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+
+n, L = 64, 16384  # 8 MiB per output: the pad kernel wants several threads
+values = np.arange(n * 1000, dtype=np.int64)
+offsets = np.arange(0, n * 1000 + 1, 1000, dtype=np.int64)
+out = {"input_ids": np.empty((n, L), np.int64), "attention_mask": np.empty((n, L), np.int64)}
+lengths = np.full(1024, 200)
+plan = ops.pack_plan(lengths, 256)
+docs = np.arange(lengths.sum(), dtype=np.int64)
+doc_offsets = np.concatenate([[0], np.cumsum(lengths)])
+fill_out = {"input_ids": np.empty((plan.num_rows, 256), np.int64)}
+fills = []
+unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+for margin_mb in (1, 3, 9, 17, 40):  # room for no, one or a few thread stacks
+    resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + (margin_mb << 20), resource.RLIM_INFINITY))
+    try:
+        ops.pad(values, offsets, length=L, out=out)
+        ops.pack_fill(plan, docs, doc_offsets, fields=["input_ids"], out=fill_out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, unlimited)
+    assert (out["input_ids"][:, :1000] == values.reshape(n, 1000)).all()
+    assert (out["input_ids"][:, 1000:] == 0).all() and out["attention_mask"].sum() == n * 1000
+    fills.append(fill_out["input_ids"].copy())
+# Only now a kernel with its threads (glibc caches the stacks of finished threads).
+want = ops.pack_fill(plan, docs, doc_offsets, fields=["input_ids"])["input_ids"]
+assert all((got == want).all() for got in fills)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_kernels_run_when_threads_cannot_start() -> None:
+    """With no room for a thread's stack (as under ulimit -u or a container's pids limit) the
+    kernels used to fail with 'Resource temporarily unavailable', or std::terminate when the
+    second thread failed after the first had started; they now run the work on the caller."""
+    env = {**os.environ, "MIXTAPE_NUM_THREADS": "4"}
+    proc = subprocess.run([sys.executable, "-c", _NO_THREADS_SCRIPT], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("elementwise", [False, True])
 def test_row_count_times_length_overflow_is_rejected(elementwise: bool) -> None:
     """4 rows of 2^62 + 1 columns wrap to 4 elements in int64: the binding must not accept a

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -39,21 +40,27 @@ void parallel_for(int64_t n, int64_t min_per_thread, Fn&& fn) {
   std::vector<std::exception_ptr> errors(threads);
   pool.reserve(threads - 1);
   const int64_t chunk = (n + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
+  auto run = [&](int t) {
     const int64_t b = std::min(n, t * chunk), e = std::min(n, b + chunk);
-    pool.emplace_back([&, t, b, e] {
-      try {
-        fn(b, e);
-      } catch (...) {
-        errors[t] = std::current_exception();
-      }
-    });
+    try {
+      fn(b, e);
+    } catch (...) {
+      errors[t] = std::current_exception();
+    }
+  };
+  // A thread that cannot start (ulimit -u, a container's pids limit, no address space for its
+  // stack) is not an error: the caller runs the chunks left. Throwing here instead would destroy
+  // the started, joinable threads, which is std::terminate.
+  int started = 1;
+  for (; started < threads; ++started) {
+    try {
+      pool.emplace_back(run, started);
+    } catch (const std::system_error&) {
+      break;
+    }
   }
-  try {
-    fn(int64_t{0}, std::min(n, chunk));
-  } catch (...) {
-    errors[0] = std::current_exception();
-  }
+  run(0);
+  for (int t = started; t < threads; ++t) run(t);
   for (auto& th : pool) th.join();
   for (auto& err : errors) {
     if (err) std::rethrow_exception(err);
