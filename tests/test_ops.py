@@ -427,6 +427,43 @@ def test_cuda_id_check_agrees_with_cpu_kernel(
     assert cpu_error == cuda_error
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_inputs_the_kernel_trusts_are_checked_on_every_device(device: str) -> None:
+    """Label values fewer than their offsets say, or an output of the wrong shape, are errors
+    on CUDA as on the CPU (the CUDA path passed them on: out-of-bounds device reads/writes)."""
+    values, offsets = ragged([[1, 2], [3], [4, 5]])
+    with pytest.raises(ValueError, match="labels: offsets"):
+        ops.pad(to_device(values, device), offsets, labels=to_device(values[:4], device),
+                label_offsets=offsets)  # fmt: skip
+    small = {"input_ids": to_device(np.zeros((3, 1), np.int64), device)}
+    with pytest.raises(ValueError, match=r"out\['input_ids'\] must be a contiguous"):
+        ops.pad(to_device(values, device), offsets, out=small)
+
+
+def test_cuda_path_host_checks_on_meta_tensors() -> None:
+    """The CUDA path's checks before its launch, run without a GPU on meta tensors (their logic
+    is device-independent): each bad input is a ValueError, never a launch."""
+    values, offsets = torch.tensor([1, 2, 3, 4, 5], device="meta"), np.array([0, 2, 3, 5])
+
+    def pad_cuda(**kw: Any) -> None:
+        ops._pad_cuda(
+            values, offsets, kw.pop("labels", None), kw.pop("label_offsets", None), None, None,
+            None, False, False, 0, -100, True, "labels" in kw or kw.pop("return_labels", False),
+            False, np.int64, kw.pop("out", None), "input_ids", check_ids=False,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match="labels: offsets have 4 entries ending at 5 for 4"):
+        pad_cuda(labels=values[:4], label_offsets=offsets)
+    with pytest.raises(ValueError, match="labels: offsets have 3 entries"):
+        pad_cuda(labels=values[:3], label_offsets=offsets[:3])
+    for bad in (torch.zeros(3, 1, dtype=torch.int64, device="meta"),  # shape
+                torch.zeros(3, 2, dtype=torch.int32, device="meta"),  # dtype
+                torch.zeros(2, 3, dtype=torch.int64, device="meta").t(),  # not contiguous
+                torch.zeros(3, 2, dtype=torch.int64)):  # host memory, not the values' device
+        with pytest.raises(ValueError, match=r"out\['input_ids'\] must be a contiguous"):
+            pad_cuda(out={"input_ids": bad})
+
+
 @pytest.mark.parametrize("elementwise", [False, True])
 def test_label_length_mismatch_names_the_example(elementwise: bool) -> None:
     values, offsets = ragged([[1, 2], [3], [4, 5]])

@@ -338,6 +338,11 @@ def _pad_cuda(
             values, lab_v = values.to(torch.int64), lab_v.to(torch.int64)
         lab_v = lab_v.contiguous()
         lo = as_offsets(torch.as_tensor(label_offsets).cpu().numpy(), "labels offsets")
+        if lo.size != offs_host.size or lo[-1] != lab_v.numel():  # the kernel trusts them
+            raise ValueError(
+                f"labels: offsets have {lo.size} entries ending at {int(lo[-1])} for "
+                f"{lab_v.numel()} values; expected {offs_host.size} entries (as {name})"
+            )
         if not np.array_equal(np.diff(lo), np.diff(offs_host)):
             bad = int(np.argmax(np.diff(lo) != np.diff(offs_host)))
             raise ValueError(f"labels of example {bad} differ in length from its {name}")
@@ -353,6 +358,15 @@ def _pad_cuda(
                       ("labels", return_labels)):  # fmt: skip
         if want:
             given = (out or {}).get(key)
+            if given is not None and not (  # the kernel writes n * length through its pointer
+                isinstance(given, torch.Tensor) and given.device == dev
+                and given.dtype == tdtype and given.shape == (n, length) and given.is_contiguous()
+            ):  # fmt: skip
+                raise ValueError(
+                    f"out[{key!r}] must be a contiguous {tdtype} tensor of shape {(n, length)} "
+                    f"on {dev}, got {type(given).__name__} {getattr(given, 'dtype', '')} "
+                    f"{tuple(getattr(given, 'shape', ()))} on {getattr(given, 'device', None)}"
+                )
             result[key] = given if given is not None else torch.empty(
                 (n, length), dtype=tdtype, device=dev
             )
@@ -360,14 +374,16 @@ def _pad_cuda(
     def ptr(t: Any) -> int:
         return int(t.data_ptr()) if t is not None else 0
 
-    _C.pad_cuda(
-        ptr(values.contiguous()), ptr(offs), n, ptr(lab_v), ptr(lab_o),
-        32 if values.dtype == torch.int32 else 64, 32 if tdtype == torch.int32 else 64,
-        length, _max_tokens(max_length), pad_left, truncate_left, pad_value, label_pad_value,
-        shift_labels, ptr(result["input_ids"]), ptr(result.get("attention_mask")),
-        ptr(result.get("labels")),
-        torch.cuda.current_stream(dev).cuda_stream,
-    )  # fmt: skip
+    vals = values.contiguous()  # held until the launch (a temporary would be freed before)
+    with torch.cuda.device(dev):  # launch on the tensors' GPU, not the current one
+        _C.pad_cuda(
+            ptr(vals), ptr(offs), n, ptr(lab_v), ptr(lab_o),
+            32 if vals.dtype == torch.int32 else 64, 32 if tdtype == torch.int32 else 64,
+            length, _max_tokens(max_length), pad_left, truncate_left, pad_value, label_pad_value,
+            shift_labels, ptr(result["input_ids"]), ptr(result.get("attention_mask")),
+            ptr(result.get("labels")),
+            torch.cuda.current_stream(dev).cuda_stream,
+        )  # fmt: skip
     return result
 
 
@@ -778,16 +794,17 @@ def _pack_fill_cuda(
     def ptr(t: Any) -> int:
         return int(t.data_ptr()) if t is not None else 0
 
-    _C.pack_fill_cuda(
-        ptr(vals), ptr(offs), plan.num_docs, ptr(dev_arrays["row_offsets"]),
-        ptr(dev_arrays["doc"]), ptr(dev_arrays["start"]), ptr(dev_arrays["length"]),
-        ptr(dev_arrays["column"]), ptr(flat_offsets), plan.num_rows, plan.num_pieces,
-        shape[0] * shape[1], 32 if vals.dtype == torch.int32 else 64,
-        32 if tdtype == torch.int32 else 64, plan.capacity, flat, pad_value, label_pad_value,
-        position_start, ptr(buf.get("input_ids")), ptr(buf.get("labels")),
-        ptr(buf.get("position_ids")), ptr(buf.get("seq_idx")), ptr(buf.get("loss_mask")),
-        torch.cuda.current_stream(dev).cuda_stream,
-    )  # fmt: skip
+    with torch.cuda.device(dev):  # launch on the tensors' GPU, not the current one
+        _C.pack_fill_cuda(
+            ptr(vals), ptr(offs), plan.num_docs, ptr(dev_arrays["row_offsets"]),
+            ptr(dev_arrays["doc"]), ptr(dev_arrays["start"]), ptr(dev_arrays["length"]),
+            ptr(dev_arrays["column"]), ptr(flat_offsets), plan.num_rows, plan.num_pieces,
+            shape[0] * shape[1], 32 if vals.dtype == torch.int32 else 64,
+            32 if tdtype == torch.int32 else 64, plan.capacity, flat, pad_value,
+            label_pad_value, position_start, ptr(buf.get("input_ids")), ptr(buf.get("labels")),
+            ptr(buf.get("position_ids")), ptr(buf.get("seq_idx")), ptr(buf.get("loss_mask")),
+            torch.cuda.current_stream(dev).cuda_stream,
+        )  # fmt: skip
     # The device copies of the plan may be freed on return: the caching allocator reuses them only
     # for work ordered after this kernel on the same stream.
     result.update(buf)
