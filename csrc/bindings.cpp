@@ -6,7 +6,6 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -86,12 +85,7 @@ void bind_pad(py::module_& m) {
         o.pad_value = pad_value;
         o.label_pad_value = label_pad_value;
         o.shift_labels = shift_labels;
-        // A wrapped n * length would let a small output pass the size check below.
-        if (length > 0 && ids.n > std::numeric_limits<int64_t>::max() / length) {
-          throw py::value_error("pad: " + std::to_string(ids.n) + " rows of length " +
-                                std::to_string(length) + " do not fit one int64 index");
-        }
-        const int64_t size = ids.n * length;
+        const int64_t size = pad_output_size(ids.n, length);
         return pad_cpu_impl<In, Out>(ids, lv, lo, o, out_ptr(out_ids, size, "pad", "input_ids"),
                                      out_ptr(out_mask, size, "pad", "attention_mask"),
                                      out_ptr(out_labels, size, "pad", "labels"), check_negative,

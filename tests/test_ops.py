@@ -447,11 +447,14 @@ def test_cuda_path_host_checks_on_meta_tensors() -> None:
 
     def pad_cuda(**kw: Any) -> None:
         ops._pad_cuda(
-            values, offsets, kw.pop("labels", None), kw.pop("label_offsets", None), None, None,
+            values, offsets, kw.pop("labels", None), kw.pop("label_offsets", None),
+            kw.pop("length", None), None,
             None, False, False, 0, -100, True, "labels" in kw or kw.pop("return_labels", False),
             False, np.int64, kw.pop("out", None), "input_ids", check_ids=False,
         )  # fmt: skip
 
+    with pytest.raises(ValueError, match="length must be >= 0, got -2"):
+        pad_cuda(length=-2)
     with pytest.raises(ValueError, match="labels: offsets have 4 entries ending at 5 for 4"):
         pad_cuda(labels=values[:4], label_offsets=offsets)
     with pytest.raises(ValueError, match="labels: offsets have 3 entries"):

@@ -10,6 +10,9 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "common/macros.h"
 #include "common/ragged.h"
@@ -60,6 +63,18 @@ MIXTAPE_HD void pad_element(const PadRow& r, int64_t j, const In* values, const 
     out_labels[j] = s >= 0 ? static_cast<Out>(labels[s + label_shift])
                            : static_cast<Out>(o.label_pad_value);
   }
+}
+
+// Elements of each output, n * length; throws std::invalid_argument for a negative length or a
+// product past int64 (a wrapped size would let a small buffer pass a size check). Host only; the
+// binding and pad_cuda both call it.
+inline int64_t pad_output_size(int64_t n, int64_t length) {
+  if (length < 0) throw std::invalid_argument("pad: length must be >= 0");
+  if (length > 0 && n > std::numeric_limits<int64_t>::max() / length) {
+    throw std::invalid_argument("pad: " + std::to_string(n) + " rows of length " +
+                                std::to_string(length) + " do not fit one int64 index");
+  }
+  return n * length;
 }
 
 // CPU. `labels` may be null (labels come from the ids) and must otherwise have the same lengths

@@ -31,7 +31,7 @@ template <typename In, typename Out>
 void pad_cuda(Ragged<In> ids, const In* label_values, const int64_t* label_offsets,
               const PadOptions& opt, Out* out_ids, Out* out_mask, Out* out_labels,
               void* stream) {
-  const int64_t total = ids.n * opt.length;
+  const int64_t total = pad_output_size(ids.n, opt.length);
   if (total == 0) return;
   const int threads = 256;
   const int64_t blocks = (total + threads - 1) / threads;

@@ -328,6 +328,8 @@ def _pad_cuda(
     if length is None:
         longest = int(np.max(np.diff(offs_host))) if n > 0 else 0
         length = padded_length(longest, max_length, pad_to_multiple_of)
+    elif length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
     if check_ids:
         _check_kept_ids_cuda(values, offs_host, length, truncate_left, name)
     offs = torch.from_numpy(offs_host).to(dev, non_blocking=True)
