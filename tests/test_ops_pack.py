@@ -633,6 +633,57 @@ def test_block_causal_mask() -> None:
         block_causal_mask(seq, additive=True, dtype=torch.int32)
 
 
+def reference_block_mask(seq: np.ndarray) -> np.ndarray:
+    """Obvious triple loop: same piece and k <= q; a padding query sees only itself."""
+    rows, c = seq.shape
+    want = np.zeros((rows, c, c), dtype=bool)
+    for r in range(rows):
+        for q in range(c):
+            for k in range(c):
+                same = seq[r, q] >= 0 and seq[r, q] == seq[r, k] and k <= q
+                want[r, q, k] = same or (seq[r, q] < 0 and q == k)
+    return want
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    runs=st.lists(
+        st.lists(st.tuples(st.booleans(), st.integers(1, 5)), max_size=6), min_size=1, max_size=4
+    ),
+    dtype=st.sampled_from([torch.bool, torch.float32, torch.bfloat16, torch.float16,
+                           torch.float64]),
+    id_dtype=st.sampled_from([np.int32, np.int64, np.int16]),
+)  # fmt: skip
+def test_block_causal_mask_kernel_matches_reference(
+    runs: list[list[tuple[bool, int]]], dtype: torch.dtype, id_dtype: Any
+) -> None:
+    """Rows of pieces and padding runs (any order, equal widths): the C++ kernel vs the loops."""
+    rows = []
+    for row in runs:
+        ids: list[int] = []
+        piece = 0
+        for is_pad, n in row:
+            ids += [-1] * n if is_pad else [piece] * n
+            piece += 0 if is_pad else 1
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    seq = np.array([r + [-1] * (width - len(r)) for r in rows], dtype=id_dtype)
+    additive = dtype != torch.bool
+    mask = block_causal_mask(torch.from_numpy(seq), additive=additive,
+                             dtype=dtype if additive else None)  # fmt: skip
+    assert mask.shape == (len(rows), 1, width, width) and mask.dtype == dtype
+    allowed = mask[:, 0] == 0 if additive else mask[:, 0]
+    np.testing.assert_array_equal(allowed.numpy(), reference_block_mask(seq))
+    if additive:
+        assert torch.all((mask == 0) | (mask == torch.finfo(dtype).min))
+
+
+@pytest.mark.parametrize("seq", [[[0, 1, 0]], [[0, -1, 0]], [[1, 1, 0, 0]]])
+def test_block_causal_mask_rejects_non_contiguous_pieces(seq: list[list[int]]) -> None:
+    with pytest.raises(ValueError, match="seq_idx row 0: the tokens of a piece must be contiguous"):
+        block_causal_mask(torch.tensor(seq))
+
+
 def test_block_mask_isolates_documents_in_sdpa() -> None:
     """Attention of a packed row under the mask equals attention of each piece alone."""
     lengths = np.array([5, 3, 6])

@@ -116,3 +116,9 @@ def pack_fill_cuda(
     out_loss_mask: int,
     stream: int,
 ) -> None: ...
+def block_causal_mask(
+    seq_idx: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    out: npt.NDArray[Any],
+    allowed: int,
+    blocked: int,
+) -> int: ...

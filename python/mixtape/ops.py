@@ -818,29 +818,62 @@ def block_causal_mask(
 ) -> torch.Tensor:
     """Block-diagonal causal attention mask ``[rows, 1, C, C]`` from ``seq_idx`` ``[rows, C]``.
 
-    True where query q may attend key k: same piece and k <= q. A padding query (seq_idx -1)
+    True where query q may attend key k: same piece and k <= q. A padding query (seq_idx < 0)
     attends only to itself, so SDPA rows are never fully masked (no NaN). ``additive=True`` gives
     a float mask (0 where allowed, ``finfo(dtype).min`` elsewhere) for eager attention. The mask
-    is O(rows * C^2): build it per batch, never for a whole dataset.
+    is O(rows * C^2): build it per batch, never for a whole dataset. A piece's tokens must be
+    contiguous in its row (as pack_fill writes them). CPU tensors are written by a C++ kernel at
+    memset speed; CUDA tensors use torch ops on the device.
     """
     import torch
 
     s = torch.as_tensor(seq_idx)
     if s.dim() != 2:
         raise ValueError(f"seq_idx must be [rows, C], got shape {tuple(s.shape)}")
-    if s.dtype.is_floating_point or s.dtype == torch.bool:
+    if s.dtype.is_floating_point or s.dtype == torch.bool or s.dtype.is_complex:
         raise TypeError(f"seq_idx must be an integer tensor, got {s.dtype}")
+    mask_dtype = torch.bool
+    if additive:
+        mask_dtype = dtype or torch.float32
+        if not mask_dtype.is_floating_point:
+            raise TypeError(f"additive masks need a floating dtype, got {mask_dtype}")
+    rows, length = s.shape
+    itemsize = torch.empty(0, dtype=mask_dtype).element_size()
+    # The kernel writes raw elements of 1, 2 or 4 bytes: any mask dtype through an integer view.
+    bits_view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+    if s.device.type != "cpu" or itemsize not in bits_view:
+        return _block_causal_mask_torch(s, additive, mask_dtype)
+    out = torch.empty((rows, 1, length, length), dtype=mask_dtype)
+    view = bits_view[itemsize]
+    if additive:
+        blocked = torch.tensor([torch.finfo(mask_dtype).min], dtype=mask_dtype)
+        blocked_bits = int(blocked.view(view).item()) & ((1 << (8 * itemsize)) - 1)
+        allowed_bits = 0  # +0.0 in every IEEE format
+    else:
+        allowed_bits, blocked_bits = 1, 0
+    ids = s.numpy() if s.dtype in (torch.int32, torch.int64) else s.to(torch.int64).numpy()
+    bad = _C.block_causal_mask(
+        np.ascontiguousarray(ids), out.view(view).numpy(), allowed_bits, blocked_bits
+    )
+    if bad >= 0:
+        raise ValueError(
+            f"seq_idx row {bad}: the tokens of a piece must be contiguous and pieces in order "
+            f"(got {s[bad].tolist()[:64]}{'...' if length > 64 else ''})"
+        )
+    return out
+
+
+def _block_causal_mask_torch(s: torch.Tensor, additive: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The mask by torch ops (CUDA tensors, float64): the reference the C++ kernel is tested on."""
+    import torch
+
     length = s.shape[1]
     q, k = s[:, :, None], s[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=s.device).tril_()
     eye = torch.eye(length, dtype=torch.bool, device=s.device)
-    mask = ((q == k) & (q >= 0) & causal) | ((q < 0) & eye)
-    mask = mask[:, None]
+    mask = (((q == k) & (q >= 0) & causal) | ((q < 0) & eye))[:, None]
     if not additive:
         return mask
-    fdtype = dtype or torch.float32
-    if not fdtype.is_floating_point:
-        raise TypeError(f"additive masks need a floating dtype, got {fdtype}")
-    return torch.zeros(mask.shape, dtype=fdtype, device=s.device).masked_fill_(
-        ~mask, torch.finfo(fdtype).min
+    return torch.zeros(mask.shape, dtype=dtype, device=s.device).masked_fill_(
+        ~mask, torch.finfo(dtype).min
     )
