@@ -223,3 +223,40 @@ def bench_pack_sequences(quick: bool) -> list[Measurement]:
         note = _rows_note(packed.num_rows, bound, "; 1000-row windows")
         out.append(Measurement(name, "trl pack_dataset bfd", sec, False, note))
     return out
+
+
+@case("packed-collate")
+def bench_packed_collate(quick: bool) -> list[Measurement]:
+    """8 packed rows of 4096 (TRL columns) -> a padding-free training batch with varlen kwargs."""
+    import datasets
+
+    from mixtape.packing import create_packed_collate
+
+    datasets.disable_progress_bars()
+    name = "packed-collate"
+    rows = 2 if quick else 8
+    lengths = synthetic_lengths(rows * 20)
+    packed = pack_sequences(datasets.Dataset(_table(lengths)), CAPACITY, layout="ragged",
+                            fields=("input_ids", "seq_lengths"))  # fmt: skip
+    packed = packed.select(range(min(rows, packed.num_rows)))
+    examples = packed.to_list()
+    arrow = packed.with_format("arrow")[:]
+    ours = create_packed_collate(attention="flash", padding_free=True)
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    note = f"{len(examples)} rows, {tokens:,} tokens, {sum(map(len, packed['seq_lengths'])):,} docs"
+    out = [
+        Measurement(name, "mixtape packed collate (Arrow batch)",
+                    timeit(lambda: ours(arrow), repeat=20, warmup=2), True, note),
+        Measurement(name, "mixtape packed collate (list of dicts)",
+                    timeit(lambda: ours(examples), repeat=20, warmup=2), True),
+    ]  # fmt: skip
+    try:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    except ImportError as e:
+        out.append(skipped(name, "trl DataCollatorForLanguageModeling(padding_free)", str(e)))
+        return out
+    theirs = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    out.append(Measurement(name, "trl DataCollatorForLanguageModeling(padding_free)",
+                           timeit(lambda: theirs(examples), repeat=20, warmup=2), False,
+                           "list of dicts"))  # fmt: skip
+    return out
