@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -608,3 +609,57 @@ def test_build_info_reports_cuda_compiled_where_nvcc_exists() -> None:
     if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
         assert info["cuda_compiled"] is True
     assert info["cuda_usable"] == (info["cuda_compiled"] and info["cuda_device_count"] > 0)
+
+
+# --- ints_from_lists: Python lists -> ragged int64 -------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=20), max_size=12))
+def test_ints_from_lists_matches_reference(rows: list[list[int]]) -> None:
+    values, offsets = ops.ints_from_lists(rows)
+    assert values.dtype == np.int64 and offsets.dtype == np.int64
+    np.testing.assert_array_equal(offsets, np.cumsum([0] + [len(r) for r in rows]))
+    np.testing.assert_array_equal(values, np.array([t for r in rows for t in r], dtype=np.int64))
+
+
+def test_ints_from_lists_reads_integer_likes() -> None:
+    values, _ = ops.ints_from_lists([[np.int64(3), np.uint8(4), True]])
+    assert values.tolist() == [3, 4, 1]
+
+
+@pytest.mark.parametrize(
+    ("rows", "exc", "message"),
+    [
+        ([[1], [2, 2.5]], TypeError, "ids: example 1 has a non-integer token id at position 1: "
+                                     "2.5 (float)"),
+        ([[1, "7"]], TypeError, "ids: example 0 has a non-integer token id at position 1: '7'"),
+        ([[], [2**63]], ValueError, "ids: example 1 has a token id out of the int64 range at "
+                                    "position 0: 9223372036854775808"),
+        ([[1], (2, 3)], TypeError, "ids: example 1 must be a list, got tuple"),
+        ((1, 2), TypeError, "ids: expected a list of lists, got tuple"),
+    ],
+)  # fmt: skip
+def test_ints_from_lists_errors_name_example_and_position(
+    rows: Any, exc: type[Exception], message: str
+) -> None:
+    with pytest.raises(exc, match=re.escape(message)):
+        ops.ints_from_lists(rows, "ids")
+
+
+def test_ints_from_lists_first_offsets_the_example_index() -> None:
+    with pytest.raises(TypeError, match="labels: example 7 has a non-integer"):
+        ops.ints_from_lists([[None]], "labels", first=7)
+
+
+def test_ints_from_lists_list_resized_while_read() -> None:
+    row: list[Any] = [1, 2, 3]
+
+    class Shrinks:
+        def __index__(self) -> int:
+            row.clear()
+            return 5
+
+    row[0] = Shrinks()
+    with pytest.raises(ValueError, match="example 0 changed size while it was read"):
+        ops.ints_from_lists([row])

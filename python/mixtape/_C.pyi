@@ -122,3 +122,6 @@ def block_causal_mask(
     allowed: int,
     blocked: int,
 ) -> int: ...
+def ints_from_lists(
+    rows: list[list[int]], name: str = "input_ids", first: int = 0
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...

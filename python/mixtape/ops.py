@@ -34,6 +34,7 @@ __all__ = [
     "build_info",
     "check_choice",
     "cuda_available",
+    "ints_from_lists",
     "is_left",
     "pack_fill",
     "pack_plan",
@@ -94,6 +95,20 @@ def as_offsets(offsets: Any, name: str = "offsets") -> npt.NDArray[np.int64]:
     if out[0] != 0:
         out = out - out[0]
     return out
+
+
+def ints_from_lists(
+    rows: list[list[int]], name: str = "input_ids", first: int = 0
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Python lists of Python ints as a ragged int64 batch ``(values, offsets)``, read in C++.
+
+    Rejects non-integers (TypeError) and ids beyond int64 (ValueError), naming the example
+    (counted from ``first``) and position; integer-like items (numpy scalars) go through
+    ``__index__``.
+    """
+    if not isinstance(rows, list):
+        raise TypeError(f"{name}: expected a list of lists, got {type(rows).__name__}")
+    return _C.ints_from_lists(rows, name, first)
 
 
 def padded_length(
