@@ -1,6 +1,7 @@
 // The one translation unit that knows Python. Host kernels take numpy buffers (exact dtype, no
 // silent conversion: noconvert) and write into caller-given outputs; CUDA kernels take device
-// pointers and a stream as integers. Every binding releases the GIL.
+// pointers and a stream as integers. Every kernel binding releases the GIL (ints_from_lists,
+// which reads Python objects, is the one that cannot).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
