@@ -606,7 +606,8 @@ def test_row_count_times_length_overflow_is_rejected(elementwise: bool) -> None:
 def test_build_info_reports_cuda_compiled_where_nvcc_exists() -> None:
     info = ops.build_info()
     assert {"compiler", "cxx_flags", "cuda_compiled", "cuda_usable"} <= set(info)
-    if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
+    nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
+    if nvcc and os.environ.get("MIXTAPE_CUDA", "AUTO").upper() != "OFF":  # OFF: built without
         assert info["cuda_compiled"] is True
     assert info["cuda_usable"] == (info["cuda_compiled"] and info["cuda_device_count"] > 0)
 
