@@ -1014,3 +1014,42 @@ def test_packed_collator_flash_segments_reproduce_the_documents() -> None:
                                 labels=lab[a:b][None])  # fmt: skip
                     total += float(out.loss) * n
         assert total == pytest.approx(separate_loss(model, docs), rel=1e-5, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review regressions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_extra_columns_pad_with_zero_not_the_token_pad() -> None:
+    # pad_value is a token id (e.g. GPT-2's eos 50256): attention_mask / token_type_ids padding
+    # must stay 0, and labels (with prompt masking) keep -100 wherever the input had it.
+    docs = make_docs([3, 2, 4])
+    ds = datasets.Dataset.from_dict({
+        "input_ids": [d.tolist() for d in docs],
+        "attention_mask": [[1] * d.size for d in docs],
+        "labels": [[-100] * (d.size - 1) + [int(d[-1])] for d in docs],
+    })  # fmt: skip
+    out = pack_sequences(ds, 6, pad_value=50256, fields=("input_ids", "seq_lengths"))
+    for ids, mask, lab, lens in zip(column(out, "input_ids"), column(out, "attention_mask"),
+                                    column(out, "labels"), column(out, "seq_lengths"),
+                                    strict=True):  # fmt: skip
+        used = sum(lens)
+        assert ids[used:] == [50256] * (6 - used)
+        assert mask == [1] * used + [0] * (6 - used)
+        ends = np.cumsum(lens) - 1
+        assert [c for c in range(6) if lab[c] != -100] == ends.tolist()
+        assert [lab[c] for c in ends] == [ids[c] for c in ends]
+
+
+def test_saved_plan_on_other_data_with_equal_totals_errors(tmp_path: Any) -> None:
+    # Same documents and tokens in total, all pieces in bounds, yet document 0 would lose a token.
+    a = datasets.Dataset.from_dict({"input_ids": [[1] * 5, [2] * 9]})
+    b = datasets.Dataset.from_dict({"input_ids": [[1] * 6, [2] * 8]})
+    plan_dataset(a, 6, overflow="truncate").save(tmp_path / "p.npz")
+    assert pack_sequences(a, 6, plan=tmp_path / "p.npz").num_rows == 2
+    with pytest.raises(ValueError, match=r"5 tokens of document 0, which has 6.*other data"):
+        pack_sequences(b, 6, plan=tmp_path / "p.npz")
+    for overflow in ("split", "drop"):
+        plan_dataset(a, 6, overflow=overflow).save(tmp_path / "q.npz")
+        pack_sequences(a, 6, plan=tmp_path / "q.npz")

@@ -260,6 +260,9 @@ def _check_plan_matches(plan: PackPlan, lengths: Int64Array, max_length: int) ->
             f"plan was made for {plan.num_docs} documents / {plan.num_tokens} tokens, "
             f"the data has {lengths.size} documents / {int(lengths.sum())} tokens"
         )
+    if plan.doc.size and (int(plan.doc.min()) < 0 or int(plan.doc.max()) >= lengths.size):
+        raise ValueError(f"plan pieces index documents {int(plan.doc.min())}.."
+                         f"{int(plan.doc.max())}, the data has {lengths.size}")  # fmt: skip
     if plan.doc.size:
         over = plan.start + plan.length > lengths[plan.doc]
         if np.any(over):
@@ -269,6 +272,17 @@ def _check_plan_matches(plan: PackPlan, lengths: Int64Array, max_length: int) ->
                 f"{int(plan.start[piece] + plan.length[piece])} of document "
                 f"{int(plan.doc[piece])}, which has {int(lengths[plan.doc[piece]])}"
             )
+    # Every document is placed whole, or (longer than the capacity) truncated to it or dropped:
+    # equal totals can hide documents of other lengths (a truncated plan on other data).
+    covered = np.bincount(plan.doc, weights=plan.length, minlength=lengths.size).astype(np.int64)
+    cut = (lengths > max_length) & ((covered == 0) | (covered == max_length))
+    wrong = np.flatnonzero((covered != lengths) & ~cut)
+    if wrong.size:
+        d = int(wrong[0])
+        raise ValueError(
+            f"plan places {int(covered[d])} tokens of document {d}, which has "
+            f"{int(lengths[d])} (capacity {max_length}): the plan was made for other data"
+        )
 
 
 def _list_array(offsets: Int64Array, values: npt.NDArray[Any]) -> pa.Array:
@@ -355,11 +369,11 @@ def pack_sequences(
     ``"ragged"`` gives rows of their used length, as TRL does.
 
     Other list columns (``columns``; default every other column, each must have the token
-    column's lengths, as TRL requires) are packed the same way; a carried ``labels`` column gets
-    ``label_pad_value`` at document starts and on padding. ``plan`` reuses a saved plan (a
-    :class:`PackPlan` or a path of ``PackPlan.save``; the planning options are then the plan's,
-    and it is checked against the data's lengths); ``save_plan`` writes the plan used. To get the
-    plan itself, call :func:`plan_dataset` and pass it here.
+    column's lengths, as TRL requires) are packed the same way, padded with 0; a carried
+    ``labels`` column gets ``label_pad_value`` at document starts and on padding. ``plan`` reuses
+    a saved plan (a :class:`PackPlan` or a path of ``PackPlan.save``; the planning options are
+    then the plan's, and it is checked against the data's lengths); ``save_plan`` writes the plan
+    used. To get the plan itself, call :func:`plan_dataset` and pass it here.
     """
     if _is_dataset_dict(dataset):
         if plan is not None or save_plan is not None:
@@ -429,8 +443,9 @@ def pack_sequences(
     extra_names = tuple(extra)
     for name, (vals, dtype) in extra.items():
         kind = "labels" if name == "labels" else "input_ids"
+        # pad_value is a token id; other columns (attention_mask, token_type_ids, ...) pad with 0.
         got = pack_fill(
-            the_plan, vals, offsets, layout=fill_layout, pad_value=pad_value,
+            the_plan, vals, offsets, layout=fill_layout, pad_value=0,
             label_pad_value=label_pad_value, fields=(kind,), dtype=vals.dtype,
         )[kind]  # fmt: skip
         names.append(name)
