@@ -1053,3 +1053,60 @@ def test_saved_plan_on_other_data_with_equal_totals_errors(tmp_path: Any) -> Non
     for overflow in ("split", "drop"):
         plan_dataset(a, 6, overflow=overflow).save(tmp_path / "q.npz")
         pack_sequences(a, 6, plan=tmp_path / "q.npz")
+
+
+def _prompt_masked(seed: int = 0, n: int = 60) -> list[dict[str, list[int]]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for length in rng.integers(2, 20, n).tolist():
+        ids = rng.integers(1, 1000, length).tolist()
+        prompt = int(rng.integers(1, length))
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def test_packing_stream_keeps_prompt_masked_labels() -> None:
+    examples = _prompt_masked()
+    batches = list(PackingStream(examples, 32, batch_size=2, buffer_size=16))
+    want_masked = sum(sum(x == -100 for x in e["labels"]) for e in examples)
+    ids = np.concatenate([b["input_ids"] for b in batches])
+    labels = np.concatenate([b["labels"] for b in batches])
+    pos = np.concatenate([b["position_ids"] for b in batches])
+    # Every (document-start, label) pair matches an input example: the prompt stays masked.
+    got = set()
+    for r in range(ids.shape[0]):
+        starts = [*np.flatnonzero(pos[r] == 0).tolist(), ids.shape[1]]
+        for a, b in itertools.pairwise(starts):
+            used = ids[r, a:b][ids[r, a:b] != 0]
+            if used.size:  # padding has position 0 too
+                got.add((tuple(used.tolist()), tuple(labels[r, a + 1 : a + used.size].tolist())))
+    want = {(tuple(e["input_ids"]), tuple(e["labels"][1:])) for e in examples}
+    assert got == want
+    assert int((labels == -100).sum()) >= want_masked
+    # Resumed mid-stream in a fresh object: bit for bit the same continuation, labels included.
+    s = PackingStream(examples, 32, batch_size=2, buffer_size=16)
+    it = iter(s)
+    head = [next(it) for _ in range(3)]
+    fresh = PackingStream(examples, 32, batch_size=2, buffer_size=16)
+    fresh.load_state_dict(s.state_dict())
+    rest = head + list(fresh)
+    assert len(rest) == len(batches)
+    for x, y in zip(rest, batches, strict=True):
+        assert all(np.array_equal(x[k], y[k]) for k in ("input_ids", "labels", "position_ids"))
+    bad = [{"input_ids": [1, 2]}, {"input_ids": [3], "labels": [3]}]
+    with pytest.raises(ValueError, match="example 1: has 'labels'"):
+        list(PackingStream(bad, 4))
+    with pytest.raises(ValueError, match=r"example 0: 'labels' must be.*shape"):
+        list(PackingStream([{"input_ids": [1, 2], "labels": [1]}], 4))
+    plain = list(PackingStream(examples, 32, batch_size=2, buffer_size=16, label_column=None))
+    assert int(np.concatenate([b["labels"] for b in plain]).__eq__(-100).sum()) < want_masked
+
+
+def test_packing_stream_iterates_again_as_a_new_epoch() -> None:
+    docs = [d.tolist() for d in make_docs([5, 9, 3, 11, 7, 2, 8])]
+    s = PackingStream(docs, 12, batch_size=2, buffer_size=4)
+    first = [b["input_ids"] for b in s]
+    second = [b["input_ids"] for b in s]
+    assert len(first) > 0 and len(second) == len(first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert s.counters["documents"] == len(docs)

@@ -576,12 +576,14 @@ def _plan_state(plan: PackPlan) -> dict[str, Any]:
 
 
 def _concat_ragged(
-    parts: list[npt.NDArray[Any]], dtype: npt.DTypeLike
-) -> tuple[IntArray, Int64Array]:
-    lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+    parts: list[npt.NDArray[Any]], dtype: npt.DTypeLike, width: int = 1
+) -> tuple[npt.NDArray[Any], Int64Array]:
+    """Documents stored as [width, n] (token ids, then labels when carried) joined along n."""
+    lengths = np.fromiter((p.shape[-1] for p in parts), dtype=np.int64, count=len(parts))
     offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
-    values = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-    return values, offsets
+    if not parts:
+        return np.zeros((width, 0), dtype), offsets
+    return np.concatenate(parts, axis=1).astype(dtype, copy=False), offsets
 
 
 class PackingStream:
@@ -592,13 +594,17 @@ class PackingStream:
     (the least-filled first, at most ``buffer_size // 2`` pieces) and rows that would not make a
     whole batch of ``batch_size`` go back into the next buffer instead of being emitted, so little
     space is wasted while memory stays bounded. At the end of the source everything is emitted
-    (the last batch may be short unless ``drop_last``).
+    (the last batch may be short unless ``drop_last``). Iterating again after the end starts a
+    new pass over the source (a new epoch; the counters restart).
 
     Each batch is ``pack_fill``'s output for ``batch_size`` rows: a dict of numpy arrays
-    ``[rows, capacity]`` (``fields``). ``state_dict()`` / ``load_state_dict()`` hold the buffer,
-    the rows not yet emitted and the counters; a resumed stream yields exactly the batches the
-    uninterrupted one would. The source is fast-forwarded by the number of examples consumed, or
-    restored with its own ``state_dict`` when it has one.
+    ``[rows, capacity]`` (``fields``). When the examples are mappings holding ``label_column``
+    (e.g. prompt tokens masked with -100), those labels are packed with the ids (still
+    ``label_pad_value`` at each document start and on padding) instead of being made from the
+    ids. ``state_dict()`` / ``load_state_dict()`` hold the buffer, the rows not yet emitted and
+    the counters; a resumed stream yields exactly the batches the uninterrupted one would. The
+    source is fast-forwarded by the number of examples consumed, or restored with its own
+    ``state_dict`` when it has one.
     """
 
     def __init__(
@@ -619,6 +625,7 @@ class PackingStream:
         label_pad_value: int = -100,
         drop_last: bool = False,
         dtype: npt.DTypeLike = np.int64,
+        label_column: str | None = "labels",
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -645,13 +652,16 @@ class PackingStream:
         self.label_pad_value = int(label_pad_value)
         self.drop_last = bool(drop_last)
         self.dtype = np.dtype(dtype)
+        self.label_column = label_column
         self._reset()
 
     def _reset(self) -> None:
         self._consumed = 0  # source examples read
         self._carry: list[npt.NDArray[Any]] = []  # pieces of carried rows, planned again
         self._pending: PackPlan | None = None  # rows planned, not yet emitted
-        self._pending_values: IntArray = np.zeros(0, self.dtype)
+        self._labels: bool | None = None  # examples carry label_column (set by the first)
+        self._finished = False  # a pass ended: the next iter() starts a new one
+        self._pending_values: npt.NDArray[Any] = np.zeros((1, 0), self.dtype)
         self._pending_offsets: Int64Array = np.zeros(1, np.int64)
         self._cursor = 0  # rows of _pending already emitted
         self._exhausted = False
@@ -675,7 +685,27 @@ class PackingStream:
             raise ValueError(f"{where}: {self.column!r} is empty; every document needs a token")
         if arr.dtype.kind not in "iub":
             raise TypeError(f"{where}: {self.column!r} must hold integers, got dtype {arr.dtype}")
-        return arr
+        lab_key = self.label_column
+        has = lab_key is not None and isinstance(example, Mapping) and lab_key in example
+        if self._labels is None:
+            self._labels = has
+        elif has != self._labels:
+            raise ValueError(
+                f"{where}: {'has' if has else 'has no'} {lab_key!r} column but the earlier "
+                "examples of the stream do" + ("n't" if has else "")
+            )
+        if not has:
+            return arr.reshape(1, -1)
+        lab = example[lab_key]
+        if hasattr(lab, "numpy") and hasattr(lab, "is_cuda"):
+            lab = lab.cpu().numpy()
+        lab = np.asarray(lab)
+        if lab.shape != arr.shape or lab.dtype.kind not in "iub":
+            raise ValueError(
+                f"{where}: {lab_key!r} must be integers of the shape of {self.column!r} "
+                f"{arr.shape}, got {lab.dtype} {lab.shape}"
+            )
+        return np.stack([arr.astype(np.int64), lab.astype(np.int64)])
 
     def _read(self, it: Iterator[Any], count: int) -> list[npt.NDArray[Any]]:
         docs: list[npt.NDArray[Any]] = []
@@ -684,7 +714,7 @@ class PackingStream:
             docs.append(tokens)
             self._consumed += 1
             self.counters["documents"] += 1
-            self.counters["tokens"] += int(tokens.size)
+            self.counters["tokens"] += int(tokens.shape[1])
         if len(docs) < count:
             self._exhausted = True
         return docs
@@ -693,7 +723,7 @@ class PackingStream:
 
     def _plan(self, segments: list[npt.NDArray[Any]]) -> None:
         """Plan the buffer; keep the rows to emit in _pending and carry the rest."""
-        values, offsets = _concat_ragged(segments, self.dtype)
+        values, offsets = _concat_ragged(segments, self.dtype, 2 if self._labels else 1)
         plan = pack_plan(
             np.diff(offsets), self.capacity, strategy=self.strategy, overflow=self.overflow,
             max_docs_per_row=self.max_docs_per_row, align=self.align,
@@ -721,7 +751,7 @@ class PackingStream:
         self._cursor = 0
         keep = _take_rows(plan, np.flatnonzero(carried))
         self._carry = [
-            values[offsets[d] + s : offsets[d] + s + n]
+            values[:, offsets[d] + s : offsets[d] + s + n]
             for d, s, n in zip(keep.doc.tolist(), keep.start.tolist(), keep.length.tolist(),
                                strict=True)
         ]
@@ -735,17 +765,28 @@ class PackingStream:
             if self._exhausted:
                 self._cursor = plan.num_rows
             return None
+        rows = plan.select_rows(self._cursor, stop)
+        carried = self._pending_values.shape[0] == 2 and "labels" in self.fields
+        fields = [f for f in self.fields if f != "labels"] if carried else self.fields
         batch = pack_fill(
-            plan.select_rows(self._cursor, stop), self._pending_values, self._pending_offsets,
-            layout="padded", pad_value=self.pad_value, label_pad_value=self.label_pad_value,
-            fields=self.fields, dtype=self.dtype,
+            rows, self._pending_values[0], self._pending_offsets, layout="padded",
+            pad_value=self.pad_value, label_pad_value=self.label_pad_value, fields=fields,
+            dtype=self.dtype,
         )  # fmt: skip
+        if carried:
+            batch["labels"] = pack_fill(
+                rows, self._pending_values[1], self._pending_offsets, layout="padded",
+                label_pad_value=self.label_pad_value, fields=("labels",), dtype=self.dtype,
+            )["labels"]  # fmt: skip
+            batch = {f: batch[f] for f in self.fields}
         self.counters["rows"] += stop - self._cursor
         self.counters["batches"] += 1
         self._cursor = stop
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._finished:
+            self._reset()
         it = iter(self.source)
         if self._source_state is not None and hasattr(self.source, "load_state_dict"):
             self.source.load_state_dict(self._source_state)
@@ -759,12 +800,14 @@ class PackingStream:
                 yield batch
                 continue
             if self._exhausted and not self._carry:
+                self._finished = True
                 return
             new = [] if self._exhausted else self._read(it, self.buffer_size)
             segments = self._carry + new
             self._carry = []
             if not segments:
                 self._pending = None
+                self._finished = True
                 return
             self._plan(segments)
 
@@ -772,7 +815,8 @@ class PackingStream:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the stream bit for bit (numpy arrays and ints)."""
-        carry_values, carry_offsets = _concat_ragged(self._carry, self.dtype)
+        width = self._pending_values.shape[0] if self._labels is None else 1 + self._labels
+        carry_values, carry_offsets = _concat_ragged(self._carry, self.dtype, width)
         state: dict[str, Any] = {
             "capacity": self.capacity, "strategy": self.strategy,
             "consumed": self._consumed, "exhausted": self._exhausted,
@@ -780,7 +824,7 @@ class PackingStream:
             "pending": None if self._pending is None else _plan_state(self._pending),
             "pending_values": self._pending_values.copy(),
             "pending_offsets": self._pending_offsets.copy(), "cursor": self._cursor,
-            "counters": dict(self.counters),
+            "counters": dict(self.counters), "labels": self._labels,
         }  # fmt: skip
         state_fn: Callable[[], Any] | None = getattr(self.source, "state_dict", None)
         if state_fn is not None:
@@ -797,15 +841,18 @@ class PackingStream:
         self._reset()
         self._consumed = int(state["consumed"])
         self._exhausted = bool(state["exhausted"])
+        self._labels = state.get("labels")
         cv = np.asarray(state["carry_values"], dtype=self.dtype)
+        cv = cv.reshape(1, -1) if cv.ndim == 1 else cv  # states of 1-D (ids only) buffers
         co = np.asarray(state["carry_offsets"], dtype=np.int64)
-        self._carry = [cv[co[i] : co[i + 1]].copy() for i in range(co.size - 1)]
+        self._carry = [cv[:, co[i] : co[i + 1]].copy() for i in range(co.size - 1)]
         pend = state["pending"]
         if pend is not None:
             pend = {k: np.asarray(v, dtype=np.int64) if isinstance(v, (list, np.ndarray)) else v
                     for k, v in pend.items()}  # fmt: skip
         self._pending = None if pend is None else PackPlan(**pend)
-        self._pending_values = np.asarray(state["pending_values"], dtype=self.dtype).copy()
+        pv = np.asarray(state["pending_values"], dtype=self.dtype)
+        self._pending_values = (pv.reshape(1, -1) if pv.ndim == 1 else pv).copy()
         self._pending_offsets = np.asarray(state["pending_offsets"], dtype=np.int64).copy()
         self._cursor = int(state["cursor"])
         self.counters = dict(state["counters"])
