@@ -1110,3 +1110,28 @@ def test_packing_stream_iterates_again_as_a_new_epoch() -> None:
     assert len(first) > 0 and len(second) == len(first)
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     assert s.counters["documents"] == len(docs)
+
+
+def test_errors_name_the_column_row_and_example(tmp_path: Any) -> None:
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2], [], [3]]})
+    for call in (lambda: pack_sequences(ds, 4), lambda: plan_dataset(ds, 4)):
+        with pytest.raises(ValueError, match=r"column 'input_ids': row 1 is empty \(1 empty"):
+            call()
+    floats = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]], "w": [[0.5, 1.0], [1.0]]})
+    with pytest.raises(TypeError, match=r"column 'w' holds double values.*columns=\[\.\.\.\]"):
+        pack_sequences(floats, 4)
+    assert pack_sequences(floats, 4, columns=()).num_rows == 1
+    with pytest.raises(ValueError, match=r"example 1: no 'input_ids' column; it has \['ids'\]"):
+        list(PackingStream([{"input_ids": [1]}, {"ids": [2]}], 4))
+
+
+def test_pack_stats_cli_text_lengths_from_savetxt(tmp_path: Any,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "lengths.txt"
+    np.savetxt(path, np.array([5, 3, 8, 2, 9, 1]))  # written as floats: 5.000000000000000000e+00
+    assert stats_main(["--lengths", str(path), "--max-length", "8", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["documents"], got["tokens"], got["rows"], got["lower_bound"]) == (6, 28, 4, 4)
+    path.write_text("5\nfive\n")
+    assert stats_main(["--lengths", str(path)]) == 2
+    assert str(path) in capsys.readouterr().err

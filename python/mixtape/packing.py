@@ -244,11 +244,24 @@ def plan_dataset(
     shuffle_seed: int | None = None,
 ) -> PackPlan:
     """Plan the packing of ``dataset`` (any input :func:`pack_sequences` takes) from its lengths."""
+    lengths = dataset_lengths(dataset, column)
+    _check_no_empty(lengths, column)
     return pack_plan(
-        dataset_lengths(dataset, column), max_length, strategy=strategy, overflow=overflow,
+        lengths, max_length, strategy=strategy, overflow=overflow,
         max_docs_per_row=max_docs_per_row, align=align, rows_multiple_of=rows_multiple_of,
         shuffle_seed=shuffle_seed,
     )  # fmt: skip
+
+
+def _check_no_empty(lengths: Int64Array, column: str) -> None:
+    """A row without tokens cannot be packed (it would be a document of no tokens): say which."""
+    if lengths.size and not np.all(lengths):
+        empty = np.flatnonzero(lengths == 0)
+        raise ValueError(
+            f"column {column!r}: row {int(empty[0])} is empty ({empty.size} empty rows); every "
+            "document needs at least one token: filter them out first "
+            f"(dataset.filter(lambda e: len(e[{column!r}]) > 0))"
+        )
 
 
 def _check_plan_matches(plan: PackPlan, lengths: Int64Array, max_length: int) -> None:
@@ -320,6 +333,13 @@ def _extra_columns(
             raise TypeError(
                 f"column {name!r} ({typ}) is not a list column and cannot be packed; remove it "
                 f"(dataset.remove_columns) or pass columns=[...] naming the columns to keep"
+            )
+        child_type = typ.value_type
+        if not (pa.types.is_integer(child_type) or pa.types.is_boolean(child_type)):
+            raise TypeError(
+                f"column {name!r} holds {child_type} values; only integer list columns are "
+                "packed along with the tokens: remove it (dataset.remove_columns) or pass "
+                "columns=[...] naming the columns to keep"
             )
         vals, offs = _ragged_from_arrow(table.column(name), f"column {name!r}")
         if not np.array_equal(offs, offsets):
@@ -412,6 +432,7 @@ def pack_sequences(
             "from fields or from columns"
         )
     lengths = np.diff(offsets)
+    _check_no_empty(lengths, column)
     if plan is None:
         the_plan = pack_plan(
             lengths, max_length, strategy=strategy, overflow=overflow,
@@ -675,7 +696,12 @@ class PackingStream:
 
     def _tokens(self, example: Any) -> npt.NDArray[Any]:
         where = f"example {self._consumed}"
-        item = example[self.column] if isinstance(example, Mapping) else example
+        if isinstance(example, Mapping):
+            if self.column not in example:
+                raise ValueError(f"{where}: no {self.column!r} column; it has {list(example)}")
+            item = example[self.column]
+        else:
+            item = example
         if hasattr(item, "numpy") and hasattr(item, "is_cuda"):
             item = item.cpu().numpy()
         arr = np.asarray(item)
@@ -1151,8 +1177,13 @@ def _load_lengths(args: argparse.Namespace) -> tuple[Int64Array, str]:
         path = Path(args.lengths)
         if not path.exists():
             raise ValueError(f"--lengths: {path} does not exist")
-        raw = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
+        try:
+            raw = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=1)
+        except ValueError as exc:
+            raise ValueError(f"--lengths: {path}: {exc}") from exc
         arr = np.asarray(raw)
+        if arr.dtype.kind == "f" and arr.ndim == 1 and np.array_equal(arr, np.rint(arr)):
+            arr = arr.astype(np.int64)  # a text file of lengths, e.g. from np.savetxt
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise ValueError(f"--lengths: {path} must hold a 1-D integer array, got "
                              f"{arr.dtype} {arr.shape}")  # fmt: skip
