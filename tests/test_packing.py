@@ -1135,3 +1135,20 @@ def test_pack_stats_cli_text_lengths_from_savetxt(tmp_path: Any,
     path.write_text("5\nfive\n")
     assert stats_main(["--lengths", str(path)]) == 2
     assert str(path) in capsys.readouterr().err
+
+
+def test_loss_mask_follows_carried_labels() -> None:
+    # loss_mask is documented as labels != label_pad_value; with the data's own labels (prompt
+    # masked) it must not mark the prompt tokens as trained on.
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]],
+                                     "labels": [[-100, -100, 3], [-100, 5]]})  # fmt: skip
+    for layout in ("padded", "ragged"):
+        out = pack_sequences(ds, 6, layout=layout,
+                             fields=("input_ids", "loss_mask", "seq_lengths"))  # fmt: skip
+        for mask, lab in zip(column(out, "loss_mask"), column(out, "labels"), strict=True):
+            assert mask == [x != -100 for x in lab]
+            assert sum(mask) == 2
+    stream = PackingStream(ds.to_iterable_dataset(), 6, fields=("input_ids", "labels", "loss_mask"))
+    (batch,) = list(stream)
+    assert batch["loss_mask"].tolist() == [[False, False, True, False, True, False]]
+    assert batch["labels"].tolist() == [[-100, -100, 3, -100, 5, -100]]

@@ -456,19 +456,29 @@ def pack_sequences(
     piece_ends = np.concatenate([np.zeros(1, np.int64), np.cumsum(the_plan.length)])
     row_tok_offsets = piece_ends[the_plan.row_offsets]
 
+    def fill_extra(name: str) -> npt.NDArray[Any]:
+        vals = extra[name][0]
+        kind = "labels" if name == "labels" else "input_ids"
+        # pad_value is a token id; other columns (attention_mask, token_type_ids, ...) pad with 0.
+        got: npt.NDArray[Any] = pack_fill(
+            the_plan, vals, offsets, layout=fill_layout, pad_value=0,
+            label_pad_value=label_pad_value, fields=(kind,), dtype=vals.dtype,
+        )[kind]  # fmt: skip
+        return got
+
+    packed_extra: dict[str, npt.NDArray[Any]] = {}
+    if "loss_mask" in filled and "labels" in extra:
+        # The mask follows the carried labels (prompt tokens masked there), not the ids.
+        packed_extra["labels"] = fill_extra("labels")
+        filled["loss_mask"] = packed_extra["labels"] != label_pad_value
     names: list[str] = []
     arrays: list[pa.Array] = []
     for f in token_fields:
         names.append(column if f == "input_ids" else f)
         arrays.append(_token_column(filled[f], layout, max_length, row_tok_offsets))
     extra_names = tuple(extra)
-    for name, (vals, dtype) in extra.items():
-        kind = "labels" if name == "labels" else "input_ids"
-        # pad_value is a token id; other columns (attention_mask, token_type_ids, ...) pad with 0.
-        got = pack_fill(
-            the_plan, vals, offsets, layout=fill_layout, pad_value=0,
-            label_pad_value=label_pad_value, fields=(kind,), dtype=vals.dtype,
-        )[kind]  # fmt: skip
+    for name, (_, dtype) in extra.items():
+        got = packed_extra[name] if name in packed_extra else fill_extra(name)
         names.append(name)
         arrays.append(_token_column(got.astype(dtype, copy=False), layout, max_length,
                                     row_tok_offsets))  # fmt: skip
@@ -804,6 +814,8 @@ class PackingStream:
                 rows, self._pending_values[1], self._pending_offsets, layout="padded",
                 label_pad_value=self.label_pad_value, fields=("labels",), dtype=self.dtype,
             )["labels"]  # fmt: skip
+            if "loss_mask" in batch:  # follows the examples' labels, prompt masking included
+                batch["loss_mask"] = batch["labels"] != self.label_pad_value
             batch = {f: batch[f] for f in self.fields}
         self.counters["rows"] += stop - self._cursor
         self.counters["batches"] += 1
