@@ -1152,3 +1152,24 @@ def test_loss_mask_follows_carried_labels() -> None:
     (batch,) = list(stream)
     assert batch["loss_mask"].tolist() == [[False, False, True, False, True, False]]
     assert batch["labels"].tolist() == [[-100, -100, 3, -100, 5, -100]]
+
+
+def test_packing_stream_in_a_dataloader() -> None:
+    """A torch IterableDataset of whole batches: DataLoader(batch_size=None) gives the same
+    batches as tensors; more than one worker would duplicate the source, so it is refused."""
+    import torch
+
+    docs = [list(range(1, n + 1)) for n in (5, 9, 3, 17, 2, 8, 11, 4)]
+    stream = PackingStream(docs, 16, batch_size=2, buffer_size=4)
+    assert isinstance(stream, torch.utils.data.IterableDataset)
+    direct = list(PackingStream(docs, 16, batch_size=2, buffer_size=4))
+    loaded = list(torch.utils.data.DataLoader(stream, batch_size=None))
+    assert len(loaded) == len(direct) > 0
+    for got, want in zip(loaded, direct, strict=True):
+        assert set(got) == set(want)
+        for key in want:
+            assert isinstance(got[key], torch.Tensor)
+            np.testing.assert_array_equal(got[key].numpy(), want[key])
+    two = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    with pytest.raises(ValueError, match="cannot be split across 2 DataLoader workers"):
+        list(two)

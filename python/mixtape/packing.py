@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import torch.utils.data
 
 from mixtape.collate import (
     CollatorRegistry,
@@ -617,7 +618,7 @@ def _concat_ragged(
     return np.concatenate(parts, axis=1).astype(dtype, copy=False), offsets
 
 
-class PackingStream:
+class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
     """Online packing of an iterable of examples into batches of packed rows.
 
     Documents are read into a buffer of ``buffer_size``; each full buffer is planned with
@@ -636,6 +637,10 @@ class PackingStream:
     the counters; a resumed stream yields exactly the batches the uninterrupted one would. The
     source is fast-forwarded by the number of examples consumed, or restored with its own
     ``state_dict`` when it has one.
+
+    It is a torch ``IterableDataset`` yielding whole batches: use ``DataLoader(stream,
+    batch_size=None)`` (numpy arrays become tensors) with ``num_workers`` 0 or 1; more workers
+    would each pack the whole source, so they are refused.
     """
 
     def __init__(
@@ -823,6 +828,12 @@ class PackingStream:
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.num_workers > 1:
+            raise ValueError(
+                f"PackingStream cannot be split across {worker.num_workers} DataLoader workers "
+                "(each would pack the whole source): use num_workers=0 or 1"
+            )
         if self._finished:
             self._reset()
         it = iter(self.source)
