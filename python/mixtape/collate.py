@@ -53,8 +53,8 @@ __all__ = [
     "list_collators",
 ]
 
-IntArray = npt.NDArray[np.int32] | npt.NDArray[np.int64]
-Side = Literal["left", "right"]
+IntArray = ops.IntArray
+Side = ops.Side
 Padding = Literal["longest", "max_length"]
 ReturnTensors = bool | Literal["pt", "np"]
 _INT64_MAX = np.iinfo(np.int64).max

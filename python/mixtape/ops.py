@@ -42,7 +42,9 @@ __all__ = [
     "padded_length",
 ]
 
+# Shared type aliases of the Python layer.
 IntArray = npt.NDArray[np.int32] | npt.NDArray[np.int64]
+Int64Array = npt.NDArray[np.int64]
 Side = Literal["left", "right"]
 INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
@@ -431,7 +433,6 @@ _PLAN_COUNTS = (
     "dropped_tokens",
     "split_docs",
 )
-Int64Array = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True, eq=False)

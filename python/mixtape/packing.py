@@ -46,6 +46,8 @@ from mixtape.collate import (
 from mixtape.ops import (
     OVERFLOW_POLICIES,
     PACK_STRATEGIES,
+    Int64Array,
+    IntArray,
     PackPlan,
     as_offsets,
     block_causal_mask,
@@ -71,8 +73,6 @@ __all__ = [
     "stats_main",
 ]
 
-Int64Array = npt.NDArray[np.int64]
-IntArray = npt.NDArray[np.int32] | npt.NDArray[np.int64]
 
 # Per-token fields written by the fill, and per-row lists built from the plan.
 _TOKEN_FIELDS = ("input_ids", "labels", "position_ids", "seq_idx", "loss_mask")
