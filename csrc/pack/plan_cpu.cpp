@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/rng.h"
 #include "pack/pack.h"
 
 #if defined(_MSC_VER)
@@ -83,25 +84,6 @@ class BitTree {
 
  private:
   std::vector<std::vector<uint64_t>> levels_;
-};
-
-// splitmix64 (Steele, Lea, Flood 2014): a tiny generator with the same output on every platform.
-struct SplitMix64 {
-  uint64_t state;
-  uint64_t next() {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  // Uniform in [0, n), n >= 1, by rejection (no modulo bias).
-  uint64_t below(uint64_t n) {
-    const uint64_t threshold = (0 - n) % n;  // 2^64 mod n
-    for (;;) {
-      const uint64_t x = next();
-      if (x >= threshold) return x % n;
-    }
-  }
 };
 
 // Calls fn(doc, start, length) for every piece in input order, after the overflow policy.

@@ -1,0 +1,173 @@
+// pack: the planner (rows of capacity C), the plan check and the fill (CPU and CUDA).
+#include "bindings/bindings.h"
+#include "pack/pack.h"
+
+namespace mixtape {
+namespace {
+
+template <typename T>
+void bind_pack_plan_typed(py::module_& m) {
+  m.def(
+      "pack_plan",
+      [](const Array<T>& lengths, int64_t capacity, const std::string& strategy,
+         const std::string& overflow, int64_t max_docs_per_row, int64_t align,
+         int64_t rows_multiple_of, std::optional<uint64_t> shuffle_seed) {
+        if (lengths.ndim() != 1) {
+          throw py::value_error("pack_plan: lengths must be 1-D, got ndim=" +
+                                std::to_string(lengths.ndim()));
+        }
+        PackPlanOptions o;
+        o.capacity = capacity;
+        o.strategy = parse_pack_strategy(strategy);
+        o.overflow = parse_pack_overflow(overflow);
+        o.max_docs_per_row = max_docs_per_row;
+        o.align = align;
+        o.rows_multiple_of = rows_multiple_of;
+        o.shuffle = shuffle_seed.has_value();
+        o.shuffle_seed = shuffle_seed.value_or(0);
+        PackPlanResult r;
+        {
+          py::gil_scoped_release nogil;
+          pack_plan_cpu(lengths.data(), static_cast<int64_t>(lengths.size()), o, &r);
+        }
+        py::dict d;
+        d["row_offsets"] = to_numpy(std::move(r.row_offsets));
+        d["doc"] = to_numpy(std::move(r.doc));
+        d["start"] = to_numpy(std::move(r.start));
+        d["length"] = to_numpy(std::move(r.length));
+        d["column"] = to_numpy(std::move(r.column));
+        d["num_tokens"] = r.num_tokens;
+        d["truncated_tokens"] = r.truncated_tokens;
+        d["dropped_docs"] = r.dropped_docs;
+        d["dropped_tokens"] = r.dropped_tokens;
+        d["split_docs"] = r.split_docs;
+        return d;
+      },
+      "lengths"_a.noconvert(), py::kw_only(), "capacity"_a, "strategy"_a = "bfd",
+      "overflow"_a = "split", "max_docs_per_row"_a = 0, "align"_a = 1, "rows_multiple_of"_a = 1,
+      "shuffle_seed"_a = py::none());
+}
+
+// The plan arrays as PackPieces (after checking their sizes agree).
+PackPieces pack_pieces(const Array<int64_t>& row_offsets, const Array<int64_t>& doc,
+                       const Array<int64_t>& start, const Array<int64_t>& length,
+                       const Array<int64_t>& column) {
+  const int64_t pieces = doc.size();
+  if (row_offsets.ndim() != 1 || row_offsets.size() < 1 || start.size() != pieces ||
+      length.size() != pieces || column.size() != pieces) {
+    throw py::value_error("pack plan: row_offsets must have rows + 1 >= 1 entries and doc, "
+                          "start, length, column the same size, got sizes " +
+                          std::to_string(row_offsets.size()) + ", " + std::to_string(pieces) +
+                          ", " + std::to_string(start.size()) + ", " +
+                          std::to_string(length.size()) + ", " + std::to_string(column.size()));
+  }
+  return PackPieces{row_offsets.data(), doc.data(),    start.data(),          length.data(),
+                    column.data(),      nullptr,       row_offsets.size() - 1, pieces};
+}
+
+template <typename In, typename Out>
+void bind_pack_fill_typed(py::module_& m) {
+  m.def(
+      "pack_fill",
+      [](const Array<In>& values, const Array<int64_t>& offsets, const Array<int64_t>& row_offsets,
+         const Array<int64_t>& doc, const Array<int64_t>& start, const Array<int64_t>& length,
+         const Array<int64_t>& column, int64_t capacity, bool flat, int64_t pad_value,
+         int64_t label_pad_value, int64_t position_start, OptArray<Out> out_ids,
+         OptArray<Out> out_labels, OptArray<int64_t> out_positions, OptArray<int32_t> out_seq_idx,
+         OptArray<bool> out_loss_mask, bool elementwise) {
+        const Ragged<In> docs = ragged(values, offsets, "pack_fill values");
+        const PackPieces p = pack_pieces(row_offsets, doc, start, length, column);
+        PackFillOptions o;
+        o.capacity = capacity;
+        o.flat = flat;
+        o.pad_value = pad_value;
+        o.label_pad_value = label_pad_value;
+        o.position_start = position_start;
+        int64_t tokens;
+        {
+          py::gil_scoped_release nogil;
+          tokens = check_pack_pieces(p, docs.offsets, docs.n, capacity);
+        }
+        const int64_t size = flat ? tokens : p.rows * capacity;
+        auto ptr = [size](auto& a, const char* what) { return out_ptr(a, size, "pack_fill", what); };
+        Out* ids = ptr(out_ids, "input_ids");
+        Out* labels = ptr(out_labels, "labels");
+        int64_t* positions = ptr(out_positions, "position_ids");
+        int32_t* seq_idx = ptr(out_seq_idx, "seq_idx");
+        bool* loss_mask = ptr(out_loss_mask, "loss_mask");
+        py::gil_scoped_release nogil;
+        pack_fill_cpu<In, Out>(docs, p, o, ids, labels, positions, seq_idx, loss_mask,
+                               elementwise);
+        return tokens;
+      },
+      "values"_a.noconvert(), "offsets"_a.noconvert(), "row_offsets"_a.noconvert(),
+      "doc"_a.noconvert(), "start"_a.noconvert(), "length"_a.noconvert(),
+      "column"_a.noconvert(), py::kw_only(), "capacity"_a, "flat"_a = false, "pad_value"_a = 0,
+      "label_pad_value"_a = -100, "position_start"_a = 0, "out_ids"_a.noconvert() = py::none(),
+      "out_labels"_a.noconvert() = py::none(), "out_positions"_a.noconvert() = py::none(),
+      "out_seq_idx"_a.noconvert() = py::none(), "out_loss_mask"_a.noconvert() = py::none(),
+      "elementwise"_a = false);
+}
+
+}  // namespace
+
+void bind_pack(py::module_& m) {
+  bind_pack_plan_typed<int64_t>(m);
+  bind_pack_plan_typed<int32_t>(m);
+  m.def(
+      "pack_check",
+      [](const Array<int64_t>& offsets, const Array<int64_t>& row_offsets,
+         const Array<int64_t>& doc, const Array<int64_t>& start, const Array<int64_t>& length,
+         const Array<int64_t>& column, int64_t capacity) {
+        if (offsets.ndim() != 1 || offsets.size() < 1) {
+          throw py::value_error("pack_check: offsets must be 1-D with num_docs + 1 entries");
+        }
+        const PackPieces p = pack_pieces(row_offsets, doc, start, length, column);
+        py::gil_scoped_release nogil;
+        return check_pack_pieces(p, offsets.data(), offsets.size() - 1, capacity);
+      },
+      "offsets"_a.noconvert(), "row_offsets"_a.noconvert(), "doc"_a.noconvert(),
+      "start"_a.noconvert(), "length"_a.noconvert(), "column"_a.noconvert(), py::kw_only(),
+      "capacity"_a);
+  bind_pack_fill_typed<int64_t, int64_t>(m);
+  bind_pack_fill_typed<int32_t, int64_t>(m);
+  bind_pack_fill_typed<int32_t, int32_t>(m);
+  bind_pack_fill_typed<int64_t, int32_t>(m);
+#ifdef MIXTAPE_WITH_CUDA
+  m.def(
+      "pack_fill_cuda",
+      [](uintptr_t values, uintptr_t offsets, int64_t num_docs, uintptr_t row_offsets,
+         uintptr_t doc, uintptr_t start, uintptr_t length, uintptr_t column,
+         uintptr_t flat_offsets, int64_t rows, int64_t pieces, int64_t total, int in_bits,
+         int out_bits, int64_t capacity, bool flat, int64_t pad_value, int64_t label_pad_value,
+         int64_t position_start, uintptr_t out_ids, uintptr_t out_labels, uintptr_t out_positions,
+         uintptr_t out_seq_idx, uintptr_t out_loss_mask, uintptr_t stream) {
+        const auto i64 = [](uintptr_t a) { return reinterpret_cast<const int64_t*>(a); };
+        const PackPieces p{i64(row_offsets), i64(doc), i64(start), i64(length), i64(column),
+                           i64(flat_offsets), rows, pieces};
+        PackFillOptions o;
+        o.capacity = capacity;
+        o.flat = flat;
+        o.pad_value = pad_value;
+        o.label_pad_value = label_pad_value;
+        o.position_start = position_start;
+        dispatch_int_bits(in_bits, "in_bits", [&](auto in) {
+          dispatch_int_bits(out_bits, "out_bits", [&](auto out) {
+            using In = decltype(in);
+            using Out = decltype(out);
+            pack_fill_cuda<In, Out>(
+                Ragged<In>{reinterpret_cast<const In*>(values), i64(offsets), num_docs}, p, o,
+                total, reinterpret_cast<Out*>(out_ids), reinterpret_cast<Out*>(out_labels),
+                reinterpret_cast<int64_t*>(out_positions), reinterpret_cast<int32_t*>(out_seq_idx),
+                reinterpret_cast<bool*>(out_loss_mask), reinterpret_cast<void*>(stream));
+          });
+        });
+      },
+      "values"_a, "offsets"_a, "num_docs"_a, "row_offsets"_a, "doc"_a, "start"_a, "length"_a,
+      "column"_a, "flat_offsets"_a, "rows"_a, "pieces"_a, "total"_a, "in_bits"_a, "out_bits"_a,
+      "capacity"_a, "flat"_a, "pad_value"_a, "label_pad_value"_a, "position_start"_a,
+      "out_ids"_a, "out_labels"_a, "out_positions"_a, "out_seq_idx"_a, "out_loss_mask"_a,
+      "stream"_a, gil_release());
+#endif
+}
+}  // namespace mixtape
