@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixtape.bench import micro_batch_docs, pylist_batch
+from mixtape.bench.collate import micro_batch_docs, pylist_batch
 
 collate = pytest.importorskip("mixtape.collate")
 

@@ -27,6 +27,8 @@ from mixtape.collate import (
     get_collator,
     list_collators,
 )
+from mixtape.collate import output as collate_output
+from mixtape.collate.output import Output
 
 # ---------------------------------------------------------------------------------------------
 # Plain Python references
@@ -590,7 +592,7 @@ def test_outputs_are_the_pinned_buffers(monkeypatch: pytest.MonkeyPatch) -> None
         return t
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(collate, "_pinned_empty", fake_pinned)
+    monkeypatch.setattr(collate_output, "pinned_empty", fake_pinned)
     out = create_causal_lm_collate(0, pin_memory=True)([{"input_ids": [1, 2]}, {"input_ids": [3]}])
     block = allocated[0]  # one block per batch, one slot per output
     assert block.shape == (3, 2, 2)
@@ -608,7 +610,7 @@ def test_outputs_are_the_pinned_buffers(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_pin_memory_without_cuda_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(collate._Output, "_pin_warned", False)
+    monkeypatch.setattr(Output, "_pin_warned", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = create_collate_fn(0, pin_memory=True)([{"input_ids": [1, 2]}])

@@ -335,9 +335,9 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError) as exc:  # the zero-length document, by index
         pack_sequences(pa.array([[1, 2], [], [3]]), 4)
     assert "1" in str(exc.value) and "0" in str(exc.value)
-    with pytest.raises(ValueError, match="row 1 is null"):
+    with pytest.raises(ValueError, match="example 1 is null"):
         pack_sequences(pa.array([[1, 2], None, [3]]), 4)
-    with pytest.raises(ValueError, match="row 1 holds a null token"):
+    with pytest.raises(ValueError, match="example 1 has a null token"):
         pack_sequences(pa.array([[1, 2], [None], [3]]), 4)
     with pytest.raises(TypeError, match="integers"):
         pack_sequences(pa.array([[1.5, 2.0]]), 4)
@@ -598,7 +598,7 @@ def test_packed_loss_equals_per_document_loss(kind: str, attn: str) -> None:
 
 def test_bench_peers_agree_with_ops() -> None:
     pytest.importorskip("mixtape.bench")
-    from mixtape import bench_pack
+    from mixtape.bench import pack as bench_pack
 
     lengths = np.minimum(synthetic_lengths(3000, seed=5), 4096)
     for cap in (512, 4096):

@@ -8,6 +8,7 @@ from mixtape.collate import (
     CollatorInfo,
     CollatorRegistry,
     FlatteningCollator,
+    PackedCollator,
     PaddingCollator,
     Ragged,
     Seq2SeqCollator,
@@ -15,6 +16,7 @@ from mixtape.collate import (
     create_causal_lm_collate,
     create_collate_fn,
     create_flattening_collate,
+    create_packed_collate,
     create_seq2seq_collate,
     get_collator,
     list_collators,
@@ -28,14 +30,13 @@ from mixtape.ops import (
     pad,
 )
 from mixtape.packing import (
-    PackedCollator,
     PackingStats,
     PackingStream,
-    create_packed_collate,
     dataset_lengths,
     pack_sequences,
     plan_dataset,
 )
+from mixtape.state import Stateful
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "PaddingCollator",
     "Ragged",
     "Seq2SeqCollator",
+    "Stateful",
     "VisionCollator",
     "__version__",
     "block_causal_mask",

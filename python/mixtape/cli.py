@@ -1,4 +1,4 @@
-"""The ``mixtape`` command line: ``demo``, ``bench``, ``pack-stats``, ``info``.
+"""The ``mixtape`` command line: ``bench``, ``pack-stats``, ``info``.
 
 Each subcommand lives with the stage it drives (``mixtape.bench``, ``mixtape.packing``, ...);
 this module only parses the first word and hands the rest over, so importing it stays cheap.

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from mixtape.bench import Measurement, case, skipped, timeit
+from mixtape.bench.core import Measurement, case, skipped, timeit
 from mixtape.ops import PackPlan, pack_fill, pack_plan
 from mixtape.packing import pack_sequences, synthetic_lengths
 
@@ -230,7 +230,7 @@ def bench_packed_collate(quick: bool) -> list[Measurement]:
     """8 packed rows of 4096 (TRL columns) -> a padding-free training batch with varlen kwargs."""
     import datasets
 
-    from mixtape.packing import create_packed_collate
+    from mixtape.collate import create_packed_collate
 
     datasets.disable_progress_bars()
     name = "packed-collate"

@@ -1,0 +1,121 @@
+"""Padding-free batches in the format of transformers' ``DataCollatorWithFlattening``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mixtape.collate.output import Output, ReturnTensors, stack_other
+from mixtape.ragged import (
+    as_ragged,
+    batch_columns,
+    check_same_lengths,
+    example_of,
+    field_of,
+    is_sequence_column,
+)
+from mixtape.validation import check_int
+
+# --------------------------------------------------------------------------------------------
+# Padding-free flattening
+# --------------------------------------------------------------------------------------------
+
+
+class FlatteningCollator:
+    """Padding-free batches in the exact format of transformers' ``DataCollatorWithFlattening``.
+
+    All examples concatenated into ``input_ids`` [1, T] (int64); ``labels`` [1, T] (the examples'
+    ``labels`` or the ids) with ``separator_id`` at each document start; ``position_ids`` [1, T]
+    restarting at ``position_ids_start``; optionally ``seq_idx`` [1, T] (int32) and the flash
+    attention kwargs ``cu_seq_lens_q/k`` (int32, n + 1) and ``max_length_q/k`` (Python ints).
+    Vectorised: no Python loop per sequence. The examples' ``attention_mask`` is dropped (there
+    is no padding); other ragged fields with the ids' lengths are flattened to [1, T], other
+    fields stacked or passed through (transformers drops them).
+    """
+
+    def __init__(
+        self,
+        return_position_ids: bool = True,
+        separator_id: int = -100,
+        return_flash_attn_kwargs: bool = False,
+        return_seq_idx: bool = False,
+        position_ids_start: int = 0,
+        return_tensors: ReturnTensors = True,
+        pin_memory: bool = False,
+        *,
+        input_key: str = "input_ids",
+    ) -> None:
+        check_int("separator_id", separator_id)
+        check_int("position_ids_start", position_ids_start)
+        self.return_position_ids = return_position_ids
+        self.separator_id = int(separator_id)
+        self.return_flash_attn_kwargs = return_flash_attn_kwargs
+        self.return_seq_idx = return_seq_idx
+        self.position_ids_start = int(position_ids_start)
+        self.input_key = input_key
+        self._out = Output(return_tensors, pin_memory)
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        c = batch_columns(batch)
+        ids = as_ragged(field_of(c, self.input_key), self.input_key)
+        labels = None
+        if "labels" in c.cols:
+            labels = as_ragged(c.cols["labels"], "labels")
+            check_same_lengths(labels, ids, "labels", self.input_key)
+        n, total = len(ids), int(ids.values.size)
+        lengths = ids.lengths
+        starts = ids.offsets[:-1]
+        if total and int(ids.values.min()) < 0:
+            pos = int(np.flatnonzero(ids.values < 0)[0])
+            raise ValueError(
+                f"{self.input_key}: example {example_of(ids.offsets, pos)} has a negative "
+                f"token id ({int(ids.values[pos])}); token ids must be >= 0"
+            )
+        out: dict[str, Any] = {}
+        arena = self._out.arena(2 + self.return_position_ids, (1, total))
+        flat = arena.take()
+        np.copyto(flat[0], ids.values)
+        out[self.input_key] = flat
+        lab = arena.take()
+        np.copyto(lab[0], ids.values if labels is None else labels.values)
+        lab[0, starts[lengths > 0]] = self.separator_id
+        out["labels"] = lab
+        if self.return_position_ids:
+            pos_ids = arena.take()
+            first = np.repeat(starts - self.position_ids_start, lengths)
+            np.subtract(np.arange(total, dtype=np.int64), first, out=pos_ids[0])
+            out["position_ids"] = pos_ids
+        if self.return_seq_idx:
+            seq = self._out.empty((1, total), np.int32)
+            seq[0] = np.repeat(np.arange(n, dtype=np.int32), lengths)
+            out["seq_idx"] = seq
+        result = {k: self._out.wrap(v) for k, v in out.items()}
+        if self.return_flash_attn_kwargs:
+            if total > np.iinfo(np.int32).max:
+                raise ValueError(f"{total} tokens overflow the int32 cu_seq_lens")
+            for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+                cu = self._out.empty((n + 1,), np.int32)
+                np.copyto(cu, ids.offsets, casting="unsafe")
+                result[key] = self._out.wrap(cu)
+            longest = int(lengths.max())
+            result["max_length_q"] = result["max_length_k"] = longest
+        for key, col in c.cols.items():
+            if key in (self.input_key, "labels", "attention_mask"):
+                continue
+            if is_sequence_column(col):
+                r = as_ragged(col, key)
+                check_same_lengths(r, ids, key, self.input_key)
+                buf = self._out.empty((1, total))
+                np.copyto(buf[0], r.values)
+                result[key] = self._out.wrap(buf)
+            else:
+                result[key] = stack_other(col, key, self._out.tensors)
+        return result
+
+
+
+def create_flattening_collate(**kwargs: Any) -> FlatteningCollator:
+    """Padding-free collator (``DataCollatorWithFlattening`` format); see FlatteningCollator."""
+    return FlatteningCollator(**kwargs)

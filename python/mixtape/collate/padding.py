@@ -1,0 +1,352 @@
+"""Padding collators (``DataCollatorWithPadding``, causal LM, seq2seq) on the one-pass pad kernel.
+
+Outputs are written once, into buffers we allocate (optionally pinned) and hand to torch with
+``torch.from_numpy``: no copy after the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from mixtape import ops
+from mixtape.collate.output import (
+    LABEL_ALIASES,
+    Arena,
+    Output,
+    all_none,
+    is_float_rows,
+    stack_labels,
+    stack_other,
+)
+from mixtape.ragged import (
+    Columns,
+    Ragged,
+    as_ragged,
+    batch_columns,
+    check_same_lengths,
+    field_of,
+    is_sequence_column,
+)
+from mixtape.validation import check_int
+
+Side = ops.Side
+Padding = Literal["longest", "max_length"]
+ReturnTensors = bool | Literal["pt", "np"]
+# Ragged fields the padding collators pad besides ids/mask/labels, with their pad value
+# (as a transformers tokenizer pads them).
+DEFAULT_PAD_VALUES: Mapping[str, int] = {"token_type_ids": 0, "special_tokens_mask": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Padding collators
+# --------------------------------------------------------------------------------------------
+
+
+class PaddingCollator:
+    """Pads ``input_ids`` (+ ``attention_mask``, ragged ``labels``) of a batch in one kernel pass.
+
+    Like transformers' ``DataCollatorWithPadding``: ids padded with ``pad_token_id``, a mask of 1
+    over each example's tokens (from lengths), integer token ``labels`` padded with
+    ``label_pad_token_id``; a scalar ``label``/``label_ids``, or a float row of class scores
+    (multi-label), is stacked as ``labels`` (all None: ``labels`` is None). Fields in
+    ``pad_values`` (default ``token_type_ids`` → 0, ``special_tokens_mask`` → 1) are padded too;
+    other fields are stacked when they are numbers or equal-shape arrays, else passed through as
+    lists. Differences from transformers: ``max_length`` truncates (at ``truncation_side``), and
+    the examples' own ``attention_mask`` is recomputed from lengths unless
+    ``keep_attention_mask=True`` (pad it instead, for masks holding zeros).
+
+    ``pin_memory=True`` allocates outputs in pinned memory when CUDA is available; otherwise (no
+    GPU, or a forked worker that cannot pin) it warns once and returns ordinary memory.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        label_pad_token_id: int = -100,
+        padding_side: Side = "right",
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        return_tensors: ReturnTensors = True,
+        pin_memory: bool = False,
+        truncation_side: Side = "right",
+        *,
+        padding: Padding = "longest",
+        return_attention_mask: bool = True,
+        keep_attention_mask: bool = False,
+        pad_values: Mapping[str, int] | None = None,
+        input_key: str = "input_ids",
+    ) -> None:
+        check_int("pad_token_id", pad_token_id)
+        check_int("label_pad_token_id", label_pad_token_id)
+        check_int("max_length", max_length, minimum=1, optional=True)
+        check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1, optional=True)
+        ops.is_left("padding_side", padding_side)
+        ops.is_left("truncation_side", truncation_side)
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
+        self.pad_token_id = int(pad_token_id)
+        self.label_pad_token_id = int(label_pad_token_id)
+        self.padding_side: Side = padding_side
+        self.truncation_side: Side = truncation_side
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding: Padding = padding
+        self.return_attention_mask = return_attention_mask
+        self.keep_attention_mask = keep_attention_mask
+        self.pad_values = dict(DEFAULT_PAD_VALUES if pad_values is None else pad_values)
+        self.input_key = input_key
+        self._out = Output(return_tensors, pin_memory)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(pad_token_id={self.pad_token_id}, "
+            f"padding_side={self.padding_side!r}, max_length={self.max_length}, "
+            f"pad_to_multiple_of={self.pad_to_multiple_of})"
+        )
+
+    def row_length(self, lengths: npt.NDArray[np.int64], max_length: int | None = None) -> int:
+        """Columns of the padded batch for sequences of these lengths (and this max_length)."""
+        if self.padding == "max_length" and max_length is not None:
+            return ops.padded_length(max_length, None, self.pad_to_multiple_of)
+        longest = int(lengths.max()) if lengths.size else 0
+        return ops.padded_length(longest, max_length, self.pad_to_multiple_of)
+
+    def _pad(
+        self,
+        ids: Ragged,
+        labels: Ragged | None,
+        *,
+        length: int,
+        name: str,
+        pad_value: int,
+        mask: bool,
+        max_length: int | None = None,
+        return_labels: bool = False,
+        shift_labels: bool = False,
+        check_ids: bool = True,
+        arena: Arena | None = None,
+    ) -> dict[str, Any]:
+        """One kernel call writing ids (+ mask, labels) into buffers from ``arena`` (or fresh)."""
+        n = len(ids)
+        values = ids.values
+        lab_values = None if labels is None else labels.values
+        if lab_values is not None and lab_values.dtype != values.dtype:
+            values, lab_values = values.astype(np.int64), lab_values.astype(np.int64)
+        want_labels = return_labels or labels is not None
+        if arena is None:
+            arena = self._out.arena(1 + mask + want_labels, (n, length))
+        out: dict[str, Any] = {"input_ids": arena.take()}
+        if mask:
+            out["attention_mask"] = arena.take()
+        if want_labels:
+            out["labels"] = arena.take()
+        return ops.pad(
+            values, ids.offsets,
+            labels=lab_values, label_offsets=None if labels is None else labels.offsets,
+            length=length, max_length=max_length, padding_side=self.padding_side,
+            truncation_side=self.truncation_side,
+            pad_value=pad_value, label_pad_value=self.label_pad_token_id,
+            return_attention_mask=mask, return_labels=want_labels, shift_labels=shift_labels,
+            out=out, check_ids=check_ids, name=name,
+        )  # fmt: skip
+
+    def _labels(self, c: Columns) -> tuple[str | None, Any]:
+        """The label field (``labels``, ``label`` or ``label_ids``) and its column, if any."""
+        present = [k for k in LABEL_ALIASES if k in c.cols]
+        if len(present) > 1:
+            raise ValueError(f"batch has several label fields {present}: keep one")
+        return (present[0], c.cols[present[0]]) if present else (None, None)
+
+    def _collate_inputs(
+        self, c: Columns, labels: Ragged | None, *, return_labels: bool, shift_labels: bool
+    ) -> tuple[dict[str, Any], Ragged, int]:
+        """Pad ids, mask, labels and ``pad_values`` fields: numpy results, the ids, the width."""
+        ids = as_ragged(field_of(c, self.input_key), self.input_key)
+        if labels is not None:
+            check_same_lengths(labels, ids, "labels", self.input_key)
+        length = self.row_length(ids.lengths, self.max_length)
+        given_mask = self.keep_attention_mask and "attention_mask" in c.cols
+        extras = [k for k in self.pad_values
+                  if k in c.cols and k not in (self.input_key, "attention_mask")]  # fmt: skip
+        want_labels = return_labels or labels is not None
+        slots = 1 + self.return_attention_mask + want_labels + len(extras)
+        arena = self._out.arena(slots, (len(ids), length))
+        res = self._pad(
+            ids, labels, length=length, max_length=self.max_length, name=self.input_key,
+            pad_value=self.pad_token_id, mask=self.return_attention_mask and not given_mask,
+            return_labels=return_labels,
+            shift_labels=shift_labels, arena=arena,
+        )  # fmt: skip
+        out: dict[str, Any] = {self.input_key: res["input_ids"]}
+        if given_mask and self.return_attention_mask:
+            out["attention_mask"] = self._pad_field(c, "attention_mask", 0, ids, length, arena)
+        elif "attention_mask" in res:
+            out["attention_mask"] = res["attention_mask"]
+        for key in extras:
+            out[key] = self._pad_field(c, key, self.pad_values[key], ids, length, arena)
+        if "labels" in res:
+            out["labels"] = res["labels"]
+        return out, ids, length
+
+    def _pad_field(
+        self, c: Columns, key: str, value: int, ids: Ragged, length: int, arena: Arena
+    ) -> Any:
+        r = as_ragged(c.cols[key], key)
+        check_same_lengths(r, ids, key, self.input_key)
+        res = self._pad(r, None, length=length, max_length=self.max_length, name=key,
+                        pad_value=value, mask=False, arena=arena)  # fmt: skip
+        return res["input_ids"]
+
+    def _finish(self, out: dict[str, Any], c: Columns, done: Iterable[str]) -> dict[str, Any]:
+        """Wrap padded numpy buffers as tensors, then stack / pass through the other fields."""
+        result = {k: self._out.wrap(v) for k, v in out.items()}
+        skip = set(done) | set(out) | {"attention_mask"}
+        for key, col in c.cols.items():
+            if key not in skip:
+                result[key] = stack_other(col, key, self._out.tensors)
+        return result
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        c = batch_columns(batch)
+        label_key, label_col = self._labels(c)
+        labels = None
+        if (label_key is not None and is_sequence_column(label_col)
+                and not is_float_rows(label_col)):  # fmt: skip
+            labels = as_ragged(label_col, label_key)  # token labels: padded like the ids
+        out, _, _ = self._collate_inputs(c, labels, return_labels=False, shift_labels=False)
+        done = {self.input_key}
+        if label_key is not None and labels is None:  # one label (or score row) per example
+            out_t = self._finish(out, c, done | {label_key})
+            out_t["labels"] = stack_labels(label_col, label_key, self._out.tensors)
+            return out_t
+        return self._finish(out, c, done | ({label_key} if label_key else set()))
+
+
+class CausalLMCollator(PaddingCollator):
+    """Causal-LM batches: labels are the ids (or the examples' own ``labels``), −100 on padding.
+
+    Padding is found by length, never by comparing to ``pad_token_id``, so with pad == eos the real
+    EOS tokens keep their labels (transformers' ``DataCollatorForLanguageModeling(mlm=False)``
+    masks every token equal to the pad id). ``shift_labels=True`` stores at position k the label
+    of token k + 1 (the last token of each example gets −100), for models that do not shift.
+    """
+
+    def __init__(self, pad_token_id: int, shift_labels: bool = False, **kwargs: Any) -> None:
+        super().__init__(pad_token_id, **kwargs)
+        self.shift_labels = shift_labels
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        c = batch_columns(batch)
+        labels = None
+        if "labels" in c.cols:
+            labels = as_ragged(c.cols["labels"], "labels")
+        out, _, _ = self._collate_inputs(
+            c, labels, return_labels=True, shift_labels=self.shift_labels
+        )
+        return self._finish(out, c, {self.input_key, "labels"})
+
+
+class Seq2SeqCollator(PaddingCollator):
+    """Encoder-decoder batches: encoder ids + mask; ``labels`` padded on their own with −100.
+
+    With ``decoder_start_token_id``, also ``decoder_input_ids``: the padded labels shifted right
+    by one with the start token in front and −100 replaced by ``pad_token_id`` (what transformers'
+    ``shift_tokens_right`` / ``prepare_decoder_input_ids_from_labels`` compute). The labels may
+    be named ``label`` (output as ``labels``); labels None in every example give ``labels`` None
+    and no ``decoder_input_ids``, as ``DataCollatorForSeq2Seq``. Labels are cut to
+    ``max_label_length`` (at ``truncation_side``) when given; with ``padding="max_length"`` they
+    are padded to ``max_label_length`` (or ``max_length``).
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        decoder_start_token_id: int | None = None,
+        label_pad_token_id: int = -100,
+        *,
+        max_label_length: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(pad_token_id, label_pad_token_id, **kwargs)
+        check_int("decoder_start_token_id", decoder_start_token_id, optional=True)
+        check_int("max_label_length", max_label_length, minimum=1, optional=True)
+        self.decoder_start_token_id = decoder_start_token_id
+        self.max_label_length = max_label_length
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        c = batch_columns(batch)
+        out, _, _ = self._collate_inputs(c, None, return_labels=False, shift_labels=False)
+        label_key, label_col = self._labels(c)  # "label" too, as DataCollatorForSeq2Seq reads it
+        unlabelled = label_key is not None and all_none(label_col)
+        if label_key is not None and not unlabelled:
+            labels = as_ragged(label_col, label_key)
+            max_len = self.max_label_length
+            if max_len is None and self.padding == "max_length":
+                max_len = self.max_length
+            length = self.row_length(labels.lengths, max_len)
+            start = self.decoder_start_token_id
+            want_dec = start is not None
+            arena = self._out.arena(1 + want_dec, (len(labels), length))
+            lab = self._pad(
+                labels, None, length=length, max_length=max_len, name="labels",
+                pad_value=self.label_pad_token_id, mask=False, check_ids=False, arena=arena,
+            )["input_ids"]  # fmt: skip
+            out["labels"] = lab
+            if start is not None:
+                out["decoder_input_ids"] = self._shift_right(lab, start, arena.take())
+        result = self._finish(out, c, {self.input_key, "labels", label_key or "labels"})
+        if unlabelled:  # every example's labels are None (a test split): labels=None, as HF
+            result["labels"] = None
+        return result
+
+    def _shift_right(
+        self, labels: npt.NDArray[np.int64], start: int, dec: npt.NDArray[np.int64]
+    ) -> Any:
+        """Labels shifted right after ``start``, -100 → pad (transformers' shift_tokens_right)."""
+        if labels.shape[1]:
+            dec[:, 0] = start
+            dec[:, 1:] = labels[:, :-1]
+            np.putmask(dec, dec == -100, self.pad_token_id)
+        return dec
+
+
+
+def create_collate_fn(
+    pad_token_id: int,
+    label_pad_token_id: int = -100,
+    padding_side: Side = "right",
+    max_length: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    return_tensors: ReturnTensors = True,
+    pin_memory: bool = False,
+    truncation_side: Side = "right",
+    **kwargs: Any,
+) -> PaddingCollator:
+    """A picklable padding collator (``DataCollatorWithPadding`` semantics); see PaddingCollator."""
+    return PaddingCollator(
+        pad_token_id, label_pad_token_id, padding_side, max_length, pad_to_multiple_of,
+        return_tensors, pin_memory, truncation_side, **kwargs,
+    )  # fmt: skip
+
+
+def create_causal_lm_collate(
+    pad_token_id: int, shift_labels: bool = False, **kwargs: Any
+) -> CausalLMCollator:
+    """Causal-LM collator: labels from the ids, −100 on padding by length; see CausalLMCollator."""
+    return CausalLMCollator(pad_token_id, shift_labels=shift_labels, **kwargs)
+
+
+def create_seq2seq_collate(
+    pad_token_id: int,
+    decoder_start_token_id: int | None = None,
+    label_pad_token_id: int = -100,
+    **kwargs: Any,
+) -> Seq2SeqCollator:
+    """Encoder-decoder collator (``DataCollatorForSeq2Seq`` semantics); see Seq2SeqCollator."""
+    return Seq2SeqCollator(pad_token_id, decoder_start_token_id, label_pad_token_id, **kwargs)
