@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -1173,3 +1174,158 @@ def test_packing_stream_in_a_dataloader() -> None:
     two = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
     with pytest.raises(ValueError, match="cannot be split across 2 DataLoader workers"):
         list(two)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-mapped datasets: batches on disk, same rows as in memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _on_disk(ds: Any, path: Any, shards: int = 3) -> Any:
+    ds.save_to_disk(str(path), num_shards=shards)
+    return datasets.load_from_disk(str(path))
+
+
+def _carried_dataset(n: int = 300, seed: int = 11) -> Any:
+    rng = np.random.default_rng(seed)
+    docs = make_docs([int(x) for x in rng.integers(1, 90, n)] + [200], seed=seed)
+    return datasets.Dataset.from_dict({
+        "input_ids": [d.tolist() for d in docs],
+        "attention_mask": [[1] * d.size for d in docs],
+        "labels": [(d * 3).tolist() for d in docs],
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["padded", "ragged"])
+@pytest.mark.parametrize("mapping", ["none", "shuffle", "select"])
+def test_memory_mapped_input_packs_in_batches_to_a_cache_file(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, layout: str, mapping: str
+) -> None:
+    from datasets.table import MemoryMappedTable
+
+    import mixtape.packing.offline as offline
+
+    monkeypatch.setattr(offline, "_BATCH_BYTES", 64 * 100)  # a few rows a batch: many batches
+    mem = _carried_dataset()
+    disk = _on_disk(mem, tmp_path / "ds")
+    if mapping == "shuffle":
+        mem, disk = mem.shuffle(seed=4), disk.shuffle(seed=4)
+    elif mapping == "select":
+        rows = [5, 3, 200, 17, 17, 0, *range(40, 120)]
+        mem, disk = mem.select(rows), disk.select(rows)
+    fields = ("input_ids", "position_ids", "seq_idx", "loss_mask", "seq_lengths", "doc_ids")
+    want = pack_sequences(mem, 64, layout=layout, fields=fields, keep_in_memory=True)
+    got = pack_sequences(disk, 64, layout=layout, fields=fields)
+    assert not want.cache_files
+    (cache,) = got.cache_files
+    assert os.path.dirname(cache["filename"]) == str(tmp_path / "ds")
+    assert isinstance(got.data, MemoryMappedTable)
+    assert got.num_rows == want.num_rows > 10
+    assert got.features == want.features
+    for name in want.column_names:
+        assert column(got, name) == column(want, name), name
+    assert got.data.table.equals(want.data.table)
+    # Same input, same plan: the same fingerprint, and the cache file is reused, not rewritten.
+    monkeypatch.setattr(offline, "_write_batches", None)
+    again = pack_sequences(disk, 64, layout=layout, fields=fields)
+    assert again._fingerprint == got._fingerprint and again.cache_files == got.cache_files
+    in_ram = pack_sequences(disk, 64, layout=layout, fields=fields, keep_in_memory=True)
+    assert not in_ram.cache_files and in_ram.data.table.equals(want.data.table)
+
+
+def test_cache_file_name_for_in_memory_and_arrow_inputs(tmp_path: Any) -> None:
+    mem = _carried_dataset(80)
+    want = pack_sequences(mem, 32, fields=ALL, columns=())
+    path = tmp_path / "sub" / "packed.arrow"
+    got = pack_sequences(mem, 32, fields=ALL, columns=(), cache_file_name=path)
+    assert got.cache_files == [{"filename": str(path)}]
+    assert got.data.table.equals(want.data.table)
+    assert not list((tmp_path / "sub").glob("tmp-pack-*"))  # the temporary file was renamed
+    table = pa.table({"input_ids": mem.data.table.column("input_ids")})
+    arrow_path = tmp_path / "arrow.arrow"
+    got_table = pack_sequences(table, 32, fields=ALL, cache_file_name=arrow_path)
+    assert isinstance(got_table, pa.Table) and got_table.equals(want.data.table)
+    values, offsets = ragged([np.asarray(x) for x in mem["input_ids"]])
+    got_np = pack_sequences((values, offsets), 32, fields=ALL, cache_file_name=tmp_path / "np")
+    assert got_np.equals(pack_sequences((values, offsets), 32, fields=ALL))
+    with pytest.raises(ValueError, match="num_proc"):
+        pack_sequences(mem, 32, num_proc=0)
+    assert pack_sequences(mem, 32, num_proc=2, columns=()).data.table.equals(
+        pack_sequences(mem, 32, columns=()).data.table)
+
+
+def test_dataset_lengths_chunk_by_chunk_with_a_mapping(tmp_path: Any) -> None:
+    mem = _carried_dataset(120)
+    disk = _on_disk(mem, tmp_path / "ds", shards=4)
+    want = np.array([len(x) for x in mem["input_ids"]])
+    assert disk.data.table.column("input_ids").num_chunks >= 4
+    assert np.array_equal(dataset_lengths(disk), want)
+    order = np.random.default_rng(0).permutation(len(want))[:50]
+    assert np.array_equal(dataset_lengths(disk.select(order)), want[order])
+    assert np.array_equal(dataset_lengths(disk.shuffle(seed=2)),
+                          want[np.asarray(disk.shuffle(seed=2)._indices.column(0))])  # fmt: skip
+    assert plan_dataset(disk.select(order), 64) == pack_plan(want[order], 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty sequences and alignment gaps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_drop_empty_counts_and_keeps_input_row_ids(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [[1, 2], [], [3, 4, 5], [], [], [6]]
+    ds = datasets.Dataset.from_dict({"input_ids": rows})
+    with pytest.raises(ValueError, match=r"row 1 is empty \(3 empty rows\)"):
+        pack_sequences(ds, 4)
+    with pytest.raises(ValueError, match="row 1 is empty"):
+        plan_dataset(ds, 4)
+    with caplog.at_level("WARNING", logger="mixtape.packing"):
+        out = pack_sequences(ds, 4, strategy="next_fit", drop_empty=True,
+                             fields=("input_ids", "seq_lengths", "doc_ids"),
+                             layout="ragged")  # fmt: skip
+    assert "3 empty rows dropped" in caplog.text
+    assert out.to_dict() == {"input_ids": [[1, 2], [3, 4, 5, 6]], "seq_lengths": [[2], [3, 1]],
+                             "doc_ids": [[0], [2, 5]]}  # fmt: skip
+    plan = plan_dataset(ds, 4, strategy="next_fit", drop_empty=True)
+    assert (plan.num_docs, plan.dropped_docs, plan.dropped_tokens) == (6, 3, 0)
+    assert PackingStats.from_plan(plan).dropped_docs == 3
+    # Counted together with documents that overflow="drop" drops; the saved plan reloads.
+    long = datasets.Dataset.from_dict({"input_ids": [[1] * 9, [], [2, 3]]})
+    plan = plan_dataset(long, 4, overflow="drop", drop_empty=True)
+    assert (plan.dropped_docs, plan.dropped_tokens) == (2, 9)
+    packed = pack_sequences(long, 4, overflow="drop", drop_empty=True, save_plan=tmp_path / "p",
+                            fields=ALL)  # fmt: skip
+    assert column(packed, "doc_ids") == [[2]]
+    again = pack_sequences(long, 4, plan=tmp_path / "p.npz", drop_empty=True, fields=ALL)
+    assert again.data.table.equals(packed.data.table)
+    with pytest.raises(ValueError, match="row 1 is empty"):
+        pack_sequences(long, 4, plan=tmp_path / "p.npz")
+    disk = _on_disk(ds, tmp_path / "ds", shards=2)
+    on_disk = pack_sequences(disk, 4, strategy="next_fit", drop_empty=True,
+                             fields=("input_ids", "seq_lengths", "doc_ids"),
+                             layout="ragged")  # fmt: skip
+    assert on_disk.cache_files and on_disk.to_dict() == out.to_dict()
+
+
+def test_align_gaps_always_write_seq_starts() -> None:
+    data = pa.array([[1, 2, 3], [4, 5], [6]])
+    out = pack_sequences(data, 8, align=4, fields=("input_ids", "seq_lengths"))
+    assert out.to_pydict() == {
+        "input_ids": [[1, 2, 3, 0, 4, 5, 0, 0], [6, 0, 0, 0, 0, 0, 0, 0]],
+        "seq_lengths": [[3, 2], [1]],
+        "seq_starts": [[0, 4], [0]],
+    }
+    # Even when no gap happens to occur, align > 1 keeps the same columns.
+    even = pack_sequences(pa.array([[1, 2, 3, 4], [5, 6, 7, 8]]), 8, align=4,
+                          fields=("input_ids", "seq_lengths", "doc_ids"))  # fmt: skip
+    assert even.column_names == ["input_ids", "seq_lengths", "seq_starts", "doc_ids"]
+    # A reused plan with gaps also gets them, whatever align says; back to back needs none.
+    gapped = pack_plan(np.array([3, 2, 1]), 8, align=4)
+    reused = pack_sequences(data, 8, plan=gapped, fields=("input_ids", "seq_lengths"))
+    assert column(reused, "seq_starts") == [[0, 4], [0]]
+    plain = pack_sequences(data, 8, fields=("input_ids", "seq_lengths"))
+    assert plain.column_names == ["input_ids", "seq_lengths"]
+    ragged_out = pack_sequences(data, 8, plan=gapped, layout="ragged", fields=("input_ids",))
+    assert ragged_out.column_names == ["input_ids"]  # ragged rows are back to back

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +24,17 @@ from mixtape.ops import (
     PackPlan,
     check_choice,
     pack_fill,
-    pack_plan,
 )
-from mixtape.packing.plan import _LAYOUTS, PACKED_FIELDS, ROW_FIELDS, TOKEN_FIELDS, check_no_empty
+from mixtape.packing.plan import (
+    _LAYOUTS,
+    PACKED_FIELDS,
+    ROW_FIELDS,
+    TOKEN_FIELDS,
+    ListColumn,
+    check_no_empty,
+    list_column,
+    plan_lengths,
+)
 from mixtape.ragged import (
     TableView,
     arrow_ragged,
@@ -31,6 +43,10 @@ from mixtape.ragged import (
     is_hf_dataset,
     ragged_column,
 )
+
+# Output (and gathered input) per written batch: bounds the resident memory of a packing run.
+_BATCH_BYTES = 64 << 20
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def _check_plan_matches(plan: PackPlan, lengths: Int64Array, max_length: int) -> None:
@@ -67,32 +83,33 @@ def _check_plan_matches(plan: PackPlan, lengths: Int64Array, max_length: int) ->
         )
 
 
-def _list_array(offsets: Int64Array, values: npt.NDArray[Any]) -> pa.Array:
-    """A list array (large_list when the values outgrow int32 offsets), no copy of the values."""
+def _list_array(offsets: Int64Array, values: npt.NDArray[Any], large: bool) -> pa.Array:
+    """A list array, no copy of the values; ``large`` (large_list) when the whole output's
+    offsets outgrow int32, decided once so that every written batch has the same type."""
     flat = pa.array(values)
-    if offsets[-1] <= np.iinfo(np.int32).max:
+    if not large:
         return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
     return pa.LargeListArray.from_arrays(pa.array(offsets), flat)
 
 
 def _token_column(
-    arr: npt.NDArray[Any], layout: str, capacity: int, row_tok_offsets: Int64Array
+    arr: npt.NDArray[Any], layout: str, capacity: int, row_tok_offsets: Int64Array, large: bool
 ) -> pa.Array:
     if layout == "padded":
         return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), capacity)
-    return _list_array(row_tok_offsets, arr.reshape(-1))
+    return _list_array(row_tok_offsets, arr.reshape(-1), large)
 
 
-def _extra_columns(
-    table: TableView | None, column: str, columns: Sequence[str] | None, offsets: Int64Array
-) -> dict[str, tuple[IntArray, npt.DTypeLike]]:
+def _carried_columns(
+    table: TableView | None, column: str, columns: Sequence[str] | None, lengths: Int64Array
+) -> dict[str, ListColumn]:
     """Other list columns packed along with the tokens (TRL packs every column the same way)."""
     if table is None:
         if columns:
             raise ValueError(f"columns={list(columns)} needs a Dataset or a pyarrow Table input")
         return {}
     names = [c for c in table.column_names if c != column] if columns is None else list(columns)
-    out: dict[str, tuple[IntArray, npt.DTypeLike]] = {}
+    out: dict[str, ListColumn] = {}
     for name in names:
         if name not in table.column_names:
             raise ValueError(f"column {name!r} not found; columns are {table.column_names}")
@@ -110,18 +127,164 @@ def _extra_columns(
                 "packed along with the tokens: remove it (dataset.remove_columns) or pass "
                 "columns=[...] naming the columns to keep"
             )
-        carried = arrow_ragged(table.column(name), f"column {name!r}")
-        vals, offs = carried.values, carried.offsets
-        if not np.array_equal(offs, offsets):
-            row = int(np.argmax(np.diff(offs) != np.diff(offsets)))
+        carried = ListColumn(table.table.column(name), f"column {name!r}", table.indices)
+        theirs = carried.lengths()
+        if not np.array_equal(theirs, lengths):
+            row = int(np.argmax(theirs != lengths))
             raise ValueError(
-                f"column {name!r} row {row} has {int(offs[row + 1] - offs[row])} values but "
-                f"{column!r} has {int(offsets[row + 1] - offsets[row])}; packed columns must "
-                "have the same lengths"
+                f"column {name!r} row {row} has {int(theirs[row])} values but {column!r} has "
+                f"{int(lengths[row])}; packed columns must have the same lengths"
             )
-        child = table.schema.field(name).type.value_type
-        out[name] = (vals, child.to_pandas_dtype())
+        out[name] = carried
     return out
+
+
+def _has_gaps(plan: PackPlan) -> bool:
+    """Whether some piece does not start where the previous one in its row ends (``align``)."""
+    if not plan.num_pieces:
+        return False
+    ends = np.cumsum(plan.length) - plan.length  # tokens before each piece
+    row_first = np.repeat(ends[plan.row_offsets[:-1]], np.diff(plan.row_offsets))
+    return bool(np.any(plan.column != ends - row_first))
+
+
+@dataclass(frozen=True)
+class _RowFormat:
+    """How rows are written: the same for one in-memory fill and for every batch on disk."""
+
+    column: str
+    fields: tuple[str, ...]
+    layout: str
+    capacity: int
+    pad_value: int
+    label_pad_value: int
+    position_start: int
+    large_tokens: bool  # ragged token columns need large_list (> 2**31 - 1 tokens in all)
+    large_pieces: bool  # per-row lists need large_list (> 2**31 - 1 pieces in all)
+
+
+def _rows_table(
+    plan: PackPlan,
+    doc_ids: Int64Array,
+    values: IntArray,
+    offsets: Int64Array,
+    extra: dict[str, tuple[IntArray, npt.DTypeLike]],
+    fmt: _RowFormat,
+    first_piece: int = 0,
+) -> pa.Table:
+    """The packed rows of ``plan`` (whose ``doc`` indexes ``offsets``) as an Arrow table;
+    ``doc_ids`` are the input rows of the plan's pieces, ``first_piece`` the index of its first
+    piece in the whole plan (``seq_idx`` numbers the pieces of the whole output)."""
+    fill_layout = "padded" if fmt.layout == "padded" else "flat"
+    token_fields = [f for f in TOKEN_FIELDS if f in fmt.fields]
+    filled = pack_fill(
+        plan, values, offsets, layout=fill_layout, pad_value=fmt.pad_value,
+        label_pad_value=fmt.label_pad_value, position_start=fmt.position_start,
+        fields=token_fields, dtype=values.dtype,
+    ) if token_fields else {}  # fmt: skip
+    if first_piece and "seq_idx" in filled:
+        seq_idx = filled["seq_idx"]
+        seq_idx[seq_idx >= 0] += first_piece  # -1 marks padding
+    # Token offsets of the rows in the ragged layout: pieces back to back, row after row.
+    piece_ends = np.concatenate([np.zeros(1, np.int64), np.cumsum(plan.length)])
+    row_tok_offsets = piece_ends[plan.row_offsets]
+
+    def fill_extra(name: str) -> npt.NDArray[Any]:
+        vals = extra[name][0]
+        kind = "labels" if name == "labels" else "input_ids"
+        # pad_value is a token id; other columns (attention_mask, token_type_ids, ...) pad with 0.
+        got: npt.NDArray[Any] = pack_fill(
+            plan, vals, offsets, layout=fill_layout, pad_value=0,
+            label_pad_value=fmt.label_pad_value, fields=(kind,), dtype=vals.dtype,
+        )[kind]  # fmt: skip
+        return got
+
+    packed_extra: dict[str, npt.NDArray[Any]] = {}
+    if "loss_mask" in filled and "labels" in extra:
+        # The mask follows the carried labels (prompt tokens masked there), not the ids.
+        packed_extra["labels"] = fill_extra("labels")
+        filled["loss_mask"] = packed_extra["labels"] != fmt.label_pad_value
+    names: list[str] = []
+    arrays: list[pa.Array] = []
+    for f in token_fields:
+        names.append(fmt.column if f == "input_ids" else f)
+        arrays.append(_token_column(filled[f], fmt.layout, fmt.capacity, row_tok_offsets,
+                                    fmt.large_tokens))  # fmt: skip
+    for name, (_, dtype) in extra.items():
+        got = packed_extra[name] if name in packed_extra else fill_extra(name)
+        names.append(name)
+        arrays.append(_token_column(got.astype(dtype, copy=False), fmt.layout, fmt.capacity,
+                                    row_tok_offsets, fmt.large_tokens))  # fmt: skip
+    if "seq_lengths" in fmt.fields:
+        names.append("seq_lengths")
+        arrays.append(_list_array(plan.row_offsets, plan.length.astype(np.int32),
+                                  fmt.large_pieces))  # fmt: skip
+    if "seq_starts" in fmt.fields:
+        names.append("seq_starts")
+        starts = plan.column if fmt.layout == "padded" else piece_ends[:-1] - np.repeat(
+            row_tok_offsets[:-1], np.diff(plan.row_offsets))  # fmt: skip
+        arrays.append(_list_array(plan.row_offsets, starts.astype(np.int32), fmt.large_pieces))
+    if "doc_ids" in fmt.fields:
+        names.append("doc_ids")
+        arrays.append(_list_array(plan.row_offsets, doc_ids, fmt.large_pieces))
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _batch_rows(plan: PackPlan, fmt: _RowFormat, bytes_per_token: int) -> list[tuple[int, int]]:
+    """Row ranges of about ``_BATCH_BYTES`` of output (and so of gathered input) each."""
+    rows = max(1, _BATCH_BYTES // max(1, fmt.capacity * bytes_per_token))
+    if plan.num_rows == 0:
+        return [(0, 0)]  # one empty batch still writes the schema
+    return [(a, min(a + rows, plan.num_rows)) for a in range(0, plan.num_rows, rows)]
+
+
+def _write_batches(
+    plan: PackPlan,
+    source: ListColumn,
+    carried: dict[str, ListColumn],
+    fmt: _RowFormat,
+    ranges: list[tuple[int, int]],
+    path: str,
+) -> None:
+    """Fill the rows ``ranges`` of ``plan`` batch by batch into the Arrow file ``path``: each
+    batch gathers only its documents (compact, the plan's doc ids remapped) from the chunks."""
+    from datasets.arrow_writer import ArrowWriter
+
+    with ArrowWriter(path=path) as writer:
+        for a, b in ranges:
+            sub = plan.select_rows(a, b)
+            docs = np.unique(sub.doc)
+            local = dataclasses.replace(sub, doc=np.searchsorted(docs, sub.doc),
+                                        num_docs=int(docs.size))  # fmt: skip
+            values, offsets = source.gather(docs)
+            extra = {name: (col.gather(docs)[0], col.value_dtype)
+                     for name, col in carried.items()}  # fmt: skip
+            first = int(plan.row_offsets[a])
+            writer.write_table(_rows_table(local, sub.doc, values, offsets, extra, fmt, first))
+            del values, extra
+        writer.finalize()
+
+
+def _output_path(
+    dataset: Any, cache_file_name: str | Path | None, keep_in_memory: bool, fingerprint: str
+) -> str | None:
+    """Where the packed rows go: ``cache_file_name``, else next to a memory-mapped input's cache
+    files (as ``Dataset.map``), else None (kept in memory)."""
+    if cache_file_name is not None:
+        return os.fspath(cache_file_name)
+    if keep_in_memory or not is_hf_dataset(dataset) or not dataset.cache_files:
+        return None
+    from datasets.fingerprint import (
+        generate_random_fingerprint,
+        get_temporary_cache_files_directory,
+        is_caching_enabled,
+    )
+
+    if is_caching_enabled():
+        folder = os.path.dirname(dataset.cache_files[0]["filename"])
+        return os.path.join(folder, f"cache-{fingerprint}.arrow")
+    name = f"cache-{generate_random_fingerprint()}.arrow"
+    return os.path.join(get_temporary_cache_files_directory(), name)
 
 
 def pack_sequences(
@@ -143,6 +306,11 @@ def pack_sequences(
     position_start: int = 0,
     plan: PackPlan | str | Path | None = None,
     save_plan: str | Path | None = None,
+    drop_empty: bool = False,
+    cache_file_name: str | Path | None = None,
+    keep_in_memory: bool = False,
+    load_from_cache_file: bool = True,
+    num_proc: int | None = None,
 ) -> Any:
     """Pack every sequence of ``dataset`` into rows of ``max_length`` tokens, planned globally.
 
@@ -154,9 +322,11 @@ def pack_sequences(
     document start and on padding), ``position_ids`` (restart at ``position_start`` per document),
     ``seq_idx``, ``loss_mask`` as asked in ``fields``; per-row lists ``seq_lengths`` (as TRL's
     ``pack_dataset`` emits: lengths of the documents in the row), ``seq_starts`` (their first
-    columns; not contiguous when ``align`` > 1) and ``doc_ids`` (their input row indices).
-    ``layout="padded"`` gives fixed-size rows of ``max_length`` (padded with ``pad_value``);
-    ``"ragged"`` gives rows of their used length, as TRL does.
+    columns) and ``doc_ids`` (their input row indices). ``layout="padded"`` gives fixed-size rows
+    of ``max_length`` (padded with ``pad_value``); ``"ragged"`` gives rows of their used length,
+    as TRL does. With ``align`` > 1 (or a plan whose documents do not sit back to back) the
+    padded rows have gaps between documents, so ``seq_starts`` is always written then, even if
+    not in ``fields``: ``seq_lengths`` alone would be read as documents back to back.
 
     Other list columns (``columns``; default every other column, each must have the token
     column's lengths, as TRL requires) are packed the same way, padded with 0; a carried
@@ -164,10 +334,29 @@ def pack_sequences(
     a saved plan (a :class:`PackPlan` or a path of ``PackPlan.save``; the planning options are
     then the plan's, and it is checked against the data's lengths); ``save_plan`` writes the plan
     used. To get the plan itself, call :func:`plan_dataset` and pass it here.
+
+    Empty sequences: refused by default (a ``ValueError`` naming the first empty row), since a
+    document of no tokens usually means a tokenization bug. ``drop_empty=True`` leaves them out,
+    as TRL's ``pack_dataset`` does silently: the count is logged (logger ``mixtape.packing``) and
+    kept in the plan's ``dropped_docs`` (``plan_dataset(..., drop_empty=True)``, ``save_plan``,
+    ``PackingStats.from_plan``), and ``doc_ids`` still index the input rows.
+
+    Memory: a memory-mapped HF ``Dataset`` (one with ``cache_files``, e.g. from ``load_dataset``
+    or ``load_from_disk``) is never read whole: lengths come from the Arrow offsets, and rows are
+    filled in batches of about 64 MB, each gathering only its documents from the memory-mapped
+    chunks, then written to an Arrow cache file next to the input's (``cache-<fingerprint>.arrow``,
+    as ``Dataset.map`` does; reused when it exists and ``load_from_cache_file``) or to
+    ``cache_file_name``; the result is memory-mapped from that file. ``keep_in_memory=True``
+    builds the output in RAM instead. Other inputs (in-memory datasets, Arrow, numpy) are packed
+    in memory, or through ``cache_file_name`` when it is given. ``num_proc`` is accepted for
+    ``Dataset.map`` compatibility; the fill runs in one process (see docs/architecture.md).
     """
+    if num_proc is not None and (isinstance(num_proc, bool) or num_proc < 1):
+        raise ValueError(f"num_proc must be None or >= 1, got {num_proc!r}")
     if is_dataset_dict(dataset):
-        if plan is not None or save_plan is not None:
-            raise ValueError("plan / save_plan need a single split, not a DatasetDict")
+        if plan is not None or save_plan is not None or cache_file_name is not None:
+            raise ValueError("plan / save_plan / cache_file_name need a single split, not a "
+                             "DatasetDict")  # fmt: skip
         from datasets import DatasetDict
 
         options: dict[str, Any] = {
@@ -175,7 +364,9 @@ def pack_sequences(
             "max_docs_per_row": max_docs_per_row, "align": align,
             "rows_multiple_of": rows_multiple_of, "shuffle_seed": shuffle_seed, "layout": layout,
             "pad_value": pad_value, "label_pad_value": label_pad_value,
-            "position_start": position_start,
+            "position_start": position_start, "drop_empty": drop_empty,
+            "keep_in_memory": keep_in_memory, "load_from_cache_file": load_from_cache_file,
+            "num_proc": num_proc,
         }  # fmt: skip
         return DatasetDict({split: pack_sequences(ds, max_length, strategy, **options)
                             for split, ds in dataset.items()})  # fmt: skip
@@ -191,91 +382,107 @@ def pack_sequences(
     check_choice("strategy", strategy, PACK_STRATEGIES)
     check_choice("overflow", overflow, OVERFLOW_POLICIES)
 
-    values, offsets = ragged_column(dataset, column)
+    source = list_column(dataset, column)
+    ragged: tuple[IntArray, Int64Array] | None = None
+    if source is None:  # numpy pair / Python lists: already in memory
+        ragged = ragged_column(dataset, column)
+        lengths = np.diff(ragged[1])
+    else:
+        lengths = source.lengths()
     table = arrow_table(dataset)
-    extra = _extra_columns(table, column, columns, offsets)
-    clash = sorted(set(extra) & ({"labels", "position_ids", "seq_idx", "loss_mask"} & set(fields)
-                                 | set(ROW_FIELDS) & set(fields)))  # fmt: skip
+    carried = _carried_columns(table, column, columns, lengths)
+    clash = sorted(set(carried) & ({"labels", "position_ids", "seq_idx", "loss_mask"} & set(fields)
+                                   | set(ROW_FIELDS) & set(fields)))  # fmt: skip
     if clash:
         raise ValueError(
             f"columns {clash} exist in the data and are also asked for in fields; drop them "
             "from fields or from columns"
         )
-    lengths = np.diff(offsets)
-    check_no_empty(lengths, column)
     if plan is None:
-        the_plan = pack_plan(
-            lengths, max_length, strategy=strategy, overflow=overflow,
+        the_plan = plan_lengths(
+            lengths, max_length, column, drop_empty, strategy=strategy, overflow=overflow,
             max_docs_per_row=max_docs_per_row, align=align, rows_multiple_of=rows_multiple_of,
             shuffle_seed=shuffle_seed,
         )  # fmt: skip
     else:
+        if not drop_empty:
+            check_no_empty(lengths, column)
         the_plan = plan if isinstance(plan, PackPlan) else PackPlan.load(plan)
         _check_plan_matches(the_plan, lengths, max_length)
     if save_plan is not None:
         the_plan.save(save_plan)
+    out_fields = tuple(fields)
+    if layout == "padded" and "seq_starts" not in out_fields and (align > 1 or _has_gaps(the_plan)):
+        out_fields = (*out_fields, "seq_starts")  # documents are not back to back
+    fmt = _RowFormat(
+        column=column, fields=out_fields, layout=layout, capacity=int(max_length),
+        pad_value=pad_value, label_pad_value=label_pad_value, position_start=position_start,
+        large_tokens=the_plan.packed_tokens > _INT32_MAX,
+        large_pieces=the_plan.num_pieces > _INT32_MAX,
+    )  # fmt: skip
 
-    fill_layout = "padded" if layout == "padded" else "flat"
-    token_fields = [f for f in TOKEN_FIELDS if f in fields]
-    filled = pack_fill(
-        the_plan, values, offsets, layout=fill_layout, pad_value=pad_value,
-        label_pad_value=label_pad_value, position_start=position_start, fields=token_fields,
-        dtype=values.dtype,
-    ) if token_fields else {}  # fmt: skip
-    # Token offsets of the rows in the ragged layout: pieces back to back, row after row.
-    piece_ends = np.concatenate([np.zeros(1, np.int64), np.cumsum(the_plan.length)])
-    row_tok_offsets = piece_ends[the_plan.row_offsets]
-
-    def fill_extra(name: str) -> npt.NDArray[Any]:
-        vals = extra[name][0]
-        kind = "labels" if name == "labels" else "input_ids"
-        # pad_value is a token id; other columns (attention_mask, token_type_ids, ...) pad with 0.
-        got: npt.NDArray[Any] = pack_fill(
-            the_plan, vals, offsets, layout=fill_layout, pad_value=0,
-            label_pad_value=label_pad_value, fields=(kind,), dtype=vals.dtype,
-        )[kind]  # fmt: skip
-        return got
-
-    packed_extra: dict[str, npt.NDArray[Any]] = {}
-    if "loss_mask" in filled and "labels" in extra:
-        # The mask follows the carried labels (prompt tokens masked there), not the ids.
-        packed_extra["labels"] = fill_extra("labels")
-        filled["loss_mask"] = packed_extra["labels"] != label_pad_value
-    names: list[str] = []
-    arrays: list[pa.Array] = []
-    for f in token_fields:
-        names.append(column if f == "input_ids" else f)
-        arrays.append(_token_column(filled[f], layout, max_length, row_tok_offsets))
-    extra_names = tuple(extra)
-    for name, (_, dtype) in extra.items():
-        got = packed_extra[name] if name in packed_extra else fill_extra(name)
-        names.append(name)
-        arrays.append(_token_column(got.astype(dtype, copy=False), layout, max_length,
-                                    row_tok_offsets))  # fmt: skip
-    if "seq_lengths" in fields:
-        names.append("seq_lengths")
-        arrays.append(_list_array(the_plan.row_offsets, the_plan.length.astype(np.int32)))
-    if "seq_starts" in fields:
-        names.append("seq_starts")
-        starts = the_plan.column if layout == "padded" else piece_ends[:-1] - np.repeat(
-            row_tok_offsets[:-1], np.diff(the_plan.row_offsets))  # fmt: skip
-        arrays.append(_list_array(the_plan.row_offsets, starts.astype(np.int32)))
-    if "doc_ids" in fields:
-        names.append("doc_ids")
-        arrays.append(_list_array(the_plan.row_offsets, the_plan.doc))
-    out = pa.Table.from_arrays(arrays, names=names)
+    fingerprint = ""
     if is_hf_dataset(dataset):
-        from datasets import Dataset
-
         # A fingerprint from the input's and the plan's, not from hashing every packed token.
         digest = hashlib.sha256(str(getattr(dataset, "_fingerprint", "")).encode())
-        digest.update(repr((column, tuple(fields), extra_names, layout, pad_value,
+        digest.update(repr((column, out_fields, tuple(carried), layout, pad_value,
                             label_pad_value, position_start, max_length)).encode())  # fmt: skip
         for name in ("row_offsets", "doc", "start", "length", "column"):
             digest.update(np.ascontiguousarray(getattr(the_plan, name)).tobytes())
-        packed = Dataset(out, split=dataset.split, fingerprint=digest.hexdigest()[:16])
-        fmt = dataset.format
-        if fmt.get("type") is not None:
-            packed = packed.with_format(fmt["type"], **fmt.get("format_kwargs", {}))
+        fingerprint = digest.hexdigest()[:16]
+    path = _output_path(dataset, cache_file_name, keep_in_memory, fingerprint)
+    if path is None:
+        if ragged is None:
+            r = arrow_ragged(table.column(column) if table is not None else dataset,
+                             f"column {column!r}" if table is not None else "tokens")  # fmt: skip
+            ragged = (r.values, r.offsets)
+        extra: dict[str, tuple[IntArray, npt.DTypeLike]] = {}
+        for name, col in carried.items():
+            assert table is not None  # carried columns come from a table
+            extra[name] = (arrow_ragged(table.column(name), col.name).values, col.value_dtype)
+        out = _rows_table(the_plan, the_plan.doc, ragged[0], ragged[1], extra, fmt)
+    else:
+        if not (load_from_cache_file and os.path.exists(path)):
+            if source is None:
+                assert ragged is not None
+                source = ListColumn(_list_array(ragged[1], ragged[0], ragged[1][-1] > _INT32_MAX),
+                                    "tokens")  # fmt: skip
+            itemsizes = [np.dtype(source.value_dtype).itemsize]
+            itemsizes += [np.dtype(c.value_dtype).itemsize for c in carried.values()]
+            bytes_per_token = 2 * sum(itemsizes) + 8 * ("position_ids" in out_fields) + 13
+            ranges = _batch_rows(the_plan, fmt, bytes_per_token)
+            _write_atomically(path, lambda tmp: _write_batches(the_plan, source, carried, fmt,
+                                                               ranges, tmp))  # fmt: skip
+        out = _memory_mapped(path)
+    if is_hf_dataset(dataset):
+        from datasets import Dataset
+
+        packed = Dataset(out, split=dataset.split, fingerprint=fingerprint)
+        fmt_ = dataset.format
+        if fmt_.get("type") is not None:
+            packed = packed.with_format(fmt_["type"], **fmt_.get("format_kwargs", {}))
         return packed
-    return out
+    return out if isinstance(out, pa.Table) else out.table
+
+
+def _write_atomically(path: str, write: Any) -> None:
+    """Write through a temporary file in the same folder, renamed at the end (as ``Dataset.map``
+    does), so an interrupted run never leaves a truncated cache file to be loaded later."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="tmp-pack-", suffix=".arrow", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _memory_mapped(path: str) -> Any:
+    """The Arrow file at ``path``, memory-mapped (a ``datasets`` MemoryMappedTable)."""
+    from datasets.table import MemoryMappedTable
+
+    return MemoryMappedTable.from_file(path)
