@@ -260,3 +260,154 @@ def bench_packed_collate(quick: bool) -> list[Measurement]:
                            timeit(lambda: theirs(examples), repeat=20, warmup=2), False,
                            "list of dicts"))  # fmt: skip
     return out
+
+
+# ---- out of core: a memory-mapped dataset on disk ------------------------------------------
+
+
+def build_disk_dataset(folder: str, gigabytes: float, shards: int = 8, seed: int = 0) -> str:
+    """An on-disk pre-tokenized dataset of about ``gigabytes`` of int32 tokens (lognormal lengths
+    around 300), written shard by shard with ``save_to_disk`` (never all in RAM); returns the
+    folder holding ``shard-<k>`` datasets (:func:`load_disk_dataset` reads them back)."""
+    import os
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    tokens_per_shard = int(gigabytes * 1e9 / 4 / shards)
+    docs_per_shard = max(1, tokens_per_shard // 300)
+    for k in range(shards):
+        lengths = synthetic_lengths(docs_per_shard, seed=seed + k)
+        values, offsets = _tokens(lengths, seed=seed + k)
+        column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+        ds = datasets.Dataset(pa.table({"input_ids": column}))
+        ds.save_to_disk(os.path.join(folder, f"shard-{k}"), num_shards=1)
+        del ds, column, values, offsets
+    return folder
+
+
+def load_disk_dataset(folder: str) -> Any:
+    """The shards of :func:`build_disk_dataset` as one memory-mapped HF Dataset."""
+    import glob
+    import os
+
+    import datasets
+
+    paths = sorted(glob.glob(os.path.join(folder, "shard-*")),
+                   key=lambda p: int(p.rsplit("-", 1)[1]))  # fmt: skip
+    return datasets.concatenate_datasets([datasets.load_from_disk(p) for p in paths])
+
+
+def _status() -> dict[str, int]:
+    """VmRSS / VmHWM / RssAnon / RssFile of this process in bytes (Linux /proc)."""
+    out: dict[str, int] = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def measure_pack_memory(folder: str, out_file: str, max_length: int = CAPACITY,
+                        peer: str = "mixtape") -> dict[str, Any]:  # fmt: skip
+    """Pack the dataset of :func:`build_disk_dataset` in this process and measure it: wall time,
+    peak resident memory above the baseline (VmHWM), and the peak of anonymous memory (RssAnon,
+    sampled every 2 ms: the part that is not file-backed pages of the memory maps)."""
+    import gc
+    import os
+    import threading
+    import time
+
+    import datasets
+    from datasets.table import MemoryMappedTable
+
+    datasets.disable_progress_bars()
+    ds = load_disk_dataset(folder)
+    gc.collect()
+    base = _status()
+    peak = dict(base)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            now = _status()
+            for key in ("RssAnon", "RssFile", "VmRSS"):
+                peak[key] = max(peak[key], now[key])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    if peer == "trl":
+        from trl.data_utils import pack_dataset
+
+        packed = pack_dataset(ds, max_length, strategy="bfd",
+                              map_kwargs={"cache_file_name": out_file})  # fmt: skip
+    else:
+        packed = pack_sequences(ds, max_length, strategy="bfd", overflow="truncate",
+                                cache_file_name=out_file)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    end = _status()
+    mb = 1e6
+    return {
+        "impl": peer,
+        "documents": ds.num_rows,
+        "input_bytes": sum(os.path.getsize(c["filename"]) for c in ds.cache_files),
+        "rows": packed.num_rows,
+        "seconds": seconds,
+        "peak_rss_above_baseline_mb": (end["VmHWM"] - base["VmRSS"]) / mb,
+        "peak_anon_above_baseline_mb": (peak["RssAnon"] - base["RssAnon"]) / mb,
+        "peak_file_backed_above_baseline_mb": (peak["RssFile"] - base["RssFile"]) / mb,
+        "end_anon_above_baseline_mb": (end["RssAnon"] - base["RssAnon"]) / mb,
+        "baseline_rss_mb": base["VmRSS"] / mb,
+        "output_cache_files": [c["filename"] for c in packed.cache_files],
+        "output_memory_mapped": isinstance(packed.data, MemoryMappedTable)
+        or all(isinstance(t, MemoryMappedTable) for t in getattr(packed.data, "blocks", [[]])[0]),
+    }
+
+
+def measure_in_subprocess(folder: str, out_file: str, peer: str = "mixtape") -> dict[str, Any]:
+    """:func:`measure_pack_memory` in a fresh Python process (a clean baseline); its JSON."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from mixtape.bench.pack import measure_pack_memory; "
+            "print(json.dumps(measure_pack_memory(sys.argv[1], sys.argv[2], peer=sys.argv[3])))")
+    done = subprocess.run([sys.executable, "-c", code, folder, out_file, peer], check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+@case("pack-sequences-disk")
+def bench_pack_sequences_disk(quick: bool) -> list[Measurement]:
+    """A memory-mapped on-disk dataset (1 GB int32 tokens; --quick 64 MB) packed into 4096-token
+    rows, each run in a fresh process: time, peak anonymous / resident memory above baseline."""
+    import os
+    import tempfile
+
+    name = "pack-sequences-disk"
+    out: list[Measurement] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        build_disk_dataset(os.path.join(tmp, "data"), 0.064 if quick else 1.0)
+        peers = ["mixtape", "trl"] if quick else ["mixtape"]
+        for peer in peers:
+            if peer == "trl" and _trl() is None:
+                out.append(skipped(name, "trl pack_dataset bfd", "trl not installed"))
+                continue
+            r = measure_in_subprocess(os.path.join(tmp, "data"),
+                                      os.path.join(tmp, f"packed-{peer}.arrow"), peer)  # fmt: skip
+            note = (f"{r['input_bytes'] / 1e9:.2f} GB in, {r['rows']:,} rows; peak anon "
+                    f"+{r['peak_anon_above_baseline_mb']:.0f} MB, file-backed "
+                    f"+{r['peak_file_backed_above_baseline_mb']:.0f} MB, VmHWM "
+                    f"+{r['peak_rss_above_baseline_mb']:.0f} MB; memory-mapped output: "
+                    f"{r['output_memory_mapped']}")  # fmt: skip
+            impl = "mixtape pack_sequences (disk)" if peer == "mixtape" else "trl pack_dataset bfd"
+            out.append(Measurement(name, impl, r["seconds"], peer == "mixtape", note))
+        if not quick:
+            why = "about 50x slower: run with --quick (64 MB) to compare"
+            out.append(skipped(name, "trl pack_dataset bfd", why))
+    return out
