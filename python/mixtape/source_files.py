@@ -24,6 +24,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import torch
 
+from mixtape.gather import list_array, ragged_gather
 from mixtape.ops import Int64Array
 from mixtape.sources import (
     BaseSource,
@@ -31,7 +32,6 @@ from mixtape.sources import (
     as_source,
     check_source_name,
     hf_source,
-    list_array,
 )
 
 __all__ = [
@@ -176,15 +176,9 @@ class NumpyTokenSource(BaseSource):
         return [{col: self._ids(np.asarray(tok[off[r] : off[r + 1]]), r)} for r in rows.tolist()]
 
     def _take_arrow(self, rows: Int64Array) -> pa.Table:
-        starts = np.asarray(self.offsets[rows])
-        lengths = np.asarray(self.offsets[rows + 1]) - starts
-        out_offsets = np.zeros(rows.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=out_offsets[1:])
-        total = int(out_offsets[-1])
-        # token j of the output comes from starts[row] + (j - out_offsets[row])
-        index = np.repeat(starts - out_offsets[:-1], lengths) + np.arange(total, dtype=np.int64)
-        values = self._ids(np.asarray(self.tokens[index]), int(rows[0]) if rows.size else 0)
-        return pa.table({self.column: list_array(out_offsets, values)})
+        values, offsets = ragged_gather(self.tokens, self.offsets, rows)
+        ids = self._ids(values, int(rows[0]) if rows.size else 0)
+        return pa.table({self.column: list_array(offsets, ids)})
 
     def _stream(self, start: int) -> Iterator[dict[str, Any]]:
         return self._stream_rows(start)
@@ -291,10 +285,13 @@ def open_path(path: str | os.PathLike[str], name: str, *, split: str = "train",
     if plain and (os.path.isfile(path) or glob.has_magic(path)):
         return open_files(path, name, split=split, streaming=streaming, text_field=text_field,
                           **load_kwargs)  # fmt: skip
-    if not allow_builder and not os.path.isdir(path):
+    # a data-file suffix or a path prefix means a local path, never a Hub name to download
+    local = _builder_of(path) is not None or path.startswith(("/", "./", "../", "~"))
+    if (not allow_builder or local) and not os.path.isdir(path):
+        hint = ("" if allow_builder else "; for a datasets builder or Hub name use "
+                "DatasetMixture(name, path=...)")  # fmt: skip
         raise FileNotFoundError(f"{where}: {path!r} is not a file, a matching glob or a "
-                                f"directory; for a datasets builder or Hub name use "
-                                f"DatasetMixture(name, path=...)")  # fmt: skip
+                                f"directory{hint}")  # fmt: skip
     import datasets
 
     files = None if data_files is None else _expand(data_files, where)
@@ -341,11 +338,11 @@ class DatasetMixture:
         if dataset is not None and (path is not None or data_files is not None
                                     or data_dir is not None):  # fmt: skip
             raise ValueError(f"{where}: give dataset alone, or path / data_files / data_dir")
-        if dataset is None and path is None and data_files is None:
-            raise ValueError(f"{where}: say where the data is: path=, data_files= or dataset=")
         if path is None and data_dir is not None:
             raise ValueError(f"{where}: data_dir is read by a builder: give path= too (e.g. "
                              f"'parquet' or a Hub name)")  # fmt: skip
+        if dataset is None and path is None and data_files is None:
+            raise ValueError(f"{where}: say where the data is: path=, data_files= or dataset=")
         if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
                 or not math.isfinite(float(weight)) or float(weight) < 0):  # fmt: skip
             raise ValueError(f"{where}: weight must be a finite number >= 0, got {weight!r}")

@@ -37,6 +37,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import torch.utils.data
 
+from mixtape.gather import ArrowRows, list_array
 from mixtape.ops import Int64Array
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
     "as_source",
     "check_source_name",
     "hf_source",
-    "list_array",
 ]
 
 _STREAM_CHUNK = 1024  # rows per take() when a map-style source is read as a stream
@@ -112,7 +112,7 @@ def _row_array(rows: npt.ArrayLike, where: str, num_rows: int) -> Int64Array:
     kind = arr.dtype.kind
     if kind in "fO" and not given_array:  # a Python list with huge or negative ints, or floats
         values = []
-        for i, v in enumerate(arr.tolist()):
+        for i, v in enumerate(list(rows)):  # type: ignore[arg-type]  # the values as given
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{where}: row at position {i} is {v!r}, not an integer")
             values.append(operator.index(v))
@@ -185,65 +185,6 @@ def _records_to_arrow(records: list[dict[str, Any]], where: str) -> pa.Table:
     columns = {k: _column_to_arrow([r.get(k) for r in records], f"{where}, column {k!r}")
                for k in keys}  # fmt: skip
     return pa.table(columns) if columns else pa.table({}).slice(0, 0)
-
-
-def list_array(offsets: Int64Array, values: npt.NDArray[Any]) -> pa.Array:
-    """A list array over (values, offsets): 32-bit offsets (HF's ``List``) when they fit."""
-    if offsets[-1] <= np.iinfo(np.int32).max:
-        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-class _ArrowRows:
-    """Random row access to a pyarrow Table (through an optional row mapping, as HF's
-    ``select`` / ``shuffle`` leave), gathering within each record batch.
-
-    ``pa.Table.take`` concatenates every chunk of a chunked column before taking (a copy of the
-    whole column per call); gathering within each touched batch and reordering once does not.
-    """
-
-    def __init__(self, table: pa.Table, indices: pa.ChunkedArray | None = None) -> None:
-        self.table = table
-        self.mapping = None if indices is None else _ArrowRows(pa.table({"i": indices}))
-        self._index: tuple[list[pa.RecordBatch], Int64Array] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_index": None}
-
-    def gather(self, rows: Int64Array) -> pa.Table:
-        if self.mapping is not None:
-            rows = np.asarray(self.mapping.gather(rows).column(0).to_numpy(), dtype=np.int64)
-        if self._index is None:
-            batches = [b for b in self.table.to_batches() if b.num_rows]
-            starts = np.zeros(len(batches) + 1, dtype=np.int64)
-            np.cumsum([b.num_rows for b in batches], out=starts[1:])
-            self._index = (batches, starts)
-        return _take_batches(*self._index, rows, self.table.schema)
-
-
-def _take_batches(batches: list[pa.RecordBatch], starts: Int64Array, rows: Int64Array,
-                  schema: pa.Schema) -> pa.Table:  # fmt: skip
-    """Rows of the concatenation of ``batches`` (``starts``: their first rows), in order."""
-    if rows.size == 0 or not batches:
-        return schema.empty_table()
-    if len(batches) == 1:
-        return pa.Table.from_batches([batches[0].take(pa.array(rows))], schema=schema)
-    batch_of = np.searchsorted(starts, rows, side="right") - 1
-    in_order = bool(np.all(batch_of[1:] >= batch_of[:-1]))
-    order = None if in_order else np.argsort(batch_of, kind="stable")
-    sorted_batch = batch_of if order is None else batch_of[order]
-    sorted_rows = rows if order is None else rows[order]
-    cuts = np.flatnonzero(np.diff(sorted_batch)) + 1
-    parts = []
-    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, rows.size], strict=True):
-        b = int(sorted_batch[lo])
-        parts.append(batches[b].take(pa.array(sorted_rows[lo:hi] - starts[b])))
-    table = pa.Table.from_batches(parts, schema=schema).combine_chunks()
-    if order is None:
-        return table
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
-    return table.take(pa.array(inverse))
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +331,7 @@ class ArrowTableSource(BaseSource):
             table = pa.Table.from_batches([table])
         if not isinstance(table, pa.Table):
             raise TypeError(f"{self._where}: expected a pyarrow Table, got {type(table).__name__}")
-        self._arrow = _ArrowRows(table)
+        self._arrow = ArrowRows(table)
         self.num_rows = table.num_rows
         self._check_not_empty()
 
@@ -435,12 +376,12 @@ class HFDatasetSource(BaseSource):
             self._columns = [c for c in dataset.column_names if c in keep]
         self._arrow = self._rows_of(dataset)
 
-    def _rows_of(self, dataset: Any) -> _ArrowRows:
+    def _rows_of(self, dataset: Any) -> ArrowRows:
         table = dataset.data.table
         if self._columns is not None:
             table = table.select(self._columns)
         indices = dataset._indices  # the row mapping of select / shuffle (None: identity)
-        return _ArrowRows(table, None if indices is None else indices.column(0))
+        return ArrowRows(table, None if indices is None else indices.column(0))
 
     def __getstate__(self) -> dict[str, Any]:
         # The raw pa.Table would pickle every row; the Dataset pickles memory-mapped files by path.
