@@ -165,20 +165,29 @@ class NumpyTokenSource(BaseSource):
             off = np.load(off_path, mmap_mode="r", allow_pickle=False)
             self.offsets = off if off.dtype == np.int64 else np.asarray(off, dtype=np.int64)
 
-    def _ids(self, values: npt.NDArray[Any], first_row: int) -> npt.NDArray[Any]:
-        if values.dtype == np.uint64 and values.size and int(values.max()) > np.iinfo(np.int64).max:
-            raise ValueError(f"{self._where}: token id {int(values.max())} (near row {first_row}) "
-                             f"does not fit in int64")  # fmt: skip
+    def _ids(self, values: npt.NDArray[Any], offsets: Int64Array,
+             rows: Int64Array) -> npt.NDArray[Any]:  # fmt: skip
+        """Token ids in the output dtype; a uint64 id beyond int64 is named with its row."""
+        if values.dtype == np.uint64 and values.size:
+            big = values > np.iinfo(np.int64).max
+            if big.any():
+                j = int(np.argmax(big))
+                row = int(rows[int(np.searchsorted(offsets, j, side="right")) - 1])
+                raise ValueError(f"{self._where}: row {row} holds token id {int(values[j])}, "
+                                 f"which does not fit in int64")  # fmt: skip
         return values.astype(self.dtype, copy=False)
 
     def _take(self, rows: Int64Array) -> list[dict[str, Any]]:
         tok, off, col = self.tokens, self.offsets, self.column
-        return [{col: self._ids(np.asarray(tok[off[r] : off[r + 1]]), r)} for r in rows.tolist()]
+        out = []
+        for r in rows.tolist():
+            ids = np.asarray(tok[off[r] : off[r + 1]])
+            out.append({col: self._ids(ids, np.array([0, ids.size]), np.array([r]))})
+        return out
 
     def _take_arrow(self, rows: Int64Array) -> pa.Table:
         values, offsets = ragged_gather(self.tokens, self.offsets, rows)
-        ids = self._ids(values, int(rows[0]) if rows.size else 0)
-        return pa.table({self.column: list_array(offsets, ids)})
+        return pa.table({self.column: list_array(offsets, self._ids(values, offsets, rows))})
 
     def _stream(self, start: int) -> Iterator[dict[str, Any]]:
         return self._stream_rows(start)

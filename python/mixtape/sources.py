@@ -91,11 +91,12 @@ class Source(Protocol):
 
 
 # --------------------------------------------------------------------------------------------
-# Shared helpers: rows, records, Arrow gathers, fingerprints
+# Shared helpers: names, rows, records
 # --------------------------------------------------------------------------------------------
 
 
 def check_source_name(name: object) -> str:
+    """``name`` if it is a non-empty string (sources are told apart by name), else ValueError."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a source name must be a non-empty string, got {name!r}")
     return name
@@ -184,7 +185,9 @@ def _records_to_arrow(records: list[dict[str, Any]], where: str) -> pa.Table:
     keys = list(dict.fromkeys(k for r in records for k in r))
     columns = {k: _column_to_arrow([r.get(k) for r in records], f"{where}, column {k!r}")
                for k in keys}  # fmt: skip
-    return pa.table(columns) if columns else pa.table({}).slice(0, 0)
+    if not columns and records:
+        raise ValueError(f"{where}: the examples have no fields")
+    return pa.table(columns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +377,8 @@ class HFDatasetSource(BaseSource):
         if not all_columns and set(selected) != set(dataset.column_names):
             keep = set(selected)
             self._columns = [c for c in dataset.column_names if c in keep]
+            if self.fingerprint is not None:  # HF's fingerprint does not cover the format
+                self.fingerprint = f"{self.fingerprint}:{','.join(self._columns)}"
         self._arrow = self._rows_of(dataset)
 
     def _rows_of(self, dataset: Any) -> ArrowRows:
@@ -443,8 +448,10 @@ class HFIterableSource(BaseSource):
         return HFIterableSource(part, self.name, text_field=self.text_field, fingerprint=fp)
 
 
-def hf_source(ds: Any, name: str, *, text_field: str | None, fingerprint: str | None = None,
-             split: str | None = None) -> BaseSource:  # fmt: skip
+def hf_source(ds: Any, name: str, *, text_field: str | None = None,
+              fingerprint: str | None = None, split: str | None = None) -> BaseSource:  # fmt: skip
+    """Any ``datasets`` object as a source; a ``DatasetDict`` / ``IterableDatasetDict`` needs
+    ``split`` (its absence is a ValueError listing the splits)."""
     dataset_t, iterable_t, dict_t, iter_dict_t = _hf_types()
     if isinstance(ds, (dict_t, iter_dict_t)):
         splits = list(ds)
@@ -592,7 +599,7 @@ class CompositeShardedSource(BaseSource):
         positions = np.concatenate([pos for _, pos, _ in groups])
         inverse = np.empty_like(positions)
         inverse[positions] = np.arange(positions.size)
-        return table.combine_chunks().take(pa.array(inverse))
+        return ArrowRows(table).gather(inverse)  # back to the order asked for
 
     def _stream(self, start: int) -> Iterator[dict[str, Any]]:
         skip = start
