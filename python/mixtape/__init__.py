@@ -36,16 +36,38 @@ from mixtape.packing import (
     pack_sequences,
     plan_dataset,
 )
+from mixtape.schedule import WeightSchedulePoint, WeightScheduler
+from mixtape.source_files import DatasetMixture, NumpyTokenSource
+from mixtape.sources import (
+    ArrowTableSource,
+    BaseSource,
+    CompositeShardedSource,
+    HFDatasetSource,
+    HFIterableSource,
+    ListSource,
+    Source,
+    TorchIterableSource,
+    TorchMapSource,
+    as_source,
+)
 from mixtape.state import Stateful
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IMAGE_NORMALIZATION",
+    "ArrowTableSource",
+    "BaseSource",
     "CausalLMCollator",
     "CollatorInfo",
     "CollatorRegistry",
+    "CompositeShardedSource",
+    "DatasetMixture",
     "FlatteningCollator",
+    "HFDatasetSource",
+    "HFIterableSource",
+    "ListSource",
+    "NumpyTokenSource",
     "PackPlan",
     "PackedCollator",
     "PackingStats",
@@ -53,9 +75,15 @@ __all__ = [
     "PaddingCollator",
     "Ragged",
     "Seq2SeqCollator",
+    "Source",
     "Stateful",
+    "TorchIterableSource",
+    "TorchMapSource",
     "VisionCollator",
+    "WeightSchedulePoint",
+    "WeightScheduler",
     "__version__",
+    "as_source",
     "block_causal_mask",
     "build_info",
     "create_causal_lm_collate",
