@@ -113,8 +113,10 @@ def attach_packed_mask(model: Any) -> Any:
         if seq_idx is None:
             return None
         if kwargs.get("attention_mask") is not None:
-            raise ValueError("the batch has both seq_idx and attention_mask: a packed batch "
-                             "carries one of them (PackedCollator mask='device' or 'host')")  # fmt: skip
+            raise ValueError(
+                "the batch has both seq_idx and attention_mask: a packed batch carries one of "
+                "them (PackedCollator mask='device' or 'host')"
+            )
         attention = model_attention(module)
         if attention == "flash":
             raise ValueError(
