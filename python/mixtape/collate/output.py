@@ -86,7 +86,7 @@ def split_fields(
                     tokens.append(TokenColumn(key, vals.astype(np.float32, copy=False), offs,
                                               float(pad_values.get(key, 0.0))))  # fmt: skip
                 else:
-                    tokens.append(TokenColumn(key, vals.astype(np.int64, copy=False), offs,
+                    tokens.append(TokenColumn(key, as_int64(vals, key), offs,
                                               int(pad_values.get(key, 0))))  # fmt: skip
                 continue
             if key in pad_values:
@@ -99,6 +99,13 @@ def split_fields(
                             f"{type(col).__name__}")  # fmt: skip
         other[key] = col
     return tokens, other
+
+
+def as_int64(arr: npt.NDArray[Any], name: str) -> npt.NDArray[np.int64]:
+    """Integers (or bools) as int64; a uint64 beyond the int64 range is an error, never wrapped."""
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: value {int(arr.max())} is beyond the int64 range")
+    return arr.astype(np.int64, copy=False)
 
 
 def gather_layout(index: npt.NDArray[np.int64], col: TokenColumn) -> npt.NDArray[Any]:
@@ -210,7 +217,7 @@ def stack_other(col: Any, name: str, tensors: bool) -> Any:
     Python numbers follow ``torch.tensor`` (ints → int64, floats → float32), as transformers does.
     """
     if is_arrow(col):
-        return stack_arrow(col, tensors)
+        return stack_arrow(col, tensors, name)
     if isinstance(col, np.ndarray) and col.dtype.kind in "biuf":
         return tensor_or_array(col, tensors)
     if isinstance(col, np.ndarray) and col.dtype != object:
@@ -336,14 +343,21 @@ def tensor_or_array(arr: npt.NDArray[Any], tensors: bool) -> Any:
     return torch.from_numpy(arr)
 
 
-def stack_arrow(col: Any, tensors: bool) -> Any:
+def stack_arrow(col: Any, tensors: bool, name: str = "field") -> Any:
     import pyarrow as pa
 
     if isinstance(col, pa.ChunkedArray):
         col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     t = col.type
     if col.null_count == 0:
-        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        # Arrow stores an HF Dataset's Python numbers: they follow the Python-number rule (ints
+        # int64, floats float32), so a batch is the same from the Arrow columns or the rows.
+        if pa.types.is_integer(t) or pa.types.is_floating(t):
+            arr = col.to_numpy(zero_copy_only=False)
+            if pa.types.is_floating(t):
+                return tensor_or_array(arr.astype(np.float32, copy=False), tensors)
+            return tensor_or_array(as_int64(arr, str(name)), tensors)
+        if pa.types.is_boolean(t):
             return tensor_or_array(col.to_numpy(zero_copy_only=False), tensors)
         if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
             try:
