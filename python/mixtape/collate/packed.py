@@ -143,11 +143,6 @@ def _check_back_to_back(c: Columns, ids: Ragged, key: str, row: Int64Array, star
     invisible to all three: such rows need their ``seq_starts``.
     """
     offs = ids.offsets
-    first = offs[row] + start  # flat index of each document's first token
-    cum = np.zeros(length.size + 1, dtype=np.int64)
-    np.cumsum(length, out=cum[1:])
-    within = np.arange(int(cum[-1]), dtype=np.int64) - np.repeat(cum[:-1], length)
-    tok = np.repeat(first, length) + within  # flat index of every document token
     problem: tuple[int, str] | None = None
 
     def note(r: int, what: str) -> None:
@@ -156,6 +151,11 @@ def _check_back_to_back(c: Columns, ids: Ragged, key: str, row: Int64Array, star
             problem = (r, what)
 
     if "position_ids" in c.cols:
+        first = offs[row] + start  # flat index of each document's first token
+        cum = np.zeros(length.size + 1, dtype=np.int64)
+        np.cumsum(length, out=cum[1:])
+        within = np.arange(int(cum[-1]), dtype=np.int64) - np.repeat(cum[:-1], length)
+        tok = np.repeat(first, length) + within  # flat index of every document token
         pos = as_ragged(c.cols["position_ids"], "position_ids")
         check_same_lengths(pos, ids, "position_ids", key)
         p = pos.values.astype(np.int64, copy=False)
@@ -173,19 +173,20 @@ def _check_back_to_back(c: Columns, ids: Ragged, key: str, row: Int64Array, star
             j = d - int(np.searchsorted(row, row[d]))
             note(int(row[d]), f"its position_ids do not restart at column {int(start[d])}, where "
                               f"document {j} would begin")  # fmt: skip
-    covered = np.zeros(ids.values.size, dtype=bool)
-    covered[tok] = True
-    outside = np.flatnonzero(~covered)
-    if outside.size:
-        tok_row = np.searchsorted(offs, outside, side="right") - 1
+    # Back to back, the documents cover columns [0, used) of each row; the rest is the tail.
+    used = np.bincount(row, weights=length, minlength=len(ids)).astype(np.int64)
+    tail_len = ids.lengths - used
+    if np.any(tail_len):
+        tail_row = np.repeat(np.arange(len(ids), dtype=np.int64), tail_len)
+        tail_cum = np.zeros(tail_len.size + 1, dtype=np.int64)
+        np.cumsum(tail_len, out=tail_cum[1:])
+        outside = (np.repeat(offs[:-1] + used - tail_cum[:-1], tail_len)
+                   + np.arange(int(tail_cum[-1]), dtype=np.int64))  # fmt: skip
         pad = ids.values[outside]
-        last = np.ones(outside.size, dtype=bool)  # each row's last token: its padding value
-        last[:-1] = tok_row[1:] != tok_row[:-1]
-        group = np.cumsum(np.concatenate([[True], last[:-1]])) - 1
-        ref = pad[np.flatnonzero(last)[group]]
+        ref = ids.values[offs[1:] - 1][tail_row]  # each row's last token: its padding value
         bad = np.flatnonzero(pad != ref)
         if bad.size:
-            r = int(tok_row[bad[0]])
+            r = int(tail_row[bad[0]])
             note(r, f"column {int(outside[bad[0]] - offs[r])} after its documents holds "
                     f"{int(pad[bad[0]])}, not the padding {int(ref[bad[0]])} that ends the "
                     "row")  # fmt: skip
@@ -194,7 +195,7 @@ def _check_back_to_back(c: Columns, ids: Ragged, key: str, row: Int64Array, star
         if mask is not None and mask[0].size == ids.values.size:
             on = np.flatnonzero(mask[0][outside] != 0)
             if on.size:
-                r = int(tok_row[on[0]])
+                r = int(tail_row[on[0]])
                 note(r, f"its attention_mask is 1 at column {int(outside[on[0]] - offs[r])}, "
                         "after its documents")  # fmt: skip
     if problem is not None:
