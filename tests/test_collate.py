@@ -733,3 +733,70 @@ def test_registry_register_decorator() -> None:
     finally:
         CollatorRegistry.unregister("test_audio")
     assert not CollatorRegistry.list_collators("audio")
+
+
+# ---------------------------------------------------------------------------------------------
+# One rule for the fields a collator does not own, in every collator
+# ---------------------------------------------------------------------------------------------
+
+
+def _rule_batch() -> list[dict[str, Any]]:
+    return [
+        {"input_ids": [5, 6, 7], "token_type_ids": [0, 1, 1], "special_tokens_mask": [1, 0, 0],
+         "tag": [3, 4, 5], "weight": [0.5, 1.0, 2.0], "score": 0.25, "text": "a",
+         "choices": [1, 2, 3, 4]},
+        {"input_ids": [8, 9], "token_type_ids": [1, 1], "special_tokens_mask": [0, 1],
+         "tag": [6, 7], "weight": [3.0, 4.0], "score": 1.5, "text": "b", "choices": [5]},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["dicts", "arrow", "columns"])
+def test_extra_fields_follow_one_rule_in_every_collator(form: str) -> None:
+    import pyarrow as pa
+    import torch
+
+    import mixtape
+
+    rows = _rule_batch()
+    batch: Any = rows
+    if form == "arrow":  # an HF Dataset stores the floats as float64
+        batch = pa.Table.from_pylist(rows)
+        assert batch.schema.field("weight").type == pa.list_(pa.float64())
+    elif form == "columns":
+        batch = {k: [r[k] for r in rows] for k in rows[0]}
+        batch["weight"] = [np.asarray(w, dtype=np.float64) for w in batch["weight"]]
+    padded = {
+        "padding": mixtape.create_collate_fn(0, pad_values={"token_type_ids": 0,
+                                                            "special_tokens_mask": 1, "tag": 9}),
+        "causal_lm": mixtape.create_causal_lm_collate(0, pad_values={"tag": 9,
+                                                                     "special_tokens_mask": 1}),
+        "seq2seq": mixtape.create_seq2seq_collate(0, pad_values={"tag": 9,
+                                                                 "special_tokens_mask": 1}),
+        "packed": mixtape.create_packed_collate(attention="none", pad_values={
+            "tag": 9, "special_tokens_mask": 1}),
+    }  # fmt: skip
+    for name, collator in padded.items():
+        out = collator(batch)
+        assert out["token_type_ids"].tolist() == [[0, 1, 1], [1, 1, 0]], name
+        assert out["special_tokens_mask"].tolist() == [[1, 0, 0], [0, 1, 1]], name
+        assert out["tag"].dtype == torch.int64 and out["tag"].tolist() == [[3, 4, 5], [6, 7, 9]]
+        assert out["weight"].dtype == torch.float32, name
+        assert out["weight"].tolist() == [[0.5, 1.0, 2.0], [3.0, 4.0, 0.0]], name
+        assert out["score"].dtype == torch.float32 and out["score"].tolist() == [0.25, 1.5]
+        assert out["text"] == ["a", "b"], name
+        assert [list(c) for c in out["choices"]] == [[1, 2, 3, 4], [5]], name  # passed through
+    flat = mixtape.create_flattening_collate()(batch)
+    assert flat["tag"].tolist() == [[3, 4, 5, 6, 7]] and flat["tag"].dtype == torch.int64
+    assert flat["weight"].dtype == torch.float32
+    assert flat["weight"].tolist() == [[0.5, 1.0, 2.0, 3.0, 4.0]]
+    assert flat["score"].tolist() == [0.25, 1.5] and flat["text"] == ["a", "b"]
+    # Left padding and truncation move the float fields exactly as the ids.
+    left = mixtape.create_collate_fn(0, padding_side="left", max_length=2,
+                                     truncation_side="left")(batch)  # fmt: skip
+    assert left["input_ids"].tolist() == [[6, 7], [8, 9]]
+    assert left["weight"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    # A field named in pad_values must be per-token: wrong lengths are an error, not a pass-through.
+    bad = [dict(rows[0], token_type_ids=[0, 1]), rows[1]]
+    with pytest.raises(ValueError, match="token_type_ids: example 0 has 2 tokens but its "
+                                         "input_ids has 3"):  # fmt: skip
+        mixtape.create_collate_fn(0)(bad)

@@ -245,3 +245,40 @@ def test_pad_sequence(side: str, dtype: torch.dtype) -> None:
     if side == "left":
         mask = mask.flip(1)
     assert torch.equal(ours["attention_mask"], mask.to(torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bare id lists: DataCollatorForLanguageModeling(mlm=False) takes them; so does every collator
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bare_id_lists_match_data_collator_for_language_modeling() -> None:
+    import numpy as np
+    import torch
+    from transformers import ByT5Tokenizer, DataCollatorForLanguageModeling
+
+    import mixtape
+
+    tok = ByT5Tokenizer()  # byte-level: needs no vocabulary file
+    theirs_collate = DataCollatorForLanguageModeling(tok, mlm=False, pad_to_multiple_of=4)
+    ours_collate = mixtape.create_causal_lm_collate(tok.pad_token_id, pad_to_multiple_of=4)
+    lists = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    for form in (lists, [np.array(x) for x in lists], [torch.tensor(x) for x in lists]):
+        theirs, ours = theirs_collate(form), ours_collate(form)
+        for key in ("input_ids", "labels"):
+            assert torch.equal(ours[key], theirs[key]), key
+        assert ours["attention_mask"].tolist() == [
+            [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
+    # Every text collator reads them as input_ids, so swapping the collator is one line.
+    assert mixtape.create_collate_fn(0)(lists)["input_ids"].shape == (3, 5)
+    assert mixtape.create_seq2seq_collate(0)(lists)["input_ids"].shape == (3, 5)
+    flat = mixtape.create_flattening_collate()(lists)
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+    packed = mixtape.create_packed_collate(attention="flash")(lists)
+    assert packed["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 10, 15]  # a row each, padded
+    assert mixtape.create_causal_lm_collate(0)(np.array([[1, 2], [3, 4]]))["labels"].tolist() == [
+        [1, 2], [3, 4]]  # fmt: skip
+    with pytest.raises(TypeError, match="example 1 must be a sequence of ids like example 0"):
+        ours_collate([[1, 2], {"input_ids": [3]}])
+    keyed = mixtape.create_collate_fn(0, input_key="ids")([[1], [2, 3]])
+    assert keyed["ids"].tolist() == [[1, 0], [2, 3]]

@@ -13,6 +13,7 @@ from mixtape.collate import (
     Ragged,
     Seq2SeqCollator,
     VisionCollator,
+    attach_packed_mask,
     create_causal_lm_collate,
     create_collate_fn,
     create_flattening_collate,
@@ -20,6 +21,7 @@ from mixtape.collate import (
     create_seq2seq_collate,
     get_collator,
     list_collators,
+    packed_attention_mask,
 )
 from mixtape.ops import (
     PackPlan,
@@ -84,6 +86,7 @@ __all__ = [
     "WeightScheduler",
     "__version__",
     "as_source",
+    "attach_packed_mask",
     "block_causal_mask",
     "build_info",
     "create_causal_lm_collate",
@@ -97,6 +100,7 @@ __all__ = [
     "pack_fill",
     "pack_plan",
     "pack_sequences",
+    "packed_attention_mask",
     "pad",
     "plan_dataset",
 ]

@@ -280,8 +280,28 @@ class Columns:
     cols: dict[str, Any]
 
 
-def batch_columns(batch: Any) -> Columns:
-    """Columns of a batch (list of dicts, Arrow record batch / table, or dict of columns)."""
+def is_id_row(x: Any) -> bool:
+    """Whether one example is a bare sequence of token ids (not a dict of fields)."""
+    if isinstance(x, list | tuple):
+        return True
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1
+    return hasattr(x, "dim") and hasattr(x, "detach") and int(x.dim()) == 1
+
+
+def batch_columns(batch: Any, input_key: str = "input_ids") -> Columns:
+    """Columns of a batch (list of dicts, Arrow record batch / table, or dict of columns).
+
+    A list of bare id sequences (lists, numpy arrays or tensors, as
+    ``DataCollatorForLanguageModeling`` accepts), or a 2-D array / tensor, is the ``input_key``
+    column alone.
+    """
+    if (isinstance(batch, np.ndarray) and batch.ndim == 2) or (
+        hasattr(batch, "dim") and hasattr(batch, "detach") and int(batch.dim()) == 2
+    ):
+        if len(batch) == 0:
+            raise ValueError("empty batch: no examples")
+        return Columns(len(batch), {input_key: batch})
     if is_arrow(batch) and hasattr(batch, "column_names"):
         n = int(batch.num_rows)
         if n == 0:
@@ -307,8 +327,15 @@ def batch_columns(batch: Any) -> Columns:
         first = batch[0]
         if is_arrow(first) and hasattr(first, "column_names"):  # Arrow rows / batches
             return batch_columns(concat_arrow(batch))
+        if is_id_row(first):  # bare token ids: the input_key column
+            for i, ex in enumerate(batch):
+                if not is_id_row(ex):
+                    raise TypeError(f"example {i} must be a sequence of ids like example 0, got "
+                                    f"{type(ex).__name__}")  # fmt: skip
+            return Columns(len(batch), {input_key: list(batch)})
         if not isinstance(first, Mapping):
-            raise TypeError(f"example 0 must be a dict of fields, got {type(first).__name__}")
+            raise TypeError(f"example 0 must be a dict of fields or a sequence of ids, got "
+                            f"{type(first).__name__}")  # fmt: skip
         keys = first.keys()
         for i, ex in enumerate(batch):
             if not isinstance(ex, Mapping):
@@ -323,9 +350,75 @@ def batch_columns(batch: Any) -> Columns:
                 raise ValueError(f"example {i} has field {extra[0]!r} that example 0 lacks")
         return Columns(len(batch), {k: list(map(operator.itemgetter(k), batch)) for k in keys})
     raise TypeError(
-        "a batch must be a list of example dicts, a dict of columns or a pyarrow "
-        f"RecordBatch/Table, got {type(batch).__name__}"
+        "a batch must be a list of example dicts or of id sequences, a dict of columns or a "
+        f"pyarrow RecordBatch/Table, got {type(batch).__name__}"
     )
+
+
+def numeric_ragged(col: Any, name: str) -> tuple[npt.NDArray[Any], Int64Array] | None:
+    """(values, offsets) of a column of 1-D number sequences of any numeric dtype (ints, floats,
+    bools), or None when the column is something else (strings, nested, None, ...).
+
+    Empty rows take the dtype of the others, so ``[]`` (numpy's float64) does not turn int rows
+    into floats.
+    """
+    if isinstance(col, Ragged):
+        r = check_ragged(col, name)
+        return r.values, r.offsets
+    if is_arrow(col):
+        import pyarrow as pa
+
+        if isinstance(col, pa.ChunkedArray):
+            col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        t = col.type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)
+                or pa.types.is_fixed_size_list(t)) or col.null_count:  # fmt: skip
+            return None
+        vt = t.value_type
+        if not (pa.types.is_integer(vt) or pa.types.is_floating(vt) or pa.types.is_boolean(vt)):
+            return None
+        if pa.types.is_fixed_size_list(t):
+            child = col.flatten()
+            offsets = np.arange(len(col) + 1, dtype=np.int64) * t.list_size
+        else:
+            raw = col.offsets.to_numpy()
+            child = col.values.slice(int(raw[0]), int(raw[-1] - raw[0]))
+            offsets = raw.astype(np.int64) - int(raw[0])
+        if child.null_count:
+            return None
+        return np.asarray(child.to_numpy(zero_copy_only=False)), offsets
+    if hasattr(col, "dim") and hasattr(col, "detach"):
+        if int(col.dim()) != 2:
+            return None
+        col = col.detach().cpu().numpy()
+    if isinstance(col, np.ndarray) and col.dtype != object:
+        if col.ndim != 2 or col.dtype.kind not in "biuf":
+            return None
+        n, width = col.shape
+        return np.ascontiguousarray(col).reshape(-1), np.arange(n + 1, dtype=np.int64) * width
+    if not isinstance(col, list | tuple | np.ndarray):
+        return None
+    rows = list(col)
+    if rows and all(type(r) is list for r in rows):
+        try:  # ints (the common case): one C++ pass
+            return ops.ints_from_lists(rows, name)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    parts = []
+    for r in rows:
+        if hasattr(r, "detach") and hasattr(r, "numpy"):
+            r = r.detach().cpu().numpy()
+        if not isinstance(r, list | tuple | np.ndarray):
+            return None
+        arr = np.asarray(r)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "biuf"):
+            return None
+        parts.append(arr)
+    typed = [p for p in parts if p.size]
+    dtype = np.result_type(*typed) if typed else np.dtype(np.int64)
+    lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    values = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    return values, offsets_from_lengths(lengths)
 
 
 def concat_arrow(parts: Sequence[Any]) -> Any:

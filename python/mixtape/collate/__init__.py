@@ -1,18 +1,33 @@
 """Collators: examples -> batches of tensors, on top of the pad and pack-fill kernels.
 
-Every collator reads its batch through :mod:`mixtape.ragged` (a list of example dicts or of id
-lists, an Arrow ``RecordBatch``/``Table``, a dict of columns) and follows one rule for the fields
-it does not own: integer per-token fields are laid out like the ids with their own pad value,
-float per-token fields with 0.0, per-example numbers are stacked, anything else is passed through.
+Every collator reads its batch through :mod:`mixtape.ragged`: a list of example dicts, a list of
+bare id sequences (lists, numpy arrays or tensors, read as ``input_ids``, as transformers'
+``DataCollatorForLanguageModeling`` accepts them), an Arrow ``RecordBatch``/``Table`` or a dict
+of columns. Every collator (padding, causal LM, seq2seq, flattening, packed) follows one rule for
+the fields it does not own (``collate.output.split_fields``):
+
+- a column of 1-D number sequences with the ids' lengths is per-token and laid out like the ids
+  (padded, truncated, flattened or packed the same way): integers and bools as int64 padded with
+  their ``pad_values`` entry (default ``DEFAULT_PAD_VALUES``: ``token_type_ids`` 0,
+  ``special_tokens_mask`` 1; any other 0), floats (e.g. loss weights) as float32 padded with 0.0,
+  whatever their input dtype (an HF ``Dataset`` stores Python floats as float64; the batch is the
+  same from its Arrow columns or its rows, and float32 is what a model computes its loss in);
+- per-example numbers and equal-shape arrays are stacked (Python ints int64, floats float32, as
+  ``torch.tensor``); anything else (strings, ragged lists of other lengths) is passed through.
 """
 
 from __future__ import annotations
 
+from mixtape.collate.attention import (
+    PACKED_ATTENTION,
+    attach_packed_mask,
+    model_attention,
+    packed_attention_mask,
+)
 from mixtape.collate.flattening import FlatteningCollator, create_flattening_collate
-from mixtape.collate.output import ReturnTensors
-from mixtape.collate.packed import PACKED_ATTENTION, PackedCollator, create_packed_collate
+from mixtape.collate.output import DEFAULT_PAD_VALUES, ReturnTensors
+from mixtape.collate.packed import PackedCollator, create_packed_collate
 from mixtape.collate.padding import (
-    DEFAULT_PAD_VALUES,
     CausalLMCollator,
     PaddingCollator,
     Seq2SeqCollator,
@@ -38,6 +53,7 @@ __all__ = [
     "ReturnTensors",
     "Seq2SeqCollator",
     "VisionCollator",
+    "attach_packed_mask",
     "create_causal_lm_collate",
     "create_collate_fn",
     "create_flattening_collate",
@@ -45,4 +61,6 @@ __all__ = [
     "create_seq2seq_collate",
     "get_collator",
     "list_collators",
+    "model_attention",
+    "packed_attention_mask",
 ]

@@ -7,14 +7,19 @@ from typing import Any
 
 import numpy as np
 
-from mixtape.collate.output import Output, ReturnTensors, stack_other
+from mixtape.collate.output import (
+    DEFAULT_PAD_VALUES,
+    Output,
+    ReturnTensors,
+    split_fields,
+    stack_other,
+)
 from mixtape.ragged import (
     as_ragged,
     batch_columns,
     check_same_lengths,
     example_of,
     field_of,
-    is_sequence_column,
 )
 from mixtape.validation import check_int
 
@@ -31,8 +36,10 @@ class FlatteningCollator:
     restarting at ``position_ids_start``; optionally ``seq_idx`` [1, T] (int32) and the flash
     attention kwargs ``cu_seq_lens_q/k`` (int32, n + 1) and ``max_length_q/k`` (Python ints).
     Vectorised: no Python loop per sequence. The examples' ``attention_mask`` is dropped (there
-    is no padding); other ragged fields with the ids' lengths are flattened to [1, T], other
-    fields stacked or passed through (transformers drops them).
+    is no padding). Other fields follow the collators' one rule (``mixtape.collate``): per-token
+    number columns are flattened to [1, T] (integers int64, floats float32), per-example numbers
+    stacked, the rest passed through (transformers drops them). A batch may also be a list of
+    bare id sequences (read as ``input_key``).
     """
 
     def __init__(
@@ -58,7 +65,7 @@ class FlatteningCollator:
         self._out = Output(return_tensors, pin_memory)
 
     def __call__(self, batch: Any) -> dict[str, Any]:
-        c = batch_columns(batch)
+        c = batch_columns(batch, self.input_key)
         ids = as_ragged(field_of(c, self.input_key), self.input_key)
         labels = None
         if "labels" in c.cols:
@@ -101,17 +108,14 @@ class FlatteningCollator:
                 result[key] = self._out.wrap(cu)
             longest = int(lengths.max())
             result["max_length_q"] = result["max_length_k"] = longest
-        for key, col in c.cols.items():
-            if key in (self.input_key, "labels", "attention_mask"):
-                continue
-            if is_sequence_column(col):
-                r = as_ragged(col, key)
-                check_same_lengths(r, ids, key, self.input_key)
-                buf = self._out.empty((1, total))
-                np.copyto(buf[0], r.values)
-                result[key] = self._out.wrap(buf)
-            else:
-                result[key] = stack_other(col, key, self._out.tensors)
+        tokens, rest = split_fields(c, ids.offsets, (self.input_key, "labels", "attention_mask"),
+                                    DEFAULT_PAD_VALUES, self.input_key)  # fmt: skip
+        for col in tokens:
+            buf = self._out.empty((1, total), col.values.dtype)
+            np.copyto(buf[0], col.values)
+            result[col.name] = self._out.wrap(buf)
+        for key, other in rest.items():
+            result[key] = stack_other(other, key, self._out.tensors)
         return result
 
 

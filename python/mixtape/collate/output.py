@@ -1,21 +1,27 @@
-"""Output buffers of the collators (one block per batch, pinned on request) and the rule for the
-fields that are not padded: per-example numbers and equal-shape arrays are stacked, labels stacked
-as ``DataCollatorWithPadding`` does, anything else passed through unchanged.
+"""Output buffers of the collators (one block per batch, pinned on request) and the one rule for
+the fields a collator does not own (see :func:`split_fields`): per-token number columns are laid
+out like the ids, per-example numbers and equal-shape arrays are stacked, labels stacked as
+``DataCollatorWithPadding`` does, anything else passed through unchanged.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from mixtape.ops import Int64Array
 from mixtape.ragged import (
+    Columns,
     arrow_ragged,
     is_arrow,
     is_sequence,
     is_sequence_column,
+    numeric_ragged,
 )
 from mixtape.validation import check_int  # noqa: F401  (re-exported for the collators)
 
@@ -26,6 +32,92 @@ if TYPE_CHECKING:
 ReturnTensors = bool | Literal["pt", "np"]
 # Label fields transformers' DataCollatorWithPadding renames to "labels".
 LABEL_ALIASES = ("labels", "label", "label_ids")
+# Pad values of per-token fields besides ids/mask/labels (as a transformers tokenizer pads them);
+# any other integer per-token field pads with 0, a float one with 0.0.
+DEFAULT_PAD_VALUES: Mapping[str, int] = {"token_type_ids": 0, "special_tokens_mask": 1}
+
+# --------------------------------------------------------------------------------------------
+# The one rule for the fields a collator does not own
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TokenColumn:
+    """A per-token field, flat: int64 (integers and bools) or float32 (any float), + offsets."""
+
+    name: str
+    values: npt.NDArray[Any]
+    offsets: Int64Array
+    pad: int | float
+
+    @property
+    def is_float(self) -> bool:
+        return bool(self.values.dtype.kind == "f")
+
+
+def split_fields(
+    c: Columns,
+    ids_offsets: Int64Array,
+    skip: Collection[str],
+    pad_values: Mapping[str, int | float],
+    input_key: str = "input_ids",
+) -> tuple[list[TokenColumn], dict[str, Any]]:
+    """The fields not in ``skip``, split by the one rule every collator follows.
+
+    A column of 1-D number sequences with the ids' lengths is per-token: integers and bools become
+    int64 padded with ``pad_values[name]`` (default 0), floats become float32 padded with
+    ``pad_values[name]`` (default 0.0) whatever their input dtype, so an HF ``Dataset`` (floats
+    stored as float64) gives the same batch as lists of Python floats. A field named in
+    ``pad_values`` must be per-token (else ValueError naming the example). Everything else is
+    returned as is, for :func:`stack_other` (per-example numbers stacked, the rest passed through).
+    """
+    lengths = np.diff(ids_offsets)
+    tokens: list[TokenColumn] = []
+    other: dict[str, Any] = {}
+    for key, col in c.cols.items():
+        if key in skip:
+            continue
+        got = numeric_ragged(col, key) if is_sequence_column(col) else None
+        if got is not None:
+            vals, offs = got
+            got_lengths = np.diff(offs)
+            if got_lengths.shape == lengths.shape and np.array_equal(got_lengths, lengths):
+                if vals.dtype.kind == "f":
+                    tokens.append(TokenColumn(key, vals.astype(np.float32, copy=False), offs,
+                                              float(pad_values.get(key, 0.0))))  # fmt: skip
+                else:
+                    tokens.append(TokenColumn(key, as_int64(vals, key), offs,
+                                              int(pad_values.get(key, 0))))  # fmt: skip
+                continue
+            if key in pad_values:
+                i = int(np.flatnonzero(got_lengths != lengths)[0]) if (
+                    got_lengths.shape == lengths.shape) else 0  # fmt: skip
+                raise ValueError(f"{key}: example {i} has {int(got_lengths[i])} tokens but its "
+                                 f"{input_key} has {int(lengths[i])}")  # fmt: skip
+        elif key in pad_values and is_sequence_column(col):
+            raise TypeError(f"{key}: a per-token field (in pad_values) must hold numbers, got "
+                            f"{type(col).__name__}")  # fmt: skip
+        other[key] = col
+    return tokens, other
+
+
+def as_int64(arr: npt.NDArray[Any], name: str) -> npt.NDArray[np.int64]:
+    """Integers (or bools) as int64; a uint64 beyond the int64 range is an error, never wrapped."""
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: value {int(arr.max())} is beyond the int64 range")
+    return arr.astype(np.int64, copy=False)
+
+
+def gather_layout(index: npt.NDArray[np.int64], col: TokenColumn) -> npt.NDArray[Any]:
+    """``col`` laid out as ``index`` says (a flat position per output cell, -1 for padding).
+
+    Lets any dtype follow the layout an integer kernel computed for the ids (pad, truncation,
+    packing) without a kernel per dtype.
+    """
+    out = np.full(index.shape, col.pad, dtype=col.values.dtype)
+    used = index >= 0
+    out[used] = col.values[index[used]]
+    return out
 
 # --------------------------------------------------------------------------------------------
 # Output buffers (optionally pinned) and fields that are stacked or passed through
@@ -125,7 +217,7 @@ def stack_other(col: Any, name: str, tensors: bool) -> Any:
     Python numbers follow ``torch.tensor`` (ints → int64, floats → float32), as transformers does.
     """
     if is_arrow(col):
-        return stack_arrow(col, tensors)
+        return stack_arrow(col, tensors, name)
     if isinstance(col, np.ndarray) and col.dtype.kind in "biuf":
         return tensor_or_array(col, tensors)
     if isinstance(col, np.ndarray) and col.dtype != object:
@@ -251,14 +343,21 @@ def tensor_or_array(arr: npt.NDArray[Any], tensors: bool) -> Any:
     return torch.from_numpy(arr)
 
 
-def stack_arrow(col: Any, tensors: bool) -> Any:
+def stack_arrow(col: Any, tensors: bool, name: str = "field") -> Any:
     import pyarrow as pa
 
     if isinstance(col, pa.ChunkedArray):
         col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     t = col.type
     if col.null_count == 0:
-        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        # Arrow stores an HF Dataset's Python numbers: they follow the Python-number rule (ints
+        # int64, floats float32), so a batch is the same from the Arrow columns or the rows.
+        if pa.types.is_integer(t) or pa.types.is_floating(t):
+            arr = col.to_numpy(zero_copy_only=False)
+            if pa.types.is_floating(t):
+                return tensor_or_array(arr.astype(np.float32, copy=False), tensors)
+            return tensor_or_array(as_int64(arr, str(name)), tensors)
+        if pa.types.is_boolean(t):
             return tensor_or_array(col.to_numpy(zero_copy_only=False), tensors)
         if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
             try:

@@ -3,13 +3,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from mixtape.collate.output import Output, ReturnTensors, stack_other
+from mixtape.collate.attention import PACKED_ATTENTION, resolve_attention
+from mixtape.collate.output import (
+    DEFAULT_PAD_VALUES,
+    Output,
+    ReturnTensors,
+    TokenColumn,
+    gather_layout,
+    split_fields,
+    stack_other,
+)
 from mixtape.ops import (
     Int64Array,
     PackPlan,
@@ -26,7 +35,7 @@ from mixtape.ragged import (
     check_same_lengths,
     example_of,
     field_of,
-    is_sequence_column,
+    numeric_ragged,
 )
 from mixtape.validation import check_int
 
@@ -38,10 +47,8 @@ if TYPE_CHECKING:
 # Packed rows -> training batches
 # --------------------------------------------------------------------------------------------
 
-#: ``attention`` choices of :class:`PackedCollator`; transformers' ``attn_implementation`` names
-#: of flash attention are accepted as aliases of ``"flash"``.
-PACKED_ATTENTION = ("flash", "sdpa", "eager", "none")
-_ATTENTION_ALIASES = {"flash_attention_2": "flash", "flash_attention_3": "flash"}
+__all__ = ["PACKED_ATTENTION", "PackedCollator", "create_packed_collate"]
+MASK_PLACES = ("host", "device")
 # Columns a packed row carries that describe the packing; the collator consumes them (the
 # examples' attention_mask too: it would make flash attention unpad across documents).
 _PACKING_COLUMNS = ("labels", "position_ids", "attention_mask", "seq_lengths", "seq_starts",
@@ -53,10 +60,12 @@ def _row_documents(c: Columns, ids: Ragged, key: str) -> tuple[Int64Array, ...]:
 
     From ``seq_lengths`` (documents back to back from column 0, or at ``seq_starts``), else from
     the resets of ``position_ids`` (a token whose position is not the previous one + 1 starts a
-    document), else one document per row. Zero-length documents are skipped.
+    document), else one document per row. Zero-length documents are skipped. Back-to-back
+    documents are checked against what else the rows say (:func:`_check_back_to_back`).
     """
     rows = len(ids)
     row_len = ids.lengths
+    back_to_back = False
     if "seq_lengths" in c.cols:
         sl = as_ragged(c.cols["seq_lengths"], "seq_lengths")
         counts = sl.lengths
@@ -85,6 +94,7 @@ def _row_documents(c: Columns, ids: Ragged, key: str) -> tuple[Int64Array, ...]:
             ends = np.zeros(length.size + 1, dtype=np.int64)
             np.cumsum(length, out=ends[1:])
             start = ends[:-1] - np.repeat(ends[sl.offsets[:-1]], counts)
+            back_to_back = True
         over = np.flatnonzero(start + length > row_len[row])
         if over.size:
             i = int(over[0])
@@ -97,6 +107,8 @@ def _row_documents(c: Columns, ids: Ragged, key: str) -> tuple[Int64Array, ...]:
             keep = length > 0
             row, start, length = row[keep], start[keep], length[keep]
             counts = np.bincount(row, minlength=rows).astype(np.int64)
+        if back_to_back:
+            _check_back_to_back(c, ids, key, row, start, length)
     elif "position_ids" in c.cols:
         pos = as_ragged(c.cols["position_ids"], "position_ids")
         check_same_lengths(pos, ids, "position_ids", key)
@@ -119,15 +131,97 @@ def _row_documents(c: Columns, ids: Ragged, key: str) -> tuple[Int64Array, ...]:
     return row_offsets, row, start, length
 
 
+def _check_back_to_back(c: Columns, ids: Ragged, key: str, row: Int64Array, start: Int64Array,
+                        length: Int64Array) -> None:  # fmt: skip
+    """Rows with ``seq_lengths`` and no ``seq_starts`` must hold their documents back to back.
+
+    Rows with gaps (``pack_sequences(align > 1)`` rows without their ``seq_starts``) read that way
+    lose documents and train on padding, so whatever else the rows carry must agree:
+    ``position_ids`` count up by one inside every document and restart at each document after the
+    first; the tokens after the last document are padding (one repeated value); a carried
+    ``attention_mask`` is 0 there. A gap followed only by one-token documents of the pad value is
+    invisible to all three: such rows need their ``seq_starts``.
+    """
+    offs = ids.offsets
+    problem: tuple[int, str] | None = None
+
+    def note(r: int, what: str) -> None:
+        nonlocal problem
+        if problem is None or r < problem[0]:
+            problem = (r, what)
+
+    if "position_ids" in c.cols:
+        first = offs[row] + start  # flat index of each document's first token
+        cum = np.zeros(length.size + 1, dtype=np.int64)
+        np.cumsum(length, out=cum[1:])
+        within = np.arange(int(cum[-1]), dtype=np.int64) - np.repeat(cum[:-1], length)
+        tok = np.repeat(first, length) + within  # flat index of every document token
+        pos = as_ragged(c.cols["position_ids"], "position_ids")
+        check_same_lengths(pos, ids, "position_ids", key)
+        p = pos.values.astype(np.int64, copy=False)
+        bad = np.flatnonzero(p[tok] != np.repeat(p[first], length) + within)
+        if bad.size:
+            d = int(np.searchsorted(cum, bad[0], side="right")) - 1
+            j = d - int(np.searchsorted(row, row[d]))  # the document's index in its row
+            cols = f"{int(start[d])}..{int(start[d] + length[d]) - 1}"
+            note(int(row[d]), f"its position_ids do not count up by one inside document {j} "
+                              f"(columns {cols})")  # fmt: skip
+        later = np.flatnonzero(start > 0)
+        cont = later[p[first[later]] == p[first[later] - 1] + 1]
+        if cont.size:
+            d = int(cont[0])
+            j = d - int(np.searchsorted(row, row[d]))
+            note(int(row[d]), f"its position_ids do not restart at column {int(start[d])}, where "
+                              f"document {j} would begin")  # fmt: skip
+    # Back to back, the documents cover columns [0, used) of each row; the rest is the tail.
+    used = np.bincount(row, weights=length, minlength=len(ids)).astype(np.int64)
+    tail_len = ids.lengths - used
+    if np.any(tail_len):
+        tail_row = np.repeat(np.arange(len(ids), dtype=np.int64), tail_len)
+        tail_cum = np.zeros(tail_len.size + 1, dtype=np.int64)
+        np.cumsum(tail_len, out=tail_cum[1:])
+        outside = (np.repeat(offs[:-1] + used - tail_cum[:-1], tail_len)
+                   + np.arange(int(tail_cum[-1]), dtype=np.int64))  # fmt: skip
+        pad = ids.values[outside]
+        ref = ids.values[offs[1:] - 1][tail_row]  # each row's last token: its padding value
+        bad = np.flatnonzero(pad != ref)
+        if bad.size:
+            r = int(tail_row[bad[0]])
+            note(r, f"column {int(outside[bad[0]] - offs[r])} after its documents holds "
+                    f"{int(pad[bad[0]])}, not the padding {int(ref[bad[0]])} that ends the "
+                    "row")  # fmt: skip
+        mask = numeric_ragged(c.cols["attention_mask"], "attention_mask") if (
+            "attention_mask" in c.cols) else None  # fmt: skip
+        if mask is not None and mask[0].size == ids.values.size:
+            on = np.flatnonzero(mask[0][outside] != 0)
+            if on.size:
+                r = int(tail_row[on[0]])
+                note(r, f"its attention_mask is 1 at column {int(outside[on[0]] - offs[r])}, "
+                        "after its documents")  # fmt: skip
+    if problem is not None:
+        r, what = problem
+        raise ValueError(
+            f"seq_lengths: example {r} has no seq_starts, so its documents are read back to back "
+            f"from column 0, but {what}: the row has gaps between its documents (rows of "
+            "pack_sequences with align > 1); pass their seq_starts column "
+            "(pack_sequences(..., fields=(..., 'seq_starts')))"
+        )
+
+
 class PackedCollator:
     """Batches of packed rows (``pack_sequences`` output or TRL's ``pack_dataset``) for training.
 
-    Input: a list of packed example dicts, a ``pyarrow.RecordBatch`` / ``Table``
-    (``Dataset.with_format("arrow")``) or a dict of columns, in either layout: fixed-size rows
-    (``pack_sequences(layout="padded")``: ``input_ids``, ``position_ids``, ``seq_lengths``) or
-    rows of their used length (``layout="ragged"``, or TRL: ``input_ids``, ``seq_lengths``).
-    Document boundaries come from ``seq_lengths`` (documents back to back from column 0, or at
-    ``seq_starts`` when present), else from the resets of ``position_ids``, else each row is one
+    Input: a list of packed example dicts (or bare id rows), a ``pyarrow.RecordBatch`` /
+    ``Table`` (``Dataset.with_format("arrow")``) or a dict of columns, in either layout:
+    fixed-size rows (``pack_sequences(layout="padded")``: ``input_ids``, ``position_ids``,
+    ``seq_lengths``) or rows of their used length (``layout="ragged"``, or TRL: ``input_ids``,
+    ``seq_lengths``). Document boundaries come from ``seq_lengths`` at ``seq_starts`` when
+    present; ``seq_lengths`` alone means back to back from column 0 (TRL's format), and is
+    checked against what else the rows carry: their ``position_ids`` must restart at every
+    document and count up inside it, the tokens after the documents must be one repeated
+    padding value, a carried ``attention_mask`` 0 there; otherwise (rows with gaps, as
+    ``pack_sequences(align > 1)`` makes) it is a ValueError asking for ``seq_starts``. Without
+    ``seq_lengths``, documents come from the resets of ``position_ids``, else each row is one
     document (TRL's ``wrapped``). Tokens of a row outside every document are padding.
 
     Output (torch tensors, or numpy with ``return_tensors=False``): ``input_ids`` [B, L]
@@ -135,7 +229,7 @@ class PackedCollator:
     ``labels`` (the ids, or the rows' own ``labels``) with ``label_pad_token_id`` at the first
     token of every document and on padding, so nothing is predicted across a document boundary;
     ``position_ids`` restarting at ``position_ids_start`` per document (0 on padding). Then, by
-    ``attention`` (set it to the model's attention implementation):
+    ``attention``:
 
     - ``"flash"`` (also ``"flash_attention_2"``/``"_3"``): transformers' padding-free kwargs
       ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 boundaries over the flattened ``B * L`` tokens;
@@ -145,62 +239,83 @@ class PackedCollator:
     - ``"eager"``: the same mask additive (0 or ``finfo(mask_dtype).min``, float32 by default).
     - ``"none"``: no attention fields.
 
-    ``position_ids`` alone do not keep documents apart under ``sdpa``/``eager``: a model run with
-    the wrong ``attention`` attends across documents. ``padding_free=True`` drops all padding and
-    returns [1, T] (pieces back to back), as TRL's ``padding_free`` collator does. The rows'
-    ``attention_mask``, ``position_ids``, ``seq_lengths``, ``seq_starts``, ``doc_ids``,
-    ``seq_idx`` and ``loss_mask`` are consumed; other token columns of the rows' lengths are laid
-    out like ``input_ids`` (padding 0), other fields stacked or passed through. No Python loop
-    per document or token: the rows become a pack plan that the fill kernel writes in one pass.
-    With transformers' ``Trainer`` pass ``remove_unused_columns=False``: it would drop
-    ``seq_lengths`` (not a model argument), leaving only ``position_ids`` resets, or nothing for
-    TRL's rows, to find the documents by.
+    There is no default: a batch made for another implementation attends across documents with
+    no error (``position_ids`` alone do not keep documents apart under sdpa/eager). Pass
+    ``model=`` or ``config=`` (its ``attn_implementation`` is read: flash_attention_2/3, sdpa or
+    eager; anything else is an error saying what to pass) or ``attention=``.
+
+    ``mask="device"`` (sdpa/eager) returns ``seq_idx`` [B, L] int32 (-1 on padding) instead of
+    the [B, 1, L, L] mask (134 MB bool / 537 MB float at 8 x 4096, built on the host and copied
+    per batch); the model builds the mask on its own device after
+    ``mixtape.attach_packed_mask(model)`` (or call ``mixtape.packed_attention_mask``). A model
+    without that hook silently ignores ``seq_idx`` (transformers models accept unknown kwargs)
+    and attends across documents, so ``mask="host"`` stays the default.
+
+    ``padding_free=True`` drops all padding and returns [1, T] (documents back to back), as
+    TRL's ``padding_free`` collator; with ``pad_to_multiple_of`` the row is padded to a multiple
+    as TRL pads it (``pad_token_id``, labels ``label_pad_token_id``, position 0, each padding
+    token its own ``cu_seq_lens`` segment). The rows' ``attention_mask``, ``position_ids``,
+    ``seq_lengths``, ``seq_starts``, ``doc_ids``, ``seq_idx`` and ``loss_mask`` are consumed;
+    other fields follow the collators' one rule (``mixtape.collate``): per-token number columns
+    laid out like ``input_ids`` (integers int64 padded with their ``pad_values`` entry, default
+    0; floats float32 padded with 0.0), per-example numbers stacked, the rest passed through.
+    No Python loop per document or token: the rows become a pack plan that the fill kernel
+    writes in one pass. With transformers' ``Trainer`` pass ``remove_unused_columns=False``: it
+    would drop ``seq_lengths`` (not a model argument), leaving only ``position_ids`` resets, or
+    nothing for TRL's rows, to find the documents by.
     """
 
     def __init__(
         self,
         pad_token_id: int = 0,
         label_pad_token_id: int = -100,
-        attention: str = "flash",
+        attention: str | None = None,
         return_tensors: ReturnTensors = True,
         pin_memory: bool = False,
         *,
+        model: Any = None,
+        config: Any = None,
+        mask: str = "host",
         pad_to_multiple_of: int | None = None,
         padding_free: bool = False,
         position_ids_start: int = 0,
         mask_dtype: torch.dtype | None = None,
+        pad_values: Mapping[str, int | float] | None = None,
         input_key: str = "input_ids",
     ) -> None:
         check_int("pad_token_id", pad_token_id)
         check_int("label_pad_token_id", label_pad_token_id)
         check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1, optional=True)
         check_int("position_ids_start", position_ids_start)
-        if not isinstance(attention, str):
-            raise TypeError(f"attention must be a string, got {attention!r}")
-        attention = _ATTENTION_ALIASES.get(attention, attention)
-        check_choice("attention", attention, PACKED_ATTENTION)
+        attention = resolve_attention(attention, model, config)
+        check_choice("mask", mask, MASK_PLACES)
+        if mask == "device" and attention not in ("sdpa", "eager"):
+            raise ValueError(f"mask='device' sends seq_idx for a mask built by the model; it "
+                             f"needs attention 'sdpa' or 'eager', not {attention!r}")  # fmt: skip
         if mask_dtype is not None and (attention != "eager" or not mask_dtype.is_floating_point):
             raise ValueError(f"mask_dtype={mask_dtype} needs attention='eager' and a float dtype")
         self.pad_token_id = int(pad_token_id)
         self.label_pad_token_id = int(label_pad_token_id)
         self.attention = attention
+        self.mask = mask
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_free = bool(padding_free)
         self.position_ids_start = int(position_ids_start)
         self.mask_dtype = mask_dtype
+        self.pad_values = dict(DEFAULT_PAD_VALUES if pad_values is None else pad_values)
         self.input_key = input_key
         self._out = Output(return_tensors, pin_memory)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(pad_token_id={self.pad_token_id}, "
-            f"attention={self.attention!r}, padding_free={self.padding_free}, "
+            f"attention={self.attention!r}, mask={self.mask!r}, padding_free={self.padding_free}, "
             f"pad_to_multiple_of={self.pad_to_multiple_of})"
         )
 
     def plan(self, batch: Any) -> PackPlan:
         """The rows of ``batch`` as a :class:`PackPlan` (one piece per document, doc = row)."""
-        return self._plan(batch_columns(batch))[0]
+        return self._plan(batch_columns(batch, self.input_key))[0]
 
     def _plan(self, c: Columns) -> tuple[PackPlan, Ragged]:
         key = self.input_key
@@ -222,53 +337,96 @@ class PackedCollator:
         return plan, ids
 
     def __call__(self, batch: Any) -> dict[str, Any]:
-        c = batch_columns(batch)
+        c = batch_columns(batch, self.input_key)
         plan, ids = self._plan(c)
-        shape = (1, plan.packed_tokens) if self.padding_free else (plan.num_rows, plan.capacity)
+        if self.padding_free:  # documents back to back, then padding to the multiple (as TRL)
+            used = plan.packed_tokens
+            shape = (1, padded_length(used, None, self.pad_to_multiple_of))
+        else:
+            used = plan.capacity
+            shape = (plan.num_rows, plan.capacity)
         labels = None
         if "labels" in c.cols:
             labels = as_ragged(c.cols["labels"], "labels")
             check_same_lengths(labels, ids, "labels", self.input_key)
+        tokens, rest = split_fields(c, ids.offsets, (self.input_key, *_PACKING_COLUMNS),
+                                    self.pad_values, self.input_key)  # fmt: skip
         arena = self._out.arena(3, shape)
-        out = {"input_ids": arena.take(), "labels": arena.take(), "position_ids": arena.take()}
+        full = {"input_ids": arena.take(), "labels": arena.take(), "position_ids": arena.take()}
         fields = ["input_ids", "position_ids"] + (["labels"] if labels is None else [])
         if self.attention in ("sdpa", "eager"):
             fields.append("seq_idx")
         if self.attention == "flash":
             fields.append("cu_seqlens")
-        got = self._fill(plan, ids, fields, out, self.pad_token_id)
+        tail = shape[1] - used
+        out = {k: v[:, :used] for k, v in full.items()}
+        seq_idx = None
+        if "seq_idx" in fields:  # the device mask's input is returned: allocate it as output
+            seq_idx = (self._out.empty(shape, np.int32) if self.mask == "device"
+                       else np.empty(shape, np.int32))  # fmt: skip
+            out["seq_idx"] = seq_idx[:, :used]
+        got = self._fill(plan, ids.values, ids.offsets, fields, out, self.pad_token_id)
         if labels is not None:
-            self._fill(plan, labels, ("labels",), {"labels": out["labels"]}, 0)
-        result: dict[str, Any] = {self.input_key: self._out.wrap(out["input_ids"]),
-                                  "labels": self._out.wrap(out["labels"]),
-                                  "position_ids": self._out.wrap(out["position_ids"])}  # fmt: skip
+            self._fill(plan, labels.values, labels.offsets, ("labels",),
+                       {"labels": out["labels"]}, 0)  # fmt: skip
+        if tail:
+            full["input_ids"][:, used:] = self.pad_token_id
+            full["labels"][:, used:] = self.label_pad_token_id
+            full["position_ids"][:, used:] = 0
+            if seq_idx is not None:
+                seq_idx[:, used:] = -1
+        result: dict[str, Any] = {self.input_key: self._out.wrap(full["input_ids"]),
+                                  "labels": self._out.wrap(full["labels"]),
+                                  "position_ids": self._out.wrap(full["position_ids"])}  # fmt: skip
         if self.attention == "flash":
             cu = got["cu_seqlens"]
+            if tail:  # each padding token its own segment, as TRL's position-0 padding gives
+                pad_ends = np.arange(used + 1, shape[1] + 1, dtype=cu.dtype)
+                cu = np.concatenate([cu, pad_ends])
             cu_t = self._out.wrap(cu)
             result["cu_seq_lens_q"] = result["cu_seq_lens_k"] = cu_t
             result["max_length_q"] = result["max_length_k"] = (
                 int(np.diff(cu).max()) if cu.size > 1 else 0
             )
         elif self.attention != "none":
-            result["attention_mask"] = self._mask(got["seq_idx"])
-        for name, col in c.cols.items():
-            if name == self.input_key or name in _PACKING_COLUMNS:
-                continue
-            if is_sequence_column(col):
-                r = as_ragged(col, name)
-                check_same_lengths(r, ids, name, self.input_key)
-                buf = self._out.empty(shape)
-                self._fill(plan, r, ("input_ids",), {"input_ids": buf}, 0)
-                result[name] = self._out.wrap(buf)
+            assert seq_idx is not None
+            if self.mask == "device":
+                result["seq_idx"] = self._out.wrap(seq_idx)
             else:
-                result[name] = stack_other(col, name, self._out.tensors)
+                result["attention_mask"] = self._mask(seq_idx)
+        index = None
+        for col in tokens:
+            if col.is_float:  # the ids' layout applied to floats: fill flat positions, gather
+                if index is None:
+                    index = self._layout_index(plan, ids, shape, used)
+                result[col.name] = self._out.wrap(gather_layout(index, col))
+            else:
+                result[col.name] = self._out.wrap(self._int_column(plan, col, shape, used))
+        for name, other in rest.items():
+            result[name] = stack_other(other, name, self._out.tensors)
         return result
 
-    def _fill(self, plan: PackPlan, rows: Ragged, fields: Sequence[str], out: dict[str, Any],
-              pad_value: int) -> dict[str, Any]:  # fmt: skip
-        """One fill of ``rows`` (ids, labels or another token column) along ``plan``."""
+    def _int_column(self, plan: PackPlan, col: TokenColumn, shape: tuple[int, int],
+                    used: int) -> npt.NDArray[np.int64]:  # fmt: skip
+        buf: npt.NDArray[np.int64] = self._out.empty(shape)
+        self._fill(plan, col.values, col.offsets, ("input_ids",), {"input_ids": buf[:, :used]},
+                   int(col.pad))  # fmt: skip
+        buf[:, used:] = int(col.pad)
+        return buf
+
+    def _layout_index(self, plan: PackPlan, ids: Ragged, shape: tuple[int, int],
+                      used: int) -> npt.NDArray[np.int64]:  # fmt: skip
+        """Flat input position of every output cell (-1 on padding), by the same fill."""
+        index = np.full(shape, -1, dtype=np.int64)
+        flat = np.arange(ids.values.size, dtype=np.int64)
+        self._fill(plan, flat, ids.offsets, ("input_ids",), {"input_ids": index[:, :used]}, -1)
+        return index
+
+    def _fill(self, plan: PackPlan, values: Any, offsets: Any, fields: Sequence[str],
+              out: dict[str, Any], pad_value: int) -> dict[str, Any]:  # fmt: skip
+        """One fill of ``values`` (ids, labels or another token column) along ``plan``."""
         return pack_fill(
-            plan, rows.values, rows.offsets, layout="flat" if self.padding_free else "padded",
+            plan, values, offsets, layout="flat" if self.padding_free else "padded",
             pad_value=pad_value, label_pad_value=self.label_pad_token_id,
             position_start=self.position_ids_start, fields=fields, dtype=np.int64, out=out,
         )  # fmt: skip
@@ -286,11 +444,14 @@ class PackedCollator:
 def create_packed_collate(
     pad_token_id: int = 0,
     label_pad_token_id: int = -100,
-    attention: str = "flash",
+    attention: str | None = None,
     return_tensors: ReturnTensors = True,
     pin_memory: bool = False,
     **kwargs: Any,
 ) -> PackedCollator:
-    """Collator of packed rows into training batches (see :class:`PackedCollator`); picklable."""
+    """Collator of packed rows into training batches (see :class:`PackedCollator`); picklable.
+
+    ``attention`` (or ``model=`` / ``config=`` to read it from) is required: see PackedCollator.
+    """
     return PackedCollator(pad_token_id, label_pad_token_id, attention, return_tensors,
                           pin_memory, **kwargs)  # fmt: skip

@@ -14,11 +14,14 @@ import numpy.typing as npt
 
 from mixtape import ops
 from mixtape.collate.output import (
+    DEFAULT_PAD_VALUES,
     LABEL_ALIASES,
     Arena,
     Output,
     all_none,
+    gather_layout,
     is_float_rows,
+    split_fields,
     stack_labels,
     stack_other,
 )
@@ -36,9 +39,6 @@ from mixtape.validation import check_int
 Side = ops.Side
 Padding = Literal["longest", "max_length"]
 ReturnTensors = bool | Literal["pt", "np"]
-# Ragged fields the padding collators pad besides ids/mask/labels, with their pad value
-# (as a transformers tokenizer pads them).
-DEFAULT_PAD_VALUES: Mapping[str, int] = {"token_type_ids": 0, "special_tokens_mask": 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,12 +52,14 @@ class PaddingCollator:
     Like transformers' ``DataCollatorWithPadding``: ids padded with ``pad_token_id``, a mask of 1
     over each example's tokens (from lengths), integer token ``labels`` padded with
     ``label_pad_token_id``; a scalar ``label``/``label_ids``, or a float row of class scores
-    (multi-label), is stacked as ``labels`` (all None: ``labels`` is None). Fields in
-    ``pad_values`` (default ``token_type_ids`` → 0, ``special_tokens_mask`` → 1) are padded too;
-    other fields are stacked when they are numbers or equal-shape arrays, else passed through as
-    lists. Differences from transformers: ``max_length`` truncates (at ``truncation_side``), and
-    the examples' own ``attention_mask`` is recomputed from lengths unless
-    ``keep_attention_mask=True`` (pad it instead, for masks holding zeros).
+    (multi-label), is stacked as ``labels`` (all None: ``labels`` is None). Other fields follow
+    the collators' one rule (``mixtape.collate``): per-token number columns are padded like the
+    ids, integers as int64 with their ``pad_values`` entry (default ``token_type_ids`` → 0,
+    ``special_tokens_mask`` → 1, others 0), floats as float32 with 0.0; per-example numbers and
+    equal-shape arrays are stacked; anything else is passed through. A batch may also be a list
+    of bare id sequences (read as ``input_key``). Differences from transformers: ``max_length``
+    truncates (at ``truncation_side``), and the examples' own ``attention_mask`` is recomputed
+    from lengths unless ``keep_attention_mask=True`` (pad it instead, for masks holding zeros).
 
     ``pin_memory=True`` allocates outputs in pinned memory when CUDA is available; otherwise (no
     GPU, or a forked worker that cannot pin) it warns once and returns ordinary memory.
@@ -77,7 +79,7 @@ class PaddingCollator:
         padding: Padding = "longest",
         return_attention_mask: bool = True,
         keep_attention_mask: bool = False,
-        pad_values: Mapping[str, int] | None = None,
+        pad_values: Mapping[str, int | float] | None = None,
         input_key: str = "input_ids",
     ) -> None:
         check_int("pad_token_id", pad_token_id)
@@ -164,18 +166,21 @@ class PaddingCollator:
         return (present[0], c.cols[present[0]]) if present else (None, None)
 
     def _collate_inputs(
-        self, c: Columns, labels: Ragged | None, *, return_labels: bool, shift_labels: bool
-    ) -> tuple[dict[str, Any], Ragged, int]:
-        """Pad ids, mask, labels and ``pad_values`` fields: numpy results, the ids, the width."""
+        self, c: Columns, labels: Ragged | None, *, return_labels: bool, shift_labels: bool,
+        skip: Iterable[str] = (),
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Pad ids, mask, labels and the per-token fields: the numpy results, and the fields
+        neither padded nor in ``skip`` (for :meth:`_finish` to stack or pass through)."""
         ids = as_ragged(field_of(c, self.input_key), self.input_key)
         if labels is not None:
             check_same_lengths(labels, ids, "labels", self.input_key)
         length = self.row_length(ids.lengths, self.max_length)
         given_mask = self.keep_attention_mask and "attention_mask" in c.cols
-        extras = [k for k in self.pad_values
-                  if k in c.cols and k not in (self.input_key, "attention_mask")]  # fmt: skip
+        owned = {self.input_key, "attention_mask", *skip}
+        tokens, rest = split_fields(c, ids.offsets, owned, self.pad_values, self.input_key)
+        ints = [t for t in tokens if not t.is_float]
         want_labels = return_labels or labels is not None
-        slots = 1 + self.return_attention_mask + want_labels + len(extras)
+        slots = 1 + self.return_attention_mask + want_labels + len(ints)
         arena = self._out.arena(slots, (len(ids), length))
         res = self._pad(
             ids, labels, length=length, max_length=self.max_length, name=self.input_key,
@@ -185,47 +190,62 @@ class PaddingCollator:
         )  # fmt: skip
         out: dict[str, Any] = {self.input_key: res["input_ids"]}
         if given_mask and self.return_attention_mask:
-            out["attention_mask"] = self._pad_field(c, "attention_mask", 0, ids, length, arena)
+            mask = as_ragged(c.cols["attention_mask"], "attention_mask")
+            check_same_lengths(mask, ids, "attention_mask", self.input_key)
+            out["attention_mask"] = self._pad_column(mask.values, mask.offsets, "attention_mask",
+                                                     0, length, arena)  # fmt: skip
         elif "attention_mask" in res:
             out["attention_mask"] = res["attention_mask"]
-        for key in extras:
-            out[key] = self._pad_field(c, key, self.pad_values[key], ids, length, arena)
+        index = None
+        for col in tokens:
+            if col.is_float:  # the ids' layout (side, truncation) applied to any dtype
+                if index is None:
+                    index = self._index_layout(ids, length)
+                out[col.name] = gather_layout(index, col)
+            else:
+                out[col.name] = self._pad_column(col.values, col.offsets, col.name,
+                                                 int(col.pad), length, arena)  # fmt: skip
         if "labels" in res:
             out["labels"] = res["labels"]
-        return out, ids, length
+        return out, rest
 
-    def _pad_field(
-        self, c: Columns, key: str, value: int, ids: Ragged, length: int, arena: Arena
+    def _pad_column(
+        self, values: Any, offsets: Any, key: str, value: int, length: int, arena: Arena
     ) -> Any:
-        r = as_ragged(c.cols[key], key)
-        check_same_lengths(r, ids, key, self.input_key)
+        r = Ragged(np.ascontiguousarray(values, dtype=np.int64), offsets)
         res = self._pad(r, None, length=length, max_length=self.max_length, name=key,
-                        pad_value=value, mask=False, arena=arena)  # fmt: skip
+                        pad_value=value, mask=False, check_ids=False, arena=arena)  # fmt: skip
         return res["input_ids"]
 
-    def _finish(self, out: dict[str, Any], c: Columns, done: Iterable[str]) -> dict[str, Any]:
+    def _index_layout(self, ids: Ragged, length: int) -> npt.NDArray[np.int64]:
+        """Flat position of every cell of the padded ids (-1 on padding), by the same kernel."""
+        flat = Ragged(np.arange(ids.values.size, dtype=np.int64), ids.offsets)
+        got: npt.NDArray[np.int64] = self._pad(
+            flat, None, length=length, max_length=self.max_length, name="index", pad_value=-1,
+            mask=False, check_ids=False,
+        )["input_ids"]  # fmt: skip
+        return got
+
+    def _finish(self, out: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
         """Wrap padded numpy buffers as tensors, then stack / pass through the other fields."""
         result = {k: self._out.wrap(v) for k, v in out.items()}
-        skip = set(done) | set(out) | {"attention_mask"}
-        for key, col in c.cols.items():
-            if key not in skip:
-                result[key] = stack_other(col, key, self._out.tensors)
+        for key, col in rest.items():
+            result[key] = stack_other(col, key, self._out.tensors)
         return result
 
     def __call__(self, batch: Any) -> dict[str, Any]:
-        c = batch_columns(batch)
+        c = batch_columns(batch, self.input_key)
         label_key, label_col = self._labels(c)
         labels = None
         if (label_key is not None and is_sequence_column(label_col)
                 and not is_float_rows(label_col)):  # fmt: skip
             labels = as_ragged(label_col, label_key)  # token labels: padded like the ids
-        out, _, _ = self._collate_inputs(c, labels, return_labels=False, shift_labels=False)
-        done = {self.input_key}
+        out, rest = self._collate_inputs(c, labels, return_labels=False, shift_labels=False,
+                                         skip={label_key} if label_key else ())  # fmt: skip
+        out_t = self._finish(out, rest)
         if label_key is not None and labels is None:  # one label (or score row) per example
-            out_t = self._finish(out, c, done | {label_key})
             out_t["labels"] = stack_labels(label_col, label_key, self._out.tensors)
-            return out_t
-        return self._finish(out, c, done | ({label_key} if label_key else set()))
+        return out_t
 
 
 class CausalLMCollator(PaddingCollator):
@@ -242,14 +262,14 @@ class CausalLMCollator(PaddingCollator):
         self.shift_labels = shift_labels
 
     def __call__(self, batch: Any) -> dict[str, Any]:
-        c = batch_columns(batch)
+        c = batch_columns(batch, self.input_key)
         labels = None
         if "labels" in c.cols:
             labels = as_ragged(c.cols["labels"], "labels")
-        out, _, _ = self._collate_inputs(
-            c, labels, return_labels=True, shift_labels=self.shift_labels
+        out, rest = self._collate_inputs(
+            c, labels, return_labels=True, shift_labels=self.shift_labels, skip=("labels",)
         )
-        return self._finish(out, c, {self.input_key, "labels"})
+        return self._finish(out, rest)
 
 
 class Seq2SeqCollator(PaddingCollator):
@@ -280,9 +300,10 @@ class Seq2SeqCollator(PaddingCollator):
         self.max_label_length = max_label_length
 
     def __call__(self, batch: Any) -> dict[str, Any]:
-        c = batch_columns(batch)
-        out, _, _ = self._collate_inputs(c, None, return_labels=False, shift_labels=False)
+        c = batch_columns(batch, self.input_key)
         label_key, label_col = self._labels(c)  # "label" too, as DataCollatorForSeq2Seq reads it
+        out, rest = self._collate_inputs(c, None, return_labels=False, shift_labels=False,
+                                         skip={label_key} if label_key else ())  # fmt: skip
         unlabelled = label_key is not None and all_none(label_col)
         if label_key is not None and not unlabelled:
             labels = as_ragged(label_col, label_key)
@@ -300,7 +321,7 @@ class Seq2SeqCollator(PaddingCollator):
             out["labels"] = lab
             if start is not None:
                 out["decoder_input_ids"] = self._shift_right(lab, start, arena.take())
-        result = self._finish(out, c, {self.input_key, "labels", label_key or "labels"})
+        result = self._finish(out, rest)
         if unlabelled:  # every example's labels are None (a test split): labels=None, as HF
             result["labels"] = None
         return result

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import multiprocessing
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import numpy as np
@@ -76,7 +79,11 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
 
     It is a torch ``IterableDataset`` yielding whole batches: use ``DataLoader(stream,
     batch_size=None)`` (numpy arrays become tensors) with ``num_workers`` 0 or 1; more workers
-    would each pack the whole source, so they are refused.
+    would each pack the whole source, so they are refused. The state lives in the process that
+    iterates the stream: with ``num_workers=1`` that is the worker, and ``state_dict()`` in the
+    main process (whose copy never advanced) raises instead of returning a state that would
+    resume from the start; checkpoint with ``num_workers=0`` (mixtape's loader will make workers
+    resumable).
     """
 
     def __init__(
@@ -125,7 +132,21 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         self.drop_last = bool(drop_last)
         self.dtype = np.dtype(dtype)
         self.label_column = label_column
+        # Pid of the process that last iterated the stream, shared with DataLoader workers
+        # (inherited by fork, passed to spawn while spawning): a state_dict() elsewhere is stale.
+        self._iterated_by = multiprocessing.RawValue("q", 0)
         self._reset()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if get_spawning_popen() is None:  # a plain pickle / deepcopy: the copy is its own stream
+            state["_iterated_by"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._iterated_by is None:
+            self._iterated_by = multiprocessing.RawValue("q", 0)
 
     def _reset(self) -> None:
         self._consumed = 0  # source examples read
@@ -270,6 +291,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
                 f"PackingStream cannot be split across {worker.num_workers} DataLoader workers "
                 "(each would pack the whole source): use num_workers=0 or 1"
             )
+        self._iterated_by.value = os.getpid()
         if self._finished:
             self._reset()
         it = iter(self.source)
@@ -299,7 +321,20 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
     # ---- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the stream bit for bit (numpy arrays and ints)."""
+        """Everything needed to continue the stream bit for bit (numpy arrays and ints).
+
+        Raises ValueError in a process other than the one iterating the stream (the main process
+        of a ``DataLoader`` with workers): its copy has not advanced.
+        """
+        owner = int(self._iterated_by.value)
+        if owner and owner != os.getpid():
+            raise ValueError(
+                f"PackingStream.state_dict(): the stream is iterated in another process (pid "
+                f"{owner}, a DataLoader worker); this copy (pid {os.getpid()}) has not advanced, "
+                "so its state would resume from the start. The state lives in the worker: use "
+                "DataLoader(stream, batch_size=None, num_workers=0) to checkpoint the stream "
+                "(mixtape's loader will make workers resumable)"
+            )
         width = self._pending_values.shape[0] if self._labels is None else 1 + self._labels
         carry_values, carry_offsets = _concat_ragged(self._carry, self.dtype, width)
         state: dict[str, Any] = {
@@ -324,6 +359,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
                 f"packs capacity {self.capacity} / {self.strategy!r}"
             )
         self._reset()
+        self._iterated_by.value = os.getpid()  # this process holds the state now
         self._consumed = int(state["consumed"])
         self._exhausted = bool(state["exhausted"])
         self._labels = state.get("labels")
