@@ -36,6 +36,7 @@ from mixtape.packing import (
     pack_sequences,
     plan_dataset,
 )
+from mixtape.sampler import SourceSampler
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "PaddingCollator",
     "Ragged",
     "Seq2SeqCollator",
+    "SourceSampler",
     "VisionCollator",
     "__version__",
     "block_causal_mask",
