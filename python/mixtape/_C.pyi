@@ -125,3 +125,35 @@ def block_causal_mask(
 def ints_from_lists(
     rows: list[list[int]], name: str = "input_ids", first: int = 0
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+
+# --- sample ---
+def sample_sources(
+    weights: npt.NDArray[np.float64],
+    counts: npt.NDArray[np.int64],
+    segment_counts: npt.NDArray[np.int64],
+    *,
+    mode: str,
+    seed: int,
+    block_size: int,
+    shuffle: bool,
+    segment: int,
+    segment_start: int,
+    anchor: int,
+    start: int,
+    count: int,
+    out_sources: npt.NDArray[np.int32] | None = None,
+    out_ordinals: npt.NDArray[np.int64] | None = None,
+    end_counts: npt.NDArray[np.int64] | None = None,
+    greedy_path: str = "auto",
+) -> int: ...
+def sample_weights(weights: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.int64], int]: ...
+def block_counts(weights: npt.NDArray[np.float64], block_size: int) -> npt.NDArray[np.int64]: ...
+def permute_rows(
+    ordinals: npt.NDArray[np.int64],
+    length: npt.NDArray[np.int64],
+    source: npt.NDArray[np.int64],
+    *,
+    seed: int,
+    shuffle: bool,
+    out: npt.NDArray[np.int64],
+) -> None: ...

@@ -38,6 +38,7 @@ from mixtape.packing import (
     pack_sequences,
     plan_dataset,
 )
+from mixtape.sampler import SourceSampler
 from mixtape.schedule import WeightSchedulePoint, WeightScheduler
 from mixtape.source_files import DatasetMixture, NumpyTokenSource
 from mixtape.sources import (
@@ -78,6 +79,7 @@ __all__ = [
     "Ragged",
     "Seq2SeqCollator",
     "Source",
+    "SourceSampler",
     "Stateful",
     "TorchIterableSource",
     "TorchMapSource",

@@ -893,3 +893,236 @@ def _block_causal_mask_torch(s: torch.Tensor, additive: bool, dtype: torch.dtype
     return torch.zeros(mask.shape, dtype=dtype, device=s.device).masked_fill_(
         ~mask, torch.finfo(dtype).min
     )
+
+
+# --- sample ---
+# The source sampler's kernels (csrc/sample): weights -> integer weights, one segment's range of
+# positions from an anchor state, and the per-source row permutation. SourceSampler
+# (sampler.py) keeps the state and the weight timeline; these wrappers validate and call.
+
+SAMPLE_MODES = ("greedy", "random", "block")
+GREEDY_PATHS = ("auto", "scalar", "vector")
+MAX_SOURCES = 1 << 24
+MAX_BLOCK_SIZE = 1 << 28
+MAX_POSITION = 1 << 62
+
+
+def _source_label(i: int, names: Sequence[str] | None) -> str:
+    return f"source {i} ({names[i]!r})" if names is not None and i < len(names) else f"source {i}"
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as a Python int in [low, high], else TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if not low <= v <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {v}")
+    return v
+
+
+def normalize_weights(
+    weights: Any, names: Sequence[str] | None = None, num_sources: int | None = None
+) -> npt.NDArray[np.float64]:
+    """Mixture weights as float64 summing to 1 (scaled by the largest first, so huge values do
+    not overflow). Any non-negative finite numbers, at least one positive; a zero pauses its
+    source. Errors name the source (index and name) and the value."""
+    if isinstance(weights, (str, bytes, dict)):
+        raise TypeError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
+    if not isinstance(weights, np.ndarray) and hasattr(weights, "__len__"):
+        for i, v in enumerate(weights):  # before numpy turns [1, "a"] into strings
+            if isinstance(v, (bool, np.bool_)) or not isinstance(
+                v, (int, float, np.integer, np.floating)
+            ):
+                raise TypeError(
+                    f"weights: {_source_label(i, names)} has weight {_short(v)} "
+                    f"({type(v).__name__}); weights must be numbers"
+                )
+    try:
+        arr = np.asarray(weights)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"weights must be a sequence of numbers: {e}") from None
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"weights must be a non-empty 1-D sequence, got shape {arr.shape}")
+    if num_sources is not None and arr.size != num_sources:
+        raise ValueError(f"expected {num_sources} weights (one per source), got {arr.size}")
+    if arr.size > MAX_SOURCES:
+        raise ValueError(f"at most {MAX_SOURCES} sources, got {arr.size}")
+    if arr.dtype.kind == "b":
+        raise TypeError("weights must be numbers, got booleans")
+    if arr.dtype.kind not in "iufO":
+        raise TypeError(f"weights must be numbers, got dtype {arr.dtype}")
+    values = arr.tolist()
+    try:
+        w = arr.astype(np.float64)
+    except OverflowError:
+        w = np.array([float("inf") if abs(v) > 1e308 else v for v in values], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(w) | (w < 0))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"weights: {_source_label(i, names)} has weight {_short(values[i])}; "
+            "weights must be finite and >= 0 (0 pauses a source)"
+        )
+    if not np.any(w > 0):
+        raise ValueError(f"weights: all {w.size} weights are zero; at least one must be positive")
+    out: npt.NDArray[np.float64] = w / w.max()
+    out /= out.sum()
+    lost = np.flatnonzero((w > 0) & (out == 0))
+    if lost.size:
+        i = int(lost[0])
+        raise ValueError(
+            f"weights: {_source_label(i, names)} has weight {_short(values[i])}, below 2^-1074 of "
+            "the total: too small to represent; pass 0 to pause the source"
+        )
+    return out
+
+
+def sample_weights(weights: npt.NDArray[np.float64]) -> tuple[Int64Array, int]:
+    """The kernel's integer weights W (summing to D) for float weights: every mode is exact
+    integer arithmetic on these (see csrc/sample/sample.h)."""
+    w, d = _C.sample_weights(np.ascontiguousarray(weights, dtype=np.float64))
+    return w, int(d)
+
+
+def block_counts(weights: npt.NDArray[np.float64], block_size: int) -> Int64Array:
+    """Picks of each source in every full block of block mode (largest remainder of W * B / D)."""
+    check_int("block_size", block_size, 1, MAX_BLOCK_SIZE)
+    out: Int64Array = _C.block_counts(np.ascontiguousarray(weights, dtype=np.float64), block_size)
+    return out
+
+
+@dataclass
+class SampleRange:
+    """One kernel call's result: the range's sources and ordinals (None when only counted), and
+    the state moved to ``anchor`` (the last state the kernel can resume from at or before the
+    range's end) plus ``end_counts``, the global counts before the range's end."""
+
+    sources: npt.NDArray[np.int32] | None
+    ordinals: Int64Array | None
+    anchor: int
+    counts: Int64Array
+    segment_counts: Int64Array
+    end_counts: Int64Array
+
+
+def sample_sources(
+    weights: npt.NDArray[np.float64],
+    counts: Int64Array,
+    segment_counts: Int64Array,
+    *,
+    mode: str,
+    seed: int,
+    block_size: int,
+    shuffle: bool,
+    segment: int,
+    segment_start: int,
+    anchor: int,
+    start: int,
+    count: int,
+    want_output: bool = True,
+    out_sources: npt.NDArray[np.int32] | None = None,
+    out_ordinals: Int64Array | None = None,
+    greedy_path: str = "auto",
+) -> SampleRange:
+    """Sources and ordinals of positions [start, start + count) of one weight segment, from the
+    state at ``anchor`` (global ``counts`` and ``segment_counts`` before it). Inputs are not
+    modified; see csrc/sample/sample.h for the contract of each mode."""
+    check_choice("mode", mode, SAMPLE_MODES)
+    check_choice("greedy_path", greedy_path, GREEDY_PATHS)
+    seed = check_int("seed", seed, 0, (1 << 64) - 1)
+    count = check_int("count", count, 0, MAX_POSITION)
+    w = np.ascontiguousarray(weights, dtype=np.float64)
+    c = np.array(counts, dtype=np.int64, copy=True)
+    sc = np.array(segment_counts, dtype=np.int64, copy=True)
+    if c.shape != w.shape or sc.shape != w.shape:
+        raise ValueError(
+            f"counts and segment_counts must have one entry per source {w.shape}, got "
+            f"{c.shape} and {sc.shape}"
+        )
+    if want_output:
+        if out_sources is None:
+            out_sources = np.empty(count, dtype=np.int32)
+        if out_ordinals is None:
+            out_ordinals = np.empty(count, dtype=np.int64)
+    end = np.empty(w.size, dtype=np.int64)
+    new_anchor = _C.sample_sources(
+        w,
+        c,
+        sc,
+        mode=mode,
+        seed=seed,
+        block_size=int(block_size),
+        shuffle=bool(shuffle),
+        segment=int(segment),
+        segment_start=int(segment_start),
+        anchor=int(anchor),
+        start=int(start),
+        count=count,
+        out_sources=out_sources if want_output else None,
+        out_ordinals=out_ordinals if want_output else None,
+        end_counts=end,
+        greedy_path=greedy_path,
+    )
+    return SampleRange(
+        out_sources if want_output else None,
+        out_ordinals if want_output else None,
+        int(new_anchor),
+        c,
+        sc,
+        end,
+    )
+
+
+def permute_rows(
+    ordinals: Any, length: Any, *, seed: int, source: Any, shuffle: bool = True
+) -> Int64Array:
+    """Row of each ordinal of a source with ``length`` rows: pass = ordinal // length reads every
+    row once, in the order of a keyed bijection of (seed, source, pass) (a Feistel network,
+    O(1) memory per element); ``shuffle=False`` gives ordinal % length. ``length`` and
+    ``source`` are one int or one per ordinal (e.g. ``lengths[sources]`` and ``sources``)."""
+    seed = check_int("seed", seed, 0, (1 << 64) - 1)
+    ords = np.asarray(ordinals)
+    if ords.ndim != 1:
+        raise ValueError(f"permute_rows: ordinals must be 1-D, got shape {ords.shape}")
+    if ords.dtype.kind not in "iu" and not (ords.size == 0 and ords.dtype == np.float64):
+        raise TypeError(f"permute_rows: ordinals must be integers, got dtype {ords.dtype}")
+    if ords.dtype == np.uint64 and ords.size and int(ords.max()) > np.iinfo(np.int64).max:
+        raise ValueError("permute_rows: ordinals beyond int64")
+    ords = np.ascontiguousarray(ords, dtype=np.int64)
+
+    def per_element(name: str, value: Any) -> Int64Array:
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"permute_rows: {name} must be integers, got dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr.reshape(-1) if arr.ndim == 0 else arr, dtype=np.int64)
+        if arr.ndim != 1 or arr.size not in (1, ords.size) or (arr.size == 0 and ords.size):
+            raise ValueError(
+                f"permute_rows: {name} must be one int or one per ordinal ({ords.size}), "
+                f"got shape {np.shape(value)}"
+            )
+        return arr if arr.size else np.ones(1, dtype=np.int64)
+
+    lengths = per_element("length", length)
+    sources = per_element("source", source)
+    out = np.empty(ords.size, dtype=np.int64)
+    _C.permute_rows(ords, lengths, sources, seed=seed, shuffle=bool(shuffle), out=out)
+    return out
+
+
+__all__ += [
+    "GREEDY_PATHS",
+    "SAMPLE_MODES",
+    "SampleRange",
+    "block_counts",
+    "check_int",
+    "normalize_weights",
+    "permute_rows",
+    "sample_sources",
+    "sample_weights",
+]
