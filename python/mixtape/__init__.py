@@ -23,6 +23,12 @@ from mixtape.collate import (
     list_collators,
     packed_attention_mask,
 )
+from mixtape.mixing import (
+    MixedDataset,
+    MixedShardedSource,
+    MixPlan,
+    block_mixture_interleave,
+)
 from mixtape.ops import (
     PackPlan,
     block_causal_mask,
@@ -70,6 +76,9 @@ __all__ = [
     "HFDatasetSource",
     "HFIterableSource",
     "ListSource",
+    "MixPlan",
+    "MixedDataset",
+    "MixedShardedSource",
     "NumpyTokenSource",
     "PackPlan",
     "PackedCollator",
@@ -90,6 +99,7 @@ __all__ = [
     "as_source",
     "attach_packed_mask",
     "block_causal_mask",
+    "block_mixture_interleave",
     "build_info",
     "create_causal_lm_collate",
     "create_collate_fn",
