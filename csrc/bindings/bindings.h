@@ -75,6 +75,7 @@ void bind_pad(py::module_& m);
 void bind_pack(py::module_& m);
 void bind_mask(py::module_& m);
 void bind_lists(py::module_& m);
+void bind_gather(py::module_& m);
 void bind_sample(py::module_& m);
 
 }  // namespace mixtape

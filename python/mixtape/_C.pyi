@@ -157,3 +157,12 @@ def permute_rows(
     shuffle: bool,
     out: npt.NDArray[np.int64],
 ) -> None: ...
+
+# --- gather ---
+def gather_rows(
+    values: npt.NDArray[Any],
+    starts: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    out_offsets: npt.NDArray[np.int64],
+    out: npt.NDArray[Any],
+) -> None: ...

@@ -4,8 +4,8 @@ A source asked for rows ``r`` (any order, repeats) answers with one Arrow table 
 columns are contiguous values + offsets. ``pa.Table.take`` would concatenate every chunk of a
 chunked column first (a copy of the whole column per call), and Arrow's list take builds an index
 per token. Here rows are grouped by the record batch holding them, and each list column of
-numbers is gathered with numpy straight into its output place (a few array operations per
-touched batch, none per row or token); other columns use Arrow's take within each batch.
+numbers is copied straight into its output place by ``ops.gather_rows`` (one memcpy per row in
+C++, no index per token); other columns use Arrow's take within each batch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from mixtape.ops import Int64Array
+from mixtape.ops import Int64Array, gather_rows
 
 __all__ = ["ArrowRows", "list_array", "ragged_gather"]
 
@@ -30,9 +30,9 @@ def ragged_gather(values: npt.NDArray[Any], offsets: npt.NDArray[Any],
     lengths = np.asarray(offsets[rows + 1], dtype=np.int64) - starts
     out_offsets = np.zeros(rows.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=out_offsets[1:])
-    # token j of output row k comes from starts[k] + (j - out_offsets[k])
-    index = np.repeat(starts - out_offsets[:-1], lengths) + np.arange(out_offsets[-1])
-    return np.asarray(values[index]), out_offsets
+    out = np.empty(int(out_offsets[-1]), dtype=values.dtype)
+    gather_rows(values, starts, lengths, out_offsets[:-1], out)  # one memcpy per row, in C++
+    return out, out_offsets
 
 
 def list_array(offsets: Int64Array, values: npt.NDArray[Any],
@@ -142,14 +142,8 @@ def _gather_column(col: _Column, groups: list[tuple[int, npt.NDArray[np.intp]]],
         out_offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=out_offsets[1:])
         values = np.empty(int(out_offsets[-1]), dtype=col.views[0][0].dtype)
-        for b, pos in groups:
-            lens = lengths[pos]
-            total = int(lens.sum())
-            if total == 0:
-                continue
-            within = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
-            dst = np.repeat(out_offsets[pos], lens) + within
-            values[dst] = col.views[b][0][np.repeat(starts[pos], lens) + within]
+        for b, pos in groups:  # one memcpy per row, in C++
+            gather_rows(col.views[b][0], starts[pos], lengths[pos], out_offsets[pos], values)
         return list_array(out_offsets, values, col.type)
     parts = [col.chunks[b].take(pa.array(local[pos])) for b, pos in groups]
     positions = np.concatenate([pos for _, pos in groups])

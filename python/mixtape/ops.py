@@ -1126,3 +1126,23 @@ __all__ += [
     "sample_sources",
     "sample_weights",
 ]
+
+
+# --- gather --------------------------------------------------------------------------------------
+
+
+def gather_rows(
+    values: npt.NDArray[Any],
+    starts: Any,
+    lengths: Any,
+    out_offsets: Any,
+    out: npt.NDArray[Any],
+) -> None:
+    """Copy ``values[starts[k]:starts[k] + lengths[k]]`` to ``out[out_offsets[k]:...]`` for every
+    row k, in C++ (one memcpy per row, GIL released, threads for many rows). Any numeric dtype;
+    ``out`` must have the dtype of ``values``. Ranges are checked before anything is written."""
+    vals = np.ascontiguousarray(values)
+    if vals.ndim != 1:
+        raise ValueError(f"gather_rows: values must be 1-D, got shape {vals.shape}")
+    cols = [np.ascontiguousarray(a, dtype=np.int64) for a in (starts, lengths, out_offsets)]
+    _C.gather_rows(vals, cols[0], cols[1], cols[2], out)

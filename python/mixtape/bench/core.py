@@ -42,7 +42,12 @@ CaseFn = Callable[[bool], list[Measurement]]
 CASES: dict[str, CaseFn] = {}
 
 #: Modules whose import registers cases; missing ones (not written yet) are skipped.
-CASE_MODULES = ["mixtape.bench.collate", "mixtape.bench.pack", "mixtape.bench.sources"]
+CASE_MODULES = [
+    "mixtape.bench.collate",
+    "mixtape.bench.pack",
+    "mixtape.bench.sources",
+    "mixtape.bench.mixing",
+]
 
 
 def case(name: str) -> Callable[[CaseFn], CaseFn]:
