@@ -38,6 +38,12 @@ from mixtape.packing import (
     pack_sequences,
     plan_dataset,
 )
+from mixtape.preprocess import (
+    PreprocessedDataset,
+    PreprocessError,
+    StreamingPreprocessedDataset,
+    create_preprocessed_dataset,
+)
 from mixtape.schedule import WeightSchedulePoint, WeightScheduler
 from mixtape.source_files import DatasetMixture, NumpyTokenSource
 from mixtape.sources import (
@@ -75,10 +81,13 @@ __all__ = [
     "PackingStats",
     "PackingStream",
     "PaddingCollator",
+    "PreprocessError",
+    "PreprocessedDataset",
     "Ragged",
     "Seq2SeqCollator",
     "Source",
     "Stateful",
+    "StreamingPreprocessedDataset",
     "TorchIterableSource",
     "TorchMapSource",
     "VisionCollator",
@@ -93,6 +102,7 @@ __all__ = [
     "create_collate_fn",
     "create_flattening_collate",
     "create_packed_collate",
+    "create_preprocessed_dataset",
     "create_seq2seq_collate",
     "dataset_lengths",
     "get_collator",

@@ -56,7 +56,9 @@ class SharedInt:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         shared = state["shared"]
-        self._shared = shared if shared is not None else multiprocessing.RawValue("q", state["value"])
+        if shared is None:  # a plain pickle / deepcopy: a new int of its own
+            shared = multiprocessing.RawValue("q", state["value"])
+        self._shared = shared
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.value})"
