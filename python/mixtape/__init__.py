@@ -44,6 +44,12 @@ from mixtape.packing import (
     pack_sequences,
     plan_dataset,
 )
+from mixtape.preprocess import (
+    PreprocessedDataset,
+    PreprocessError,
+    StreamingPreprocessedDataset,
+    create_preprocessed_dataset,
+)
 from mixtape.sampler import SourceSampler
 from mixtape.schedule import WeightSchedulePoint, WeightScheduler
 from mixtape.source_files import DatasetMixture, NumpyTokenSource
@@ -85,11 +91,14 @@ __all__ = [
     "PackingStats",
     "PackingStream",
     "PaddingCollator",
+    "PreprocessError",
+    "PreprocessedDataset",
     "Ragged",
     "Seq2SeqCollator",
     "Source",
     "SourceSampler",
     "Stateful",
+    "StreamingPreprocessedDataset",
     "TorchIterableSource",
     "TorchMapSource",
     "VisionCollator",
@@ -105,6 +114,7 @@ __all__ = [
     "create_collate_fn",
     "create_flattening_collate",
     "create_packed_collate",
+    "create_preprocessed_dataset",
     "create_seq2seq_collate",
     "dataset_lengths",
     "get_collator",

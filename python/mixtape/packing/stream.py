@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ from mixtape.ops import (
     pack_fill,
     pack_plan,
 )
+from mixtape.state import IterationOwner
 
 # --------------------------------------------------------------------------------------------
 # Online packing
@@ -132,21 +131,10 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         self.drop_last = bool(drop_last)
         self.dtype = np.dtype(dtype)
         self.label_column = label_column
-        # Pid of the process that last iterated the stream, shared with DataLoader workers
-        # (inherited by fork, passed to spawn while spawning): a state_dict() elsewhere is stale.
-        self._iterated_by = multiprocessing.RawValue("q", 0)
+        # The process that last iterated the stream, shared with DataLoader workers (inherited
+        # by fork, passed to spawn while spawning): a state_dict() elsewhere is stale.
+        self._iterated_by = IterationOwner()
         self._reset()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        if get_spawning_popen() is None:  # a plain pickle / deepcopy: the copy is its own stream
-            state["_iterated_by"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self._iterated_by is None:
-            self._iterated_by = multiprocessing.RawValue("q", 0)
 
     def _reset(self) -> None:
         self._consumed = 0  # source examples read
@@ -291,7 +279,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
                 f"PackingStream cannot be split across {worker.num_workers} DataLoader workers "
                 "(each would pack the whole source): use num_workers=0 or 1"
             )
-        self._iterated_by.value = os.getpid()
+        self._iterated_by.claim()
         if self._finished:
             self._reset()
         it = iter(self.source)
@@ -326,8 +314,8 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         Raises ValueError in a process other than the one iterating the stream (the main process
         of a ``DataLoader`` with workers): its copy has not advanced.
         """
-        owner = int(self._iterated_by.value)
-        if owner and owner != os.getpid():
+        owner = self._iterated_by.elsewhere()
+        if owner:
             raise ValueError(
                 f"PackingStream.state_dict(): the stream is iterated in another process (pid "
                 f"{owner}, a DataLoader worker); this copy (pid {os.getpid()}) has not advanced, "
@@ -359,7 +347,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
                 f"packs capacity {self.capacity} / {self.strategy!r}"
             )
         self._reset()
-        self._iterated_by.value = os.getpid()  # this process holds the state now
+        self._iterated_by.claim()  # this process holds the state now
         self._consumed = int(state["consumed"])
         self._exhausted = bool(state["exhausted"])
         self._labels = state.get("labels")
