@@ -23,26 +23,32 @@ parent is always followed):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import glob
-import math
-import numbers
 import os
-import random
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
-import torch
 import yaml
 
-from mixtape.collate.registry import CollatorRegistry
+from mixtape.config_fields import (
+    SEED_END,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    check_str,
+    close_matches,
+    field_where,
+    loc,
+    location,
+    optional,
+    plain_fields,
+    set_field,
+)
+from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
 from mixtape.ops import OVERFLOW_POLICIES, PACK_STRATEGIES
 from mixtape.schedule import INTERPOLATIONS, WeightSchedulePoint, WeightScheduler
 from mixtape.source_files import FILE_BUILDERS, DatasetMixture
@@ -65,322 +71,8 @@ __all__ = [
 MIXING_MODES: tuple[str, ...] = ("greedy", "random", "block")
 STOP_STRATEGIES: tuple[str, ...] = ("restart", "first_exhausted", "all_exhausted")
 INFLUENCE_METHODS: tuple[str, ...] = ("datainf",)
-_SEED_END = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 _LOCAL_SUFFIXES = (*FILE_BUILDERS, ".npy")
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-
-T = TypeVar("T")
-
-# --------------------------------------------------------------------------------------------
-# Where an error is: "Class.field" in Python, "file: key.path" while reading a file or a dict
-# --------------------------------------------------------------------------------------------
-
-_CTX: ContextVar[tuple[str | None, str] | None] = ContextVar("mixtape_config_ctx", default=None)
-
-
-@contextmanager
-def _location(file: str | None, prefix: str) -> Iterator[None]:
-    """Errors raised inside name ``file: <prefix><key>`` instead of ``Class.key``."""
-    token = _CTX.set((file, prefix))
-    try:
-        yield
-    finally:
-        _CTX.reset(token)
-
-
-def _loc(file: str | None, path: str) -> str:
-    return f"{file}: {path}" if file else path
-
-
-def _where(owner: str, key: str) -> str:
-    ctx = _CTX.get()
-    if ctx is None:
-        return f"{owner}.{key}"
-    file, prefix = ctx
-    return _loc(file, prefix + key)
-
-
-def _yaml_hint(value: object) -> str:
-    """Why a number arrived as a string: PyYAML (YAML 1.1) reads ``1e-3`` as one."""
-    if not isinstance(value, str):
-        return ""
-    if re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):
-        return " (YAML 1.1 reads numbers like 1e-3 as strings: write 1.0e-3)"
-    try:
-        float(value)
-    except ValueError:
-        return ""
-    return " (a string: write the number without quotes)"
-
-
-def _check_int(where: str, value: object, *, minimum: int | None = None,
-               below: int | None = None) -> int:  # fmt: skip
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where} must be an int, got {value!r}{_yaml_hint(value)}")
-    v = int(value)
-    if minimum is not None and v < minimum:
-        raise ValueError(f"{where} must be >= {minimum}, got {v}")
-    if below is not None and v >= below:
-        raise ValueError(f"{where} must be < {below}, got {v}")
-    return v
-
-
-def _check_real(where: str, value: object, *, minimum: float | None = None,
-                maximum: float | None = None, positive: bool = False,
-                below: float | None = None) -> float:  # fmt: skip
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where} must be a number, got {value!r}{_yaml_hint(value)}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{where} must be finite, got {value!r}")
-    if positive and v <= 0:
-        raise ValueError(f"{where} must be > 0, got {value!r}")
-    if minimum is not None and v < minimum:
-        raise ValueError(f"{where} must be >= {minimum}, got {value!r}")
-    if maximum is not None and v > maximum:
-        raise ValueError(f"{where} must be <= {maximum}, got {value!r}")
-    if below is not None and v >= below:
-        raise ValueError(f"{where} must be < {below}, got {value!r}")
-    return v
-
-
-def _check_bool(where: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{where} must be true or false, got {value!r}")
-    return bool(value)
-
-
-def _check_str(where: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{where} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _check_choice(where: str, value: object, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}"
-                         f"{_close(value, choices)}")  # fmt: skip
-    return value
-
-
-def _opt(check: Callable[..., T], where: str, value: object, **kw: Any) -> T | None:
-    return None if value is None else check(where, value, **kw)
-
-
-def _close(value: object, choices: Sequence[str]) -> str:
-    if not isinstance(value, str):
-        return ""
-    near = difflib.get_close_matches(value, list(choices), n=3)
-    return f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
-
-
-def _set(obj: object, name: str, value: object) -> None:
-    object.__setattr__(obj, name, value)  # frozen dataclasses normalise their fields once
-
-
-# --------------------------------------------------------------------------------------------
-# Loader
-# --------------------------------------------------------------------------------------------
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` seeding numpy and ``random`` from the worker's torch seed.
-
-    The PyTorch reproducibility recipe: torch seeds each worker with ``base_seed + worker_id``
-    (``base_seed`` drawn from the loader's generator), so seeding from ``torch.initial_seed()``
-    gives every worker its own stream, the same in every run with the same generator seed.
-    """
-    del worker_id  # torch.initial_seed() already includes it
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-
-
-def make_generator(seed: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``seed`` (in [0, 2**64)), for DataLoader's
-    ``generator=``: it fixes the shuffle order and the workers' base seed."""
-    seed = _check_int("seed", seed, minimum=0, below=_SEED_END)
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-@dataclass(frozen=True)
-class DataLoaderConfig:
-    """How batches are loaded; ``None`` means chosen by :meth:`resolved`.
-
-    ``pin_memory``: CUDA available. ``prefetch_factor``: 2 with workers, ``None`` without (torch
-    refuses a prefetch factor without workers). ``persistent_workers``: ``num_workers > 0``.
-    ``horizon`` (batches between a weight update being asked for and taking effect): at least
-    ``num_workers * prefetch_factor + 1``, the most batches in flight plus one (1 without
-    workers); the default is that minimum. ``packing``: a planner strategy
-    (``ops.PACK_STRATEGIES``), which needs ``max_length``. ``rank`` / ``world_size``: given
-    together, else read from ``torch.distributed`` when it is initialised (else 0 / 1).
-    ``collate_fn``: a collator registered in :class:`~mixtape.CollatorRegistry` (built with
-    ``collate_kwargs``) or a callable. ``seed`` seeds the shuffle order and the workers.
-    """
-
-    batch_size: int
-    shuffle: bool = True
-    num_workers: int = 0
-    pin_memory: bool | None = None
-    prefetch_factor: int | None = None
-    persistent_workers: bool | None = None
-    seed: int = 0
-    drop_last: bool = False
-    collate_fn: str | Callable[..., Any] | None = None
-    packing: str | None = None
-    max_length: int | None = None
-    horizon: int | None = None
-    rank: int | None = None
-    world_size: int | None = None
-    collate_kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        w = functools.partial(_where, "DataLoaderConfig")
-        _set(self, "batch_size", _check_int(w("batch_size"), self.batch_size, minimum=1))
-        _set(self, "shuffle", _check_bool(w("shuffle"), self.shuffle))
-        workers = _check_int(w("num_workers"), self.num_workers, minimum=0)
-        _set(self, "num_workers", workers)
-        _set(self, "pin_memory", _opt(_check_bool, w("pin_memory"), self.pin_memory))
-        _set(self, "prefetch_factor",
-             _opt(_check_int, w("prefetch_factor"), self.prefetch_factor, minimum=1))  # fmt: skip
-        _set(self, "persistent_workers",
-             _opt(_check_bool, w("persistent_workers"), self.persistent_workers))  # fmt: skip
-        _set(self, "seed", _check_int(w("seed"), self.seed, minimum=0, below=_SEED_END))
-        _set(self, "drop_last", _check_bool(w("drop_last"), self.drop_last))
-        if workers == 0 and self.prefetch_factor is not None:
-            raise ValueError(f"{w('prefetch_factor')} is {self.prefetch_factor} with "
-                             f"num_workers=0; torch takes a prefetch factor only with workers: "
-                             f"leave it unset")  # fmt: skip
-        if workers == 0 and self.persistent_workers:
-            raise ValueError(f"{w('persistent_workers')} is true with num_workers=0; torch keeps "
-                             f"workers alive only when there are some")  # fmt: skip
-        if isinstance(self.collate_fn, str):
-            known = [c.name for c in CollatorRegistry.list_collators()]
-            if self.collate_fn not in known:
-                near = _close(self.collate_fn, known)
-                raise ValueError(f"{w('collate_fn')}: no collator named {self.collate_fn!r}"
-                                 f"{near}; registered: {known}")  # fmt: skip
-        elif self.collate_fn is not None and not callable(self.collate_fn):
-            raise TypeError(f"{w('collate_fn')} must be a registered collator name or a "
-                            f"callable, got {self.collate_fn!r}")  # fmt: skip
-        if not isinstance(self.collate_kwargs, Mapping):
-            raise TypeError(f"{w('collate_kwargs')} must be a mapping, "
-                            f"got {self.collate_kwargs!r}")  # fmt: skip
-        if self.collate_kwargs and not isinstance(self.collate_fn, str):
-            raise ValueError(f"{w('collate_kwargs')} builds a registered collator: give "
-                             f"collate_fn as its name (got {self.collate_fn!r})")  # fmt: skip
-        _set(self, "collate_kwargs", dict(self.collate_kwargs))
-        if self.packing is not None:
-            _check_choice(w("packing"), self.packing, PACK_STRATEGIES)
-            if self.max_length is None:
-                raise ValueError(f"{w('max_length')} is required with packing={self.packing!r} "
-                                 f"(the tokens per packed row)")  # fmt: skip
-        _opt(_check_int, w("max_length"), self.max_length, minimum=1)
-        if self.horizon is not None:
-            _check_int(w("horizon"), self.horizon, minimum=1)
-            if self.horizon < self.min_horizon:
-                pf = self.prefetch_factor or 2
-                raise ValueError(f"{w('horizon')} is {self.horizon}, but up to num_workers x "
-                                 f"prefetch_factor = {workers} x {pf} = {workers * pf} batches "
-                                 f"can be in flight, so a weight update can take effect "
-                                 f"reproducibly only {self.min_horizon} or more batches after it "
-                                 f"is asked for; set horizon >= {self.min_horizon} or leave it "
-                                 f"unset")  # fmt: skip
-        if (self.rank is None) != (self.world_size is None):
-            raise ValueError(f"{w('rank')} and world_size are given together (or both left "
-                             f"unset, read from torch.distributed); got rank={self.rank!r}, "
-                             f"world_size={self.world_size!r}")  # fmt: skip
-        if self.world_size is not None:
-            ws = _check_int(w("world_size"), self.world_size, minimum=1)
-            _check_int(w("rank"), self.rank, minimum=0)
-            if not 0 <= int(self.rank) < ws:  # type: ignore[arg-type]
-                raise ValueError(f"{w('rank')} must be in [0, world_size={ws}), got {self.rank}")
-
-    @property
-    def min_horizon(self) -> int:
-        """The smallest valid horizon: ``num_workers * prefetch_factor + 1`` (1 without workers)."""
-        if self.num_workers == 0:
-            return 1
-        return self.num_workers * (self.prefetch_factor or 2) + 1
-
-    def resolved(self) -> DataLoaderConfig:
-        """A copy with every automatic (``None``) choice made for this machine and process."""
-        workers = self.num_workers
-        rank, world = self.rank, self.world_size
-        if world is None:
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized():
-                rank, world = dist.get_rank(), dist.get_world_size()
-            else:
-                rank, world = 0, 1
-        return dataclasses.replace(
-            self,
-            pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
-            prefetch_factor=(self.prefetch_factor or 2) if workers else None,
-            persistent_workers=(
-                workers > 0 if self.persistent_workers is None else self.persistent_workers
-            ),
-            horizon=self.min_horizon if self.horizon is None else self.horizon,
-            rank=rank,
-            world_size=world,
-        )
-
-    def build_collate_fn(self) -> Callable[..., Any] | None:
-        """The collate function: the registered collator built with ``collate_kwargs``, the
-        callable given, or ``None`` (torch's default)."""
-        if isinstance(self.collate_fn, str):
-            kw = self.collate_kwargs
-            fn: Callable[..., Any] = CollatorRegistry.get_collator(self.collate_fn, **kw)
-            return fn
-        return self.collate_fn
-
-    def to_dataloader_kwargs(self, dataset: Any = None, *, batched: bool = False) -> dict[str, Any]:
-        """Keyword arguments of ``torch.utils.data.DataLoader`` for the resolved config.
-
-        Only what torch accepts for the worker count: ``prefetch_factor``, ``persistent_workers``
-        and ``worker_init_fn`` (:func:`seed_worker`) only with workers. ``generator`` is
-        :func:`make_generator` of ``seed``. A map-style ``dataset`` over several ranks gets a
-        ``DistributedSampler`` (shuffle, seed and drop_last move there), so ``dataset`` is
-        required then. ``batched=True``: the dataset yields whole batches, already partitioned
-        by rank (``batch_size=None``; shuffle and drop_last are the dataset's business).
-        An ``IterableDataset`` takes no shuffle: ``shuffle=True`` is then an error.
-        """
-        r = self.resolved()
-        kw: dict[str, Any] = {"num_workers": r.num_workers, "pin_memory": r.pin_memory,
-                              "generator": make_generator(r.seed)}  # fmt: skip
-        if r.num_workers:
-            kw.update(prefetch_factor=r.prefetch_factor, persistent_workers=r.persistent_workers,
-                      worker_init_fn=seed_worker)  # fmt: skip
-        collate = r.build_collate_fn()
-        if collate is not None:
-            kw["collate_fn"] = collate
-        if batched:
-            kw["batch_size"] = None
-            return kw
-        kw.update(batch_size=r.batch_size, drop_last=r.drop_last)
-        if isinstance(dataset, torch.utils.data.IterableDataset):
-            if r.shuffle:
-                raise ValueError("DataLoaderConfig.shuffle is true but the dataset is an "
-                                 "IterableDataset, which torch cannot shuffle: shuffle in the "
-                                 "dataset and set shuffle=False")  # fmt: skip
-            return kw
-        assert r.world_size is not None and r.rank is not None
-        if r.world_size > 1:
-            if dataset is None:
-                raise ValueError(f"world_size is {r.world_size}: pass the dataset so each rank "
-                                 f"gets a DistributedSampler over its share")  # fmt: skip
-            kw["sampler"] = torch.utils.data.DistributedSampler(
-                dataset, num_replicas=r.world_size, rank=r.rank, shuffle=r.shuffle,
-                seed=r.seed, drop_last=r.drop_last)  # fmt: skip
-        else:
-            kw["shuffle"] = r.shuffle
-        return kw
-
-    def to_dict(self) -> dict[str, Any]:
-        """Fields as plain values (``None`` fields left out); ``from_dict`` inverts it."""
-        return _plain_fields(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,26 +97,26 @@ class PackingConfig:
     column: str = "input_ids"
 
     def __post_init__(self) -> None:
-        w = functools.partial(_where, "PackingConfig")
-        _check_choice(w("strategy"), self.strategy, PACK_STRATEGIES)
-        cap = _check_int(w("max_length"), self.max_length, minimum=1)
-        _check_choice(w("overflow"), self.overflow, OVERFLOW_POLICIES)
-        _opt(_check_int, w("max_docs_per_row"), self.max_docs_per_row, minimum=1)
-        align = _check_int(w("align"), self.align, minimum=1)
+        w = functools.partial(field_where, "PackingConfig")
+        check_choice(w("strategy"), self.strategy, PACK_STRATEGIES)
+        cap = check_int(w("max_length"), self.max_length, minimum=1)
+        check_choice(w("overflow"), self.overflow, OVERFLOW_POLICIES)
+        optional(check_int, w("max_docs_per_row"), self.max_docs_per_row, minimum=1)
+        align = check_int(w("align"), self.align, minimum=1)
         if cap % align:
             raise ValueError(f"{w('align')} must divide max_length={cap}, got {align}")
-        _check_int(w("buffer_size"), self.buffer_size, minimum=1)
-        fill = _check_real(w("min_fill"), self.min_fill, maximum=1.0)
+        check_int(w("buffer_size"), self.buffer_size, minimum=1)
+        fill = check_real(w("min_fill"), self.min_fill, maximum=1.0)
         if fill <= 0:
             raise ValueError(f"{w('min_fill')} must be in (0, 1], got {self.min_fill!r}")
-        _check_int(w("pad_value"), self.pad_value)
-        _check_int(w("label_pad_value"), self.label_pad_value)
-        _check_str(w("column"), self.column)
-        _set(self, "min_fill", fill)
+        check_int(w("pad_value"), self.pad_value)
+        check_int(w("label_pad_value"), self.label_pad_value)
+        check_str(w("column"), self.column)
+        set_field(self, "min_fill", fill)
 
     def to_dict(self) -> dict[str, Any]:
         """Fields as plain values (``None`` fields left out)."""
-        return _plain_fields(self)
+        return plain_fields(self)
 
 
 @dataclass(frozen=True)
@@ -455,14 +147,14 @@ class InfluenceSection:
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        w = functools.partial(_where, "InfluenceSection")
-        enabled = _check_bool(w("enabled"), self.enabled)
-        _check_choice(w("method"), self.method, INFLUENCE_METHODS)
-        _check_int(w("update_interval"), self.update_interval, minimum=1)
-        _check_int(w("warmup_steps"), self.warmup_steps, minimum=0)
-        _check_int(w("samples_per_source"), self.samples_per_source, minimum=1)
-        _opt(_check_int, w("projection_dim"), self.projection_dim, minimum=1)
-        _set(self, "damping", _opt(_check_real, w("damping"), self.damping, positive=True))
+        w = functools.partial(field_where, "InfluenceSection")
+        enabled = check_bool(w("enabled"), self.enabled)
+        check_choice(w("method"), self.method, INFLUENCE_METHODS)
+        check_int(w("update_interval"), self.update_interval, minimum=1)
+        check_int(w("warmup_steps"), self.warmup_steps, minimum=0)
+        check_int(w("samples_per_source"), self.samples_per_source, minimum=1)
+        optional(check_int, w("projection_dim"), self.projection_dim, minimum=1)
+        set_field(self, "damping", optional(check_real, w("damping"), self.damping, positive=True))
         if self.params is not None:
             if isinstance(self.params, str) or not isinstance(self.params, Sequence):
                 raise TypeError(f"{w('params')} must be a list of parameter-name patterns, "
@@ -471,19 +163,19 @@ class InfluenceSection:
                 raise ValueError(f"{w('params')} is empty: name at least one pattern, or leave "
                                  f"it unset for the tracker's default")  # fmt: skip
             for i, p in enumerate(self.params):
-                _check_str(f"{w('params')}[{i}]", p)
-            _set(self, "params", tuple(self.params))
-        _set(self, "learning_rate",
-             _check_real(w("learning_rate"), self.learning_rate, positive=True))  # fmt: skip
-        _set(self, "smoothing",
-             _check_real(w("smoothing"), self.smoothing, minimum=0.0, maximum=1.0))  # fmt: skip
-        _set(self, "floor", _check_real(w("floor"), self.floor, minimum=0.0, below=1.0))
-        _opt(_check_str, w("probe"), self.probe)
+                check_str(f"{w('params')}[{i}]", p)
+            set_field(self, "params", tuple(self.params))
+        lr = check_real(w("learning_rate"), self.learning_rate, positive=True)
+        set_field(self, "learning_rate", lr)
+        smoothing = check_real(w("smoothing"), self.smoothing, minimum=0.0, maximum=1.0)
+        set_field(self, "smoothing", smoothing)
+        set_field(self, "floor", check_real(w("floor"), self.floor, minimum=0.0, below=1.0))
+        optional(check_str, w("probe"), self.probe)
         if enabled and self.probe is None:
             raise ValueError(f"{w('probe')} is required when influence is enabled: a mixture "
                              f"source name or a path to the target data")  # fmt: skip
-        _opt(_check_int, w("seed"), self.seed, minimum=0, below=_SEED_END)
-        _opt(_check_int, w("batch_size"), self.batch_size, minimum=1)
+        optional(check_int, w("seed"), self.seed, minimum=0, below=SEED_END)
+        optional(check_int, w("batch_size"), self.batch_size, minimum=1)
 
     def keys(self) -> list[str]:
         """Field names, so ``InfluenceConfig(**section)`` works."""
@@ -496,7 +188,7 @@ class InfluenceSection:
 
     def to_dict(self) -> dict[str, Any]:
         """Fields as plain values (``None`` fields left out)."""
-        return _plain_fields(self)
+        return plain_fields(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,28 +219,28 @@ class SourceConfig:
     load_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        name = _check_str(_where("SourceConfig", "name"), self.name)
-        w = functools.partial(_where, f"SourceConfig({name!r})")
+        name = check_str(field_where("SourceConfig", "name"), self.name)
+        w = functools.partial(field_where, f"SourceConfig({name!r})")
         for key in ("path", "data_dir", "offsets", "text_field"):
             value = getattr(self, key)
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)
-            _set(self, key, _opt(_check_str, w(key), value))
-        _check_str(w("split"), self.split)
-        _check_bool(w("streaming"), self.streaming)
+            set_field(self, key, optional(check_str, w(key), value))
+        check_str(w("split"), self.split)
+        check_bool(w("streaming"), self.streaming)
         files = self.data_files
         if files is not None:
             if isinstance(files, (str, os.PathLike)):
                 files = os.fspath(files)
-                _check_str(w("data_files"), files)
+                check_str(w("data_files"), files)
             elif isinstance(files, Sequence) and files:
                 files = tuple(os.fspath(f) if isinstance(f, os.PathLike) else f for f in files)
                 for i, f in enumerate(files):
-                    _check_str(f"{w('data_files')}[{i}]", f)
+                    check_str(f"{w('data_files')}[{i}]", f)
             else:
                 raise TypeError(f"{w('data_files')} must be a path, a glob or a non-empty list of "
                                 f"them, got {files!r}")  # fmt: skip
-            _set(self, "data_files", files)
+            set_field(self, "data_files", files)
         if self.dataset is not None and (self.path or files or self.data_dir):
             raise ValueError(f"{w('dataset')}: give dataset alone, or path / data_files")
         if self.dataset is None and self.path is None and files is None:
@@ -556,14 +248,14 @@ class SourceConfig:
         if self.data_dir is not None and self.path is None:
             raise ValueError(f"{w('data_dir')} is read by a builder: give path too (e.g. "
                              f"'parquet' or a Hub name)")  # fmt: skip
-        _set(self, "weight", _opt(_check_real, w("weight"), self.weight, minimum=0.0))
+        set_field(self, "weight", optional(check_real, w("weight"), self.weight, minimum=0.0))
         if not isinstance(self.load_kwargs, Mapping):
             raise TypeError(f"{w('load_kwargs')} must be a mapping, got {self.load_kwargs!r}")
         reserved = sorted({f.name for f in dataclasses.fields(self)} & set(self.load_kwargs))
         if reserved:
             raise ValueError(f"{w('load_kwargs')} sets {reserved}, which are fields of the "
                              f"source: set them there")  # fmt: skip
-        _set(self, "load_kwargs", dict(self.load_kwargs))
+        set_field(self, "load_kwargs", dict(self.load_kwargs))
 
     def to_mixture(self, weight: float | None = None) -> DatasetMixture:
         """A :class:`DatasetMixture` for this source (not opened yet), with ``weight`` (default:
@@ -580,7 +272,7 @@ class SourceConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Fields as plain values (``None`` fields left out)."""
-        return _plain_fields(self)
+        return plain_fields(self)
 
 
 def _check_weights(where: str, weights: object, names: Sequence[str]) -> dict[str, float]:
@@ -591,9 +283,10 @@ def _check_weights(where: str, weights: object, names: Sequence[str]) -> dict[st
     out: dict[str, float] = {}
     for k, v in weights.items():
         if k not in names:
-            raise ValueError(f"{where} names {k!r}, which is not a source{_close(k, names)}; "
+            near = close_matches(k, names)
+            raise ValueError(f"{where} names {k!r}, which is not a source{near}; "
                              f"sources: {list(names)}")  # fmt: skip
-        out[k] = _check_real(f"{where}.{k}", v, minimum=0.0)
+        out[k] = check_real(f"{where}.{k}", v, minimum=0.0)
     missing = [n for n in names if n not in out]
     if missing:
         raise ValueError(f"{where} gives no weight to source(s) {missing}: give every source a "
@@ -625,7 +318,7 @@ class MixtureConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        w = functools.partial(_where, "MixtureConfig")
+        w = functools.partial(field_where, "MixtureConfig")
         if isinstance(self.sources, (str, Mapping)) or not isinstance(self.sources, Sequence):
             raise TypeError(f"{w('sources')} must be a list of SourceConfig, got {self.sources!r}")
         if not self.sources:
@@ -638,14 +331,14 @@ class MixtureConfig:
                 raise ValueError(f"{w('sources')}[{i}].name {s.name!r} repeats sources"
                                  f"[{seen[s.name]}]: source names must be unique")  # fmt: skip
             seen[s.name] = i
-        _set(self, "sources", tuple(self.sources))
+        set_field(self, "sources", tuple(self.sources))
         names = list(seen)
         given = [s.name for s in self.sources if s.weight is not None]
         if self.weights is not None:
             if given:
                 raise ValueError(f"{w('weights')} and the weight of source(s) {given} are both "
                                  f"given: give weights in one place")  # fmt: skip
-            _set(self, "weights", _check_weights(w("weights"), self.weights, names))
+            set_field(self, "weights", _check_weights(w("weights"), self.weights, names))
         if self.weight_schedule is not None:
             if given or self.weights is not None:
                 other = "weights" if self.weights is not None else f"the weight of {given}"
@@ -653,8 +346,8 @@ class MixtureConfig:
                                  f"schedule sets every weight (its first point's before its "
                                  f"first step)")  # fmt: skip
             points = self._check_schedule(w("weight_schedule"), self.weight_schedule, names)
-            _set(self, "weight_schedule", points)
-            _check_choice(w("weight_schedule_type"), self.weight_schedule_type or "step",
+            set_field(self, "weight_schedule", points)
+            check_choice(w("weight_schedule_type"), self.weight_schedule_type or "step",
                           INTERPOLATIONS)  # fmt: skip
         elif self.weight_schedule_type is not None:
             raise ValueError(f"{w('weight_schedule_type')} is {self.weight_schedule_type!r} but "
@@ -663,10 +356,10 @@ class MixtureConfig:
         if static is not None and not any(static.values()):
             raise ValueError(f"{w('sources')}: every source has weight 0; at least one needs "
                              f"weight")  # fmt: skip
-        _check_int(w("block_size"), self.block_size, minimum=1)
-        _check_choice(w("stop_strategy"), self.stop_strategy, STOP_STRATEGIES)
-        _check_choice(w("mode"), self.mode, MIXING_MODES)
-        _opt(_check_int, w("seed"), self.seed, minimum=0, below=_SEED_END)
+        check_int(w("block_size"), self.block_size, minimum=1)
+        check_choice(w("stop_strategy"), self.stop_strategy, STOP_STRATEGIES)
+        check_choice(w("mode"), self.mode, MIXING_MODES)
+        optional(check_int, w("seed"), self.seed, minimum=0, below=SEED_END)
 
     @staticmethod
     def _check_schedule(where: str, schedule: object,
@@ -683,8 +376,8 @@ class MixtureConfig:
             elif isinstance(p, Mapping):
                 unknown = sorted(set(p) - {"step", "weights"}, key=str)
                 if unknown:
-                    raise ValueError(f"{at}: unknown key {unknown[0]!r}"
-                                     f"{_close(unknown[0], ['step', 'weights'])}; a point has "
+                    near = close_matches(unknown[0], ["step", "weights"])
+                    raise ValueError(f"{at}: unknown key {unknown[0]!r}{near}; a point has "
                                      f"'step' and 'weights'")  # fmt: skip
                 if "step" not in p or "weights" not in p:
                     raise ValueError(f"{at} needs 'step' and 'weights', got {sorted(p)}")
@@ -694,7 +387,7 @@ class MixtureConfig:
             else:
                 raise TypeError(f"{at} must be (step, weights) or {{step: ..., weights: ...}}, "
                                 f"got {p!r}")  # fmt: skip
-            step = _check_int(f"{at}.step", step, minimum=0)
+            step = check_int(f"{at}.step", step, minimum=0)
             if points and step <= points[-1].step:
                 what = "repeats" if step == points[-1].step else "comes before"
                 raise ValueError(f"{at}.step {step} {what} the previous point's step "
@@ -725,7 +418,7 @@ class MixtureConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Fields as plain values (``None`` fields left out); points as ``{step, weights}``."""
-        return _plain_fields(self)
+        return plain_fields(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -746,16 +439,16 @@ class DataConfig:
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
-        w = functools.partial(_where, "DataConfig")
-        for key, cls, optional in (("mixture", MixtureConfig, False),
+        w = functools.partial(field_where, "DataConfig")
+        for key, cls, nullable in (("mixture", MixtureConfig, False),
                                    ("packing", PackingConfig, True),
                                    ("loader", DataLoaderConfig, False),
                                    ("influence", InfluenceSection, True)):  # fmt: skip
             value = getattr(self, key)
-            if not (isinstance(value, cls) or (optional and value is None)):
+            if not (isinstance(value, cls) or (nullable and value is None)):
                 raise TypeError(f"{w(key)} must be a {cls.__name__}"
-                                f"{' or None' if optional else ''}, got {value!r}")  # fmt: skip
-        _opt(_check_str, w("tokenizer"), self.tokenizer)
+                                f"{' or None' if nullable else ''}, got {value!r}")  # fmt: skip
+        optional(check_str, w("tokenizer"), self.tokenizer)
         pk, ld = self.packing, self.loader
         if pk is not None:
             if ld.packing is not None and ld.packing != pk.strategy:
@@ -822,7 +515,7 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts (sections that are None left out); ``from_dict`` inverts it."""
-        return _plain_fields(self)
+        return plain_fields(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *,
@@ -838,55 +531,32 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _plain_fields(obj: Any) -> dict[str, Any]:
-    out: dict[str, Any] = _plain(obj)
-    return out
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses as dicts without their None fields, tuples as lists, schedule points as
-    ``{step, weights}``; other values unchanged."""
-    if isinstance(value, WeightSchedulePoint):
-        return {"step": value.step, "weights": dict(value.weights)}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {}
-        for f in dataclasses.fields(value):
-            v = getattr(value, f.name)
-            if v is not None and not (f.name in ("collate_kwargs", "load_kwargs") and not v):
-                out[f.name] = _plain(v)
-        return out
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _keys(d: object, cls: type, file: str | None, path: str,
           exclude: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
     """``d`` as a dict whose keys are fields of ``cls`` (unknown keys named, with close matches);
     missing required fields are errors too."""
     if not isinstance(d, Mapping):
-        raise TypeError(f"{_loc(file, path or 'the config')} must be a mapping, got "
+        raise TypeError(f"{loc(file, path or 'the config')} must be a mapping, got "
                         f"{type(d).__name__} {d!r}")  # fmt: skip
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
     for k in d:
         if k not in fields:
             key = f"{path}.{k}" if path else str(k)
-            raise ValueError(f"{_loc(file, key)}: unknown key {k!r}{_close(k, list(fields))}; "
+            near = close_matches(k, list(fields))
+            raise ValueError(f"{loc(file, key)}: unknown key {k!r}{near}; "
                              f"keys of {path or 'the top level'}: {list(fields)}")  # fmt: skip
     for name, f in fields.items():
         no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if no_default and name not in d:
             key = f"{path}.{name}" if path else name
-            raise ValueError(f"{_loc(file, key)} is required")
+            raise ValueError(f"{loc(file, key)} is required")
     return dict(d)
 
 
 def _probe_error(where: str, probe: str, names: list[str], looked: str) -> ValueError:
     at = "" if looked == probe else f" (looked for {looked!r})"
     return ValueError(f"{where} {probe!r} is neither a source of the mixture"
-                      f"{_close(probe, names)} (sources: {names}) nor an existing path{at}")
+                      f"{close_matches(probe, names)} (sources: {names}) nor an existing path{at}")
 
 
 def _exists(path: str) -> bool:
@@ -924,7 +594,7 @@ def _source_from_dict(d: object, base: str | None, file: str | None, path: str,
             out["data_files"] = _join(base, files)
         elif isinstance(files, list):
             out["data_files"] = [_join(base, f) if isinstance(f, str) else f for f in files]
-    with _location(file, path + "."):
+    with location(file, path + "."):
         return SourceConfig(**out)
 
 
@@ -933,11 +603,11 @@ def _mixture_from_dict(d: object, base: str | None, file: str | None,
     out = _keys(d, MixtureConfig, file, "mixture")
     sources = out["sources"]
     if not isinstance(sources, list):
-        raise TypeError(f"{_loc(file, 'mixture.sources')} must be a list of sources, got "
+        raise TypeError(f"{loc(file, 'mixture.sources')} must be a list of sources, got "
                         f"{sources!r}")  # fmt: skip
     out["sources"] = [_source_from_dict(s, base, file, f"mixture.sources[{i}]", yaml_file)
                       for i, s in enumerate(sources)]  # fmt: skip
-    with _location(file, "mixture."):
+    with location(file, "mixture."):
         return MixtureConfig(**out)
 
 
@@ -947,10 +617,10 @@ def _data_config_from_dict(d: object, base: str | None, file: str | None, *,
     top["mixture"] = _mixture_from_dict(top["mixture"], base, file, yaml_file)
     if top.get("packing") is not None:
         packing = _keys(top["packing"], PackingConfig, file, "packing")
-        with _location(file, "packing."):
+        with location(file, "packing."):
             top["packing"] = PackingConfig(**packing)
     loader = _keys(top["loader"], DataLoaderConfig, file, "loader")
-    with _location(file, "loader."):
+    with location(file, "loader."):
         top["loader"] = DataLoaderConfig(**loader)
     if top.get("influence") is not None:
         inf = _keys(top["influence"], InfluenceSection, file, "influence")
@@ -959,13 +629,13 @@ def _data_config_from_dict(d: object, base: str | None, file: str | None, *,
         if base is not None and isinstance(probe, str) and probe not in names:
             inf["probe"] = _join(base, probe)
             if not _exists(inf["probe"]):  # named as written, not as resolved
-                raise _probe_error(_loc(file, "influence.probe"), probe, names, inf["probe"])
-        with _location(file, "influence."):
+                raise _probe_error(loc(file, "influence.probe"), probe, names, inf["probe"])
+        with location(file, "influence."):
             top["influence"] = InfluenceSection(**inf)
     tok = top.get("tokenizer")
     if base is not None and isinstance(tok, str) and _looks_local(base, tok):
         top["tokenizer"] = _join(base, tok)
-    with _location(file, ""):
+    with location(file, ""):
         return DataConfig(**top)
 
 
