@@ -138,7 +138,8 @@ def test_vision_source_ids(form: str) -> None:
 def test_ids_never_depend_on_which_names_a_batch_holds() -> None:
     collate = create_collate_fn(0, source_names=NAMES)
     a = collate([{"input_ids": [1], "__source__": "math"}])
-    b = collate([{"input_ids": [1], "__source__": "code"}, {"input_ids": [2], "__source__": "math"}])
+    b = collate([{"input_ids": [1], "__source__": "code"},
+                 {"input_ids": [2], "__source__": "math"}])
     assert a["source_ids"].tolist() == [2] and b["source_ids"].tolist() == [1, 2]
 
 
@@ -239,7 +240,8 @@ def test_registry_factories_and_pickling_keep_source_names() -> None:
 
 def test_per_token_source_ids_column_pads_with_minus_one() -> None:
     """A per-token ``source_ids`` column the rows carry pads with -1, since 0 names a source."""
-    rows = [{"input_ids": [1, 2, 3], "source_ids": [0, 0, 1]}, {"input_ids": [4], "source_ids": [0]}]
+    rows = [{"input_ids": [1, 2, 3], "source_ids": [0, 0, 1]},
+            {"input_ids": [4], "source_ids": [0]}]
     out = create_collate_fn(0)(rows)
     assert out["source_ids"].tolist() == [[0, 0, 1], [0, -1, -1]]
     packed = create_packed_collate(attention="none", pad_to_multiple_of=4)(rows)
@@ -308,7 +310,8 @@ def test_packed_hand_made_rows(padding_free: bool, multiple: int | None, attenti
     assert "doc_source_ids" not in out
     # source_names checks the ids and changes nothing else.
     named = create_packed_collate(attention=attention, padding_free=padding_free,
-                                  pad_to_multiple_of=multiple, source_names=NAMES)(batch)  # fmt: skip
+                                  pad_to_multiple_of=multiple, source_names=NAMES)
+    named = named(batch)
     assert named["source_ids"].tolist() == want
 
 
