@@ -395,7 +395,7 @@ class PackedCollator:
             check_same_lengths(labels, ids, "labels", self.input_key)
         tokens, rest = split_fields(c, ids.offsets, (self.input_key, *_PACKING_COLUMNS),
                                     self.pad_values, self.input_key)  # fmt: skip
-        arena = self._out.arena(3, shape)
+        arena = self._out.arena(3 + (piece_src is not None), shape)
         full = {"input_ids": arena.take(), "labels": arena.take(), "position_ids": arena.take()}
         fields = ["input_ids", "position_ids"] + (["labels"] if labels is None else [])
         if self.attention in ("sdpa", "eager") or piece_src is not None:
@@ -441,10 +441,10 @@ class PackedCollator:
         if piece_src is not None:  # each token its document's source: a lookup by seq_idx
             assert seq_idx is not None
             lookup = np.empty(piece_src.size + 1, dtype=np.int64)
-            lookup[0] = NO_SOURCE  # seq_idx -1: padding
-            lookup[1:] = piece_src
-            src = self._out.empty(shape, np.int64)
-            np.take(lookup, seq_idx + 1, out=src)
+            lookup[:-1] = piece_src
+            lookup[-1] = NO_SOURCE  # seq_idx -1 (padding) reads the last entry: no seq_idx + 1
+            src = arena.take()  # the fourth int64 slot of the batch's one block
+            np.take(lookup, seq_idx, out=src)
             result[SOURCE_IDS] = self._out.wrap(src)
         index = None
         for col in tokens:
