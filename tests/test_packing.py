@@ -931,3 +931,128 @@ def test_align_gaps_always_write_seq_starts() -> None:
     assert plain.column_names == ["input_ids", "seq_lengths"]
     ragged_out = pack_sequences(data, 8, plan=gapped, layout="ragged", fields=("input_ids",))
     assert ragged_out.column_names == ["input_ids"]  # ragged rows are back to back
+
+
+# ---------------------------------------------------------------------------------------------
+# Document sources: doc_source_ids per row
+# ---------------------------------------------------------------------------------------------
+
+SOURCE_NAMES = ("web", "code", "math")
+
+
+def sourced_dataset(lengths: list[int], seed: int = 0, **extra: Any) -> tuple[Any, list[int]]:
+    """Documents with a ``__source__`` name each; returns the dataset and each row's id."""
+    rng = np.random.default_rng(seed)
+    ids = [int(i) for i in rng.integers(0, len(SOURCE_NAMES), len(lengths))]
+    names = pa.array([SOURCE_NAMES[i] for i in ids])
+    return as_dataset(make_docs(lengths, seed), __source__=names, **extra), ids
+
+
+def check_doc_sources(packed: Any, want: list[int]) -> None:
+    """Every row's doc_source_ids: int32, aligned with seq_lengths, each its document's source."""
+    data = packed.data.table if hasattr(packed, "data") else packed
+    typ = data.schema.field("doc_source_ids").type
+    assert typ.value_type == pa.int32(), typ
+    for r, (srcs, docs, lens) in enumerate(zip(column(data, "doc_source_ids"),
+                                               column(data, "doc_ids"),
+                                               column(data, "seq_lengths"), strict=True)):
+        assert len(srcs) == len(lens), r
+        assert srcs == [want[d] for d in docs], r
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "next_fit", "wrapped"])
+@pytest.mark.parametrize("layout", ["padded", "ragged"])
+@pytest.mark.parametrize("form", ["names", "dictionary", "ids", "class_label"])
+def test_pack_sequences_doc_source_ids(strategy: str, layout: str, form: str) -> None:
+    lengths = [int(n) for n in np.random.default_rng(1).integers(1, 40, 80)]
+    ds, want = sourced_dataset(lengths, seed=1)
+    kwargs: dict[str, Any] = {"source_names": SOURCE_NAMES}
+    if form == "dictionary":
+        ds = datasets.Dataset(ds.data.table.set_column(
+            1, "__source__", ds.data.table.column("__source__").dictionary_encode()))
+    elif form == "ids":  # integer ids already, under a name of our choice, no names needed
+        ds = ds.remove_columns("__source__").add_column("source_id", want)
+        kwargs = {"source_column": "source_id"}
+    elif form == "class_label":  # ClassLabel ids index its own (sorted) names: re-mapped
+        ds = ds.class_encode_column("__source__")
+        assert ds.features["__source__"].names == sorted(SOURCE_NAMES)
+    out = pack_sequences(ds, 32, strategy, layout=layout, fields=("input_ids", "doc_ids"),
+                         **kwargs)  # fmt: skip
+    assert out.column_names == ["input_ids", "seq_lengths", "doc_ids", "doc_source_ids"]
+    check_doc_sources(out, want)
+    # A split document (over max_length) gives each of its pieces its source.
+    long_ds, long_want = sourced_dataset([70, 5, 33], seed=2)
+    long_out = pack_sequences(long_ds, 32, strategy, layout=layout, source_names=SOURCE_NAMES,
+                              fields=("input_ids", "seq_lengths", "doc_ids"))  # fmt: skip
+    assert sum(len(d) for d in column(long_out, "doc_ids")) > 3
+    check_doc_sources(long_out, long_want)
+
+
+def test_doc_sources_follow_row_order_align_and_dropped_documents() -> None:
+    ds, want = sourced_dataset([4, 7, 0, 6, 2, 8, 0, 3], seed=4)
+    order = [5, 1, 3, 0, 6, 7]
+    shuffled = ds.select(order)  # an indices mapping over the table
+    fields = ("input_ids", "seq_lengths", "seq_starts", "doc_ids")
+    out = pack_sequences(shuffled, 12, fields=fields, align=4, drop_empty=True,
+                         source_names=SOURCE_NAMES)  # fmt: skip
+    check_doc_sources(out, [want[i] for i in order])
+    assert sum(len(x) for x in column(out, "doc_source_ids")) == 5  # the empty row dropped
+    dd = pack_sequences(datasets.DatasetDict({"a": ds.select(range(6)), "b": shuffled}), 12,
+                        fields=fields, drop_empty=True, source_names=SOURCE_NAMES)  # fmt: skip
+    check_doc_sources(dd["a"], want[:6])
+    check_doc_sources(dd["b"], [want[i] for i in order])
+
+
+def test_doc_sources_out_of_core_and_cache(tmp_path: Any) -> None:
+    lengths = [int(n) for n in np.random.default_rng(7).integers(1, 50, 300)]
+    ds, want = sourced_dataset(lengths, seed=7)
+    ds.save_to_disk(str(tmp_path / "data"))
+    mapped = datasets.load_from_disk(str(tmp_path / "data")).shuffle(seed=3)
+    assert mapped.cache_files
+    order = mapped._indices.column(0).to_pylist()
+    fields = ("input_ids", "seq_lengths", "doc_ids")
+    disk = pack_sequences(mapped, 64, fields=fields, source_names=SOURCE_NAMES)
+    assert disk.cache_files  # written batch by batch to a cache file
+    check_doc_sources(disk, [want[i] for i in order])
+    memory = pack_sequences(mapped, 64, fields=fields, source_names=SOURCE_NAMES,
+                            keep_in_memory=True)  # fmt: skip
+    assert column(disk, "doc_source_ids") == column(memory, "doc_source_ids")
+    # Other names (another order) are other ids: never the cached rows of the first call.
+    names = ("math", "web", "code")
+    again = pack_sequences(mapped, 64, fields=fields, source_names=names)
+    check_doc_sources(again, [names.index(SOURCE_NAMES[want[i]]) for i in order])
+
+
+def test_doc_source_errors() -> None:
+    ds, _ = sourced_dataset([3, 4, 5], seed=0)
+    with pytest.raises(ValueError, match="holds source names: pass source_names"):
+        pack_sequences(ds, 8)
+    with pytest.raises(ValueError, match=r"source column '__source__': row \d has source '\w+', "
+                                         r"which is not in source_names \['web'\]"):  # fmt: skip
+        pack_sequences(ds.map(lambda ex, i: {"__source__": "web" if i == 0 else "code"},
+                              with_indices=True), 8, source_names=["web"])  # fmt: skip
+    with pytest.raises(ValueError, match="source_column 'src' not found"):
+        pack_sequences(ds, 8, source_column="src", source_names=SOURCE_NAMES)
+    with pytest.raises(ValueError, match="no '__source__' column; name the documents' source"):
+        pack_sequences(ds.remove_columns("__source__"), 8, source_names=SOURCE_NAMES)
+    with pytest.raises(ValueError, match="need a Dataset or a pyarrow Table"):
+        pack_sequences([[1, 2], [3]], 8, source_names=SOURCE_NAMES)
+    with pytest.raises(ValueError, match="is the documents' source column"):
+        pack_sequences(ds, 8, columns=["__source__"], source_names=SOURCE_NAMES)
+    with pytest.raises(ValueError, match="repeats 'web'"):
+        pack_sequences(ds, 8, source_names=["web", "web"])
+    ints = ds.remove_columns("__source__")
+    with pytest.raises(ValueError, match=r"row 1 has source id 3, which names no source "
+                                         r"\(source_names has 3"):  # fmt: skip
+        pack_sequences(ints.add_column("sid", [0, 3, 1]), 8, source_column="sid",
+                       source_names=SOURCE_NAMES)  # fmt: skip
+    with pytest.raises(ValueError, match="row 2 has source id -1"):
+        pack_sequences(ints.add_column("sid", [0, 1, -1]), 8, source_column="sid")
+    with pytest.raises(ValueError, match=r"row 1 has no source \(null\)"):
+        pack_sequences(ints.add_column("sid", ["web", None, "code"]), 8, source_column="sid",
+                       source_names=SOURCE_NAMES)  # fmt: skip
+    with pytest.raises(TypeError, match="expected source names"):
+        pack_sequences(ints.add_column("sid", [0.5, 1.0, 2.0]), 8, source_column="sid")
+    with pytest.raises(ValueError, match="row 1 has source 'wiki' \\(a ClassLabel\\)"):
+        labelled = ints.add_column("sid", ["web", "wiki", "code"]).class_encode_column("sid")
+        pack_sequences(labelled, 8, source_column="sid", source_names=SOURCE_NAMES)

@@ -14,6 +14,15 @@ the fields it does not own (``collate.output.split_fields``):
   same from its Arrow columns or its rows, and float32 is what a model computes its loss in);
 - per-example numbers and equal-shape arrays are stacked (Python ints int64, floats float32, as
   ``torch.tensor``); anything else (strings, ragged lists of other lengths) is passed through.
+
+Sources (``collate.sources``): every collator takes ``source_names``, the mixture's source names
+in mixture order; the id of a name is its index there. With it, each example's ``__source__`` (a
+name, or an id already) is consumed and becomes ``source_ids`` int64: [B] for padded batches
+(padding, causal LM, seq2seq, vision), per token for flattening ([1, T]) and packed rows ([B, L]
+or [1, T], each token its document's source from the rows' ``doc_source_ids``, -1 on padding).
+An unknown name is a ValueError naming the example. Without ``source_names`` there are no ids and
+``__source__`` is passed through as a list: ids are never numbered by which names a batch holds,
+so an id means the same source in every batch, worker and run.
 """
 
 from __future__ import annotations
@@ -36,13 +45,17 @@ from mixtape.collate.padding import (
     create_seq2seq_collate,
 )
 from mixtape.collate.registry import CollatorInfo, CollatorRegistry, get_collator, list_collators
+from mixtape.collate.sources import DOC_SOURCE_IDS, SOURCE_IDS, SOURCE_KEY
 from mixtape.collate.vision import IMAGE_NORMALIZATION, VisionCollator
 from mixtape.ragged import Ragged
 
 __all__ = [
     "DEFAULT_PAD_VALUES",
+    "DOC_SOURCE_IDS",
     "IMAGE_NORMALIZATION",
     "PACKED_ATTENTION",
+    "SOURCE_IDS",
+    "SOURCE_KEY",
     "CausalLMCollator",
     "CollatorInfo",
     "CollatorRegistry",

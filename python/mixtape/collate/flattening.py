@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from mixtape.collate.output import (
     split_fields,
     stack_other,
 )
+from mixtape.collate.sources import SOURCE_IDS, SourceNames
 from mixtape.ragged import (
     as_ragged,
     batch_columns,
@@ -39,7 +41,10 @@ class FlatteningCollator:
     is no padding). Other fields follow the collators' one rule (``mixtape.collate``): per-token
     number columns are flattened to [1, T] (integers int64, floats float32), per-example numbers
     stacked, the rest passed through (transformers drops them). A batch may also be a list of
-    bare id sequences (read as ``input_key``).
+    bare id sequences (read as ``input_key``). With ``source_names`` (the mixture's names, in
+    order), each example's ``__source__`` becomes ``source_ids`` [1, T] int64: every token carries
+    its example's source id (the name's index in ``source_names``); without it ``__source__`` is
+    passed through as a list.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class FlatteningCollator:
         pin_memory: bool = False,
         *,
         input_key: str = "input_ids",
+        source_names: Sequence[str] | None = None,
     ) -> None:
         check_int("separator_id", separator_id)
         check_int("position_ids_start", position_ids_start)
@@ -62,10 +68,13 @@ class FlatteningCollator:
         self.return_seq_idx = return_seq_idx
         self.position_ids_start = int(position_ids_start)
         self.input_key = input_key
+        self._sources = SourceNames(source_names)
+        self.source_names = self._sources.names
         self._out = Output(return_tensors, pin_memory)
 
     def __call__(self, batch: Any) -> dict[str, Any]:
         c = batch_columns(batch, self.input_key)
+        sources = self._sources.take(c)
         ids = as_ragged(field_of(c, self.input_key), self.input_key)
         labels = None
         if "labels" in c.cols:
@@ -98,6 +107,10 @@ class FlatteningCollator:
             seq = self._out.empty((1, total), np.int32)
             seq[0] = np.repeat(np.arange(n, dtype=np.int32), lengths)
             out["seq_idx"] = seq
+        if sources is not None:  # each token its example's source (no padding here)
+            src = self._out.empty((1, total), np.int64)
+            src[0] = np.repeat(sources, lengths)
+            out[SOURCE_IDS] = src
         result = {k: self._out.wrap(v) for k, v in out.items()}
         if self.return_flash_attn_kwargs:
             if total > np.iinfo(np.int32).max:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import numpy.typing as npt
 
+from mixtape.collate.sources import NO_SOURCE, SOURCE_IDS, SOURCE_KEY, column_list
 from mixtape.ops import Int64Array
 from mixtape.ragged import (
     Columns,
@@ -65,7 +66,8 @@ def split_fields(
     """The fields not in ``skip``, split by the one rule every collator follows.
 
     A column of 1-D number sequences with the ids' lengths is per-token: integers and bools become
-    int64 padded with ``pad_values[name]`` (default 0), floats become float32 padded with
+    int64 padded with ``pad_values[name]`` (default 0; -1 for ``source_ids``, since 0 names a
+    source), floats become float32 padded with
     ``pad_values[name]`` (default 0.0) whatever their input dtype, so an HF ``Dataset`` (floats
     stored as float64) gives the same batch as lists of Python floats. A field named in
     ``pad_values`` must be per-token (else ValueError naming the example). Everything else is
@@ -86,8 +88,9 @@ def split_fields(
                     tokens.append(TokenColumn(key, vals.astype(np.float32, copy=False), offs,
                                               float(pad_values.get(key, 0.0))))  # fmt: skip
                 else:
+                    default = NO_SOURCE if key == SOURCE_IDS else 0
                     tokens.append(TokenColumn(key, as_int64(vals, key), offs,
-                                              int(pad_values.get(key, 0))))  # fmt: skip
+                                              int(pad_values.get(key, default))))  # fmt: skip
                 continue
             if key in pad_values:
                 i = int(np.flatnonzero(got_lengths != lengths)[0]) if (
@@ -215,7 +218,10 @@ def stack_other(col: Any, name: str, tensors: bool) -> Any:
     """A non-padded field: numbers / equal-shape arrays are stacked, anything else passed through.
 
     Python numbers follow ``torch.tensor`` (ints → int64, floats → float32), as transformers does.
+    ``__source__`` (left when the collator has no ``source_names``) is always a plain list.
     """
+    if name == SOURCE_KEY:
+        return column_list(col)
     if is_arrow(col):
         return stack_arrow(col, tensors, name)
     if isinstance(col, np.ndarray) and col.dtype.kind in "biuf":

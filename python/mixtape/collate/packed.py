@@ -19,6 +19,7 @@ from mixtape.collate.output import (
     split_fields,
     stack_other,
 )
+from mixtape.collate.sources import DOC_SOURCE_IDS, NO_SOURCE, SOURCE_IDS, SourceNames
 from mixtape.ops import (
     Int64Array,
     PackPlan,
@@ -52,11 +53,14 @@ MASK_PLACES = ("host", "device")
 # Columns a packed row carries that describe the packing; the collator consumes them (the
 # examples' attention_mask too: it would make flash attention unpad across documents).
 _PACKING_COLUMNS = ("labels", "position_ids", "attention_mask", "seq_lengths", "seq_starts",
-                    "seq_idx", "loss_mask", "doc_ids")  # fmt: skip
+                    "seq_idx", "loss_mask", "doc_ids", DOC_SOURCE_IDS)  # fmt: skip
 
 
-def _row_documents(c: Columns, ids: Ragged, key: str) -> tuple[Int64Array, ...]:
-    """Documents of every row as (row_offsets, row, start, length), vectorised over the batch.
+def _row_documents(
+    c: Columns, ids: Ragged, key: str
+) -> tuple[Int64Array, Int64Array, Int64Array, Int64Array, Int64Array | None]:
+    """Documents of every row as (row_offsets, row, start, length, entry), vectorised over the
+    batch; ``entry`` is each document's index in the flat ``seq_lengths`` (None without them).
 
     From ``seq_lengths`` (documents back to back from column 0, or at ``seq_starts``), else from
     the resets of ``position_ids`` (a token whose position is not the previous one + 1 starts a
@@ -66,11 +70,13 @@ def _row_documents(c: Columns, ids: Ragged, key: str) -> tuple[Int64Array, ...]:
     rows = len(ids)
     row_len = ids.lengths
     back_to_back = False
+    entry = None
     if "seq_lengths" in c.cols:
         sl = as_ragged(c.cols["seq_lengths"], "seq_lengths")
         counts = sl.lengths
         row = np.repeat(np.arange(rows, dtype=np.int64), counts)
         length = sl.values.astype(np.int64)
+        entry = np.arange(length.size, dtype=np.int64)
         if length.size and int(length.min()) < 0:
             i = int(np.argmax(length < 0))
             raise ValueError(f"seq_lengths: example {int(row[i])} has a negative document length "
@@ -105,7 +111,7 @@ def _row_documents(c: Columns, ids: Ragged, key: str) -> tuple[Int64Array, ...]:
             )
         if length.size and not np.all(length):
             keep = length > 0
-            row, start, length = row[keep], start[keep], length[keep]
+            row, start, length, entry = row[keep], start[keep], length[keep], entry[keep]
             counts = np.bincount(row, minlength=rows).astype(np.int64)
         if back_to_back:
             _check_back_to_back(c, ids, key, row, start, length)
@@ -128,7 +134,7 @@ def _row_documents(c: Columns, ids: Ragged, key: str) -> tuple[Int64Array, ...]:
         counts = (row_len > 0).astype(np.int64)
     row_offsets = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(counts, out=row_offsets[1:])
-    return row_offsets, row, start, length
+    return row_offsets, row, start, length, entry
 
 
 def _check_back_to_back(c: Columns, ids: Ragged, key: str, row: Int64Array, start: Int64Array,
@@ -255,14 +261,26 @@ class PackedCollator:
     TRL's ``padding_free`` collator; with ``pad_to_multiple_of`` the row is padded to a multiple
     as TRL pads it (``pad_token_id``, labels ``label_pad_token_id``, position 0, each padding
     token its own ``cu_seq_lens`` segment). The rows' ``attention_mask``, ``position_ids``,
-    ``seq_lengths``, ``seq_starts``, ``doc_ids``, ``seq_idx`` and ``loss_mask`` are consumed;
-    other fields follow the collators' one rule (``mixtape.collate``): per-token number columns
-    laid out like ``input_ids`` (integers int64 padded with their ``pad_values`` entry, default
-    0; floats float32 padded with 0.0), per-example numbers stacked, the rest passed through.
+    ``seq_lengths``, ``seq_starts``, ``doc_ids``, ``doc_source_ids``, ``seq_idx`` and
+    ``loss_mask`` are consumed; other fields follow the collators' one rule (``mixtape.collate``):
+    per-token number columns laid out like ``input_ids`` (integers int64 padded with their
+    ``pad_values`` entry, default 0; floats float32 padded with 0.0), per-example numbers
+    stacked, the rest passed through.
     No Python loop per document or token: the rows become a pack plan that the fill kernel
-    writes in one pass. With transformers' ``Trainer`` pass ``remove_unused_columns=False``: it
-    would drop ``seq_lengths`` (not a model argument), leaving only ``position_ids`` resets, or
-    nothing for TRL's rows, to find the documents by.
+    writes in one pass.
+
+    Sources: rows holding documents of several sources carry ``doc_source_ids`` (a list per row,
+    aligned with ``seq_lengths``, as ``pack_sequences`` writes from a source column); the output
+    gets ``source_ids`` int64 shaped like ``input_ids``: every token its document's source id,
+    -1 on padding (so ``loss[source_ids == s]`` is source s's loss). The ids are used as given
+    (checked against ``source_names`` when it is given: ``0 <= id < len(source_names)``). Rows
+    with a ``__source__`` (one source per row) need ``source_names`` (the mixture's names in
+    order; the id is the name's index) and give the same per-token ``source_ids``; without it
+    ``__source__`` is passed through as a list.
+
+    With transformers' ``Trainer`` pass ``remove_unused_columns=False``: it would drop
+    ``seq_lengths`` (not a model argument), leaving only ``position_ids`` resets, or nothing for
+    TRL's rows, to find the documents by (and ``doc_source_ids`` / ``__source__`` with them).
     """
 
     def __init__(
@@ -282,6 +300,7 @@ class PackedCollator:
         mask_dtype: torch.dtype | None = None,
         pad_values: Mapping[str, int | float] | None = None,
         input_key: str = "input_ids",
+        source_names: Sequence[str] | None = None,
     ) -> None:
         check_int("pad_token_id", pad_token_id)
         check_int("label_pad_token_id", label_pad_token_id)
@@ -304,6 +323,8 @@ class PackedCollator:
         self.mask_dtype = mask_dtype
         self.pad_values = dict(DEFAULT_PAD_VALUES if pad_values is None else pad_values)
         self.input_key = input_key
+        self._sources = SourceNames(source_names)
+        self.source_names = self._sources.names
         self._out = Output(return_tensors, pin_memory)
 
     def __repr__(self) -> str:
@@ -317,7 +338,7 @@ class PackedCollator:
         """The rows of ``batch`` as a :class:`PackPlan` (one piece per document, doc = row)."""
         return self._plan(batch_columns(batch, self.input_key))[0]
 
-    def _plan(self, c: Columns) -> tuple[PackPlan, Ragged]:
+    def _plan(self, c: Columns) -> tuple[PackPlan, Ragged, Int64Array | None]:
         key = self.input_key
         ids = as_ragged(field_of(c, key), key)
         if ids.values.size and int(ids.values.min()) < 0:
@@ -326,7 +347,7 @@ class PackedCollator:
                 f"{key}: example {example_of(ids.offsets, pos)} has a negative token id "
                 f"({int(ids.values[pos])}); token ids must be >= 0"
             )
-        row_offsets, row, start, length = _row_documents(c, ids, key)
+        row_offsets, row, start, length, entry = _row_documents(c, ids, key)
         longest = int(ids.lengths.max()) if len(ids) else 0
         width = padded_length(longest, None, self.pad_to_multiple_of)
         plan = PackPlan(
@@ -334,11 +355,34 @@ class PackedCollator:
             start=start, length=length, column=start, num_docs=len(ids),
             num_tokens=int(ids.values.size),
         )  # fmt: skip
-        return plan, ids
+        return plan, ids, entry
+
+    def _piece_sources(self, c: Columns, plan: PackPlan,
+                       entry: Int64Array | None) -> Int64Array | None:  # fmt: skip
+        """The source id of every document (plan piece): from the rows' ``doc_source_ids``
+        (aligned with ``seq_lengths``), or each row's ``__source__`` for all its documents."""
+        row_src = self._sources.take(c)
+        if DOC_SOURCE_IDS not in c.cols:
+            return None if row_src is None else row_src[plan.doc]
+        if row_src is not None:
+            raise ValueError(f"rows carry both '__source__' and {DOC_SOURCE_IDS!r}: keep one (a "
+                             f"row's {DOC_SOURCE_IDS!r} name the source of each document)")
+        if entry is None:
+            raise ValueError(f"{DOC_SOURCE_IDS}: the rows have no seq_lengths, so there are no "
+                             "documents to align their source ids with")  # fmt: skip
+        doc = as_ragged(c.cols[DOC_SOURCE_IDS], DOC_SOURCE_IDS)
+        sl = as_ragged(c.cols["seq_lengths"], "seq_lengths")
+        if not np.array_equal(doc.lengths, sl.lengths):
+            i = int(np.flatnonzero(doc.lengths != sl.lengths)[0])
+            raise ValueError(f"{DOC_SOURCE_IDS}: example {i} has {int(doc.lengths[i])} source ids "
+                             f"but {int(sl.lengths[i])} seq_lengths")  # fmt: skip
+        vals = self._sources.check_ids(doc.values, DOC_SOURCE_IDS, offsets=doc.offsets)
+        return vals[entry]
 
     def __call__(self, batch: Any) -> dict[str, Any]:
         c = batch_columns(batch, self.input_key)
-        plan, ids = self._plan(c)
+        plan, ids, entry = self._plan(c)
+        piece_src = self._piece_sources(c, plan, entry)
         if self.padding_free:  # documents back to back, then padding to the multiple (as TRL)
             used = plan.packed_tokens
             shape = (1, padded_length(used, None, self.pad_to_multiple_of))
@@ -351,10 +395,10 @@ class PackedCollator:
             check_same_lengths(labels, ids, "labels", self.input_key)
         tokens, rest = split_fields(c, ids.offsets, (self.input_key, *_PACKING_COLUMNS),
                                     self.pad_values, self.input_key)  # fmt: skip
-        arena = self._out.arena(3, shape)
+        arena = self._out.arena(3 + (piece_src is not None), shape)
         full = {"input_ids": arena.take(), "labels": arena.take(), "position_ids": arena.take()}
         fields = ["input_ids", "position_ids"] + (["labels"] if labels is None else [])
-        if self.attention in ("sdpa", "eager"):
+        if self.attention in ("sdpa", "eager") or piece_src is not None:
             fields.append("seq_idx")
         if self.attention == "flash":
             fields.append("cu_seqlens")
@@ -394,6 +438,14 @@ class PackedCollator:
                 result["seq_idx"] = self._out.wrap(seq_idx)
             else:
                 result["attention_mask"] = self._mask(seq_idx)
+        if piece_src is not None:  # each token its document's source: a lookup by seq_idx
+            assert seq_idx is not None
+            lookup = np.empty(piece_src.size + 1, dtype=np.int64)
+            lookup[:-1] = piece_src
+            lookup[-1] = NO_SOURCE  # seq_idx -1 (padding) reads the last entry: no seq_idx + 1
+            src = arena.take()  # the fourth int64 slot of the batch's one block
+            np.take(lookup, seq_idx, out=src)
+            result[SOURCE_IDS] = self._out.wrap(src)
         index = None
         for col in tokens:
             if col.is_float:  # the ids' layout applied to floats: fill flat positions, gather

@@ -6,7 +6,7 @@ Outputs are written once, into buffers we allocate (optionally pinned) and hand 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -25,6 +25,7 @@ from mixtape.collate.output import (
     stack_labels,
     stack_other,
 )
+from mixtape.collate.sources import SOURCE_IDS, SourceNames
 from mixtape.ragged import (
     Columns,
     Ragged,
@@ -61,6 +62,11 @@ class PaddingCollator:
     truncates (at ``truncation_side``), and the examples' own ``attention_mask`` is recomputed
     from lengths unless ``keep_attention_mask=True`` (pad it instead, for masks holding zeros).
 
+    ``source_names`` (the mixture's source names, in mixture order) turns each example's
+    ``__source__`` (a name, or an id already) into ``source_ids`` int64 [B], the index of the name
+    in ``source_names`` (an unknown name is a ValueError); without it ``__source__`` is passed
+    through as a list and there are no ids (never numbered by appearance in a batch).
+
     ``pin_memory=True`` allocates outputs in pinned memory when CUDA is available; otherwise (no
     GPU, or a forked worker that cannot pin) it warns once and returns ordinary memory.
     """
@@ -81,6 +87,7 @@ class PaddingCollator:
         keep_attention_mask: bool = False,
         pad_values: Mapping[str, int | float] | None = None,
         input_key: str = "input_ids",
+        source_names: Sequence[str] | None = None,
     ) -> None:
         check_int("pad_token_id", pad_token_id)
         check_int("label_pad_token_id", label_pad_token_id)
@@ -103,6 +110,8 @@ class PaddingCollator:
         self.keep_attention_mask = keep_attention_mask
         self.pad_values = dict(DEFAULT_PAD_VALUES if pad_values is None else pad_values)
         self.input_key = input_key
+        self._sources = SourceNames(source_names)
+        self.source_names = self._sources.names
         self._out = Output(return_tensors, pin_memory)
 
     def __repr__(self) -> str:
@@ -171,6 +180,7 @@ class PaddingCollator:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Pad ids, mask, labels and the per-token fields: the numpy results, and the fields
         neither padded nor in ``skip`` (for :meth:`_finish` to stack or pass through)."""
+        sources = self._sources.take(c)
         ids = as_ragged(field_of(c, self.input_key), self.input_key)
         if labels is not None:
             check_same_lengths(labels, ids, "labels", self.input_key)
@@ -207,6 +217,8 @@ class PaddingCollator:
                                                  int(col.pad), length, arena)  # fmt: skip
         if "labels" in res:
             out["labels"] = res["labels"]
+        if sources is not None:
+            out[SOURCE_IDS] = sources
         return out, rest
 
     def _pad_column(

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mixtape.collate.output import LABEL_ALIASES, Output, ReturnTensors, stack_labels, stack_other
+from mixtape.collate.sources import SOURCE_IDS, SourceNames
 from mixtape.ragged import batch_columns, field_of, is_arrow
 
 # --------------------------------------------------------------------------------------------
@@ -33,7 +34,8 @@ class VisionCollator:
     "mnist"), a ``(mean, std)`` pair of per-channel tuples, or None (no normalisation).
     Grayscale images with RGB statistics are an error unless ``num_channels=3`` (the gray channel
     is repeated). ``labels`` / ``label`` become an int64 ``labels`` tensor; other fields are stacked
-    or passed through.
+    or passed through. With ``source_names`` (the mixture's names, in order), ``__source__``
+    becomes ``source_ids`` int64 [B] (the name's index); without it, passed through as a list.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class VisionCollator:
         layout: Literal["auto", "HWC", "CHW"] = "auto",
         return_tensors: ReturnTensors = True,
         pin_memory: bool = False,
+        source_names: Sequence[str] | None = None,
     ) -> None:
         if isinstance(normalization, str):
             if normalization not in IMAGE_NORMALIZATION:
@@ -71,6 +74,8 @@ class VisionCollator:
         self.image_key = image_key
         self.num_channels = num_channels
         self.layout = layout
+        self._sources = SourceNames(source_names)
+        self.source_names = self._sources.names
         self._out = Output(return_tensors, pin_memory)
 
     def _chw(self, img: Any, i: int) -> npt.NDArray[Any]:
@@ -97,6 +102,7 @@ class VisionCollator:
 
     def __call__(self, batch: Any) -> dict[str, Any]:
         c = batch_columns(batch)
+        sources = self._sources.take(c)
         col = field_of(c, self.image_key)
         if is_arrow(col):
             col = col.to_pylist()
@@ -133,6 +139,8 @@ class VisionCollator:
         if self.normalize:
             out -= sub.astype(np.float32)
         result = {self.image_key: self._out.wrap(out)}
+        if sources is not None:
+            result[SOURCE_IDS] = self._out.wrap(sources)
         present = [k for k in LABEL_ALIASES if k in c.cols]
         if len(present) > 1:
             raise ValueError(f"batch has several label fields {present}: keep one")

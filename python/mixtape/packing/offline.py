@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from mixtape.collate.sources import DOC_SOURCE_IDS, SOURCE_KEY, check_source_names
 from mixtape.ops import (
     OVERFLOW_POLICIES,
     PACK_STRATEGIES,
@@ -101,18 +102,29 @@ def _token_column(
 
 
 def _carried_columns(
-    table: TableView | None, column: str, columns: Sequence[str] | None, lengths: Int64Array
+    table: TableView | None,
+    column: str,
+    columns: Sequence[str] | None,
+    lengths: Int64Array,
+    source: str | None = None,
 ) -> dict[str, ListColumn]:
-    """Other list columns packed along with the tokens (TRL packs every column the same way)."""
+    """Other list columns packed along with the tokens (TRL packs every column the same way);
+    ``source`` (the documents' source column, written as ``doc_source_ids``) is not one."""
     if table is None:
         if columns:
             raise ValueError(f"columns={list(columns)} needs a Dataset or a pyarrow Table input")
         return {}
-    names = [c for c in table.column_names if c != column] if columns is None else list(columns)
+    if columns is None:
+        names = [c for c in table.column_names if c not in (column, source)]
+    else:
+        names = list(columns)
     out: dict[str, ListColumn] = {}
     for name in names:
         if name not in table.column_names:
             raise ValueError(f"column {name!r} not found; columns are {table.column_names}")
+        if name == source:
+            raise ValueError(f"column {name!r} is the documents' source column (written per row "
+                             f"as {DOC_SOURCE_IDS!r}): leave it out of columns")  # fmt: skip
         typ = table.schema.field(name).type
         if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)
                 or pa.types.is_fixed_size_list(typ)):  # fmt: skip
@@ -137,6 +149,90 @@ def _carried_columns(
             )
         out[name] = carried
     return out
+
+
+def _doc_sources(
+    table: TableView | None,
+    source_column: str | None,
+    source_names: tuple[str, ...] | None,
+    num_docs: int,
+    features: Any = None,
+) -> tuple[str | None, npt.NDArray[np.int32] | None]:
+    """The source column used (given, or ``__source__`` when the data has one) and the source id
+    of every document (int32): a name's index in ``source_names``, or the column's integer ids.
+
+    Names need ``source_names``: ids numbered by first appearance would mean another source in
+    another dataset or split. An HF ``ClassLabel`` column holds names too (its ids index its own
+    names, e.g. sorted by ``class_encode_column``): with ``source_names`` they are re-mapped.
+    """
+    if table is None:
+        if source_column is not None or source_names is not None:
+            raise ValueError("source_column / source_names need a Dataset or a pyarrow Table "
+                             "input (with a column naming each document's source)")  # fmt: skip
+        return None, None
+    name = source_column
+    if name is None:
+        if SOURCE_KEY not in table.column_names:
+            if source_names is not None:
+                raise ValueError(f"source_names given but the data has no {SOURCE_KEY!r} column; "
+                                 "name the documents' source column with source_column=")
+            return None, None
+        name = SOURCE_KEY
+    if name not in table.column_names:
+        raise ValueError(f"source_column {name!r} not found; columns are {table.column_names}")
+    import pyarrow.compute as pc
+
+    col = table.column(name)
+    where = f"source column {name!r}"
+    if col.null_count:
+        nulls = np.concatenate([c.is_null().to_numpy(zero_copy_only=False) for c in col.chunks])
+        raise ValueError(f"{where}: row {int(np.argmax(nulls))} has no source (null)")
+    typ = col.type
+    if pa.types.is_dictionary(typ):
+        col = col.cast(typ.value_type)
+        typ = typ.value_type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        if source_names is None:
+            raise ValueError(
+                f"{where} holds source names: pass source_names (the mixture's names, in order; "
+                "a name's id is its index) so that ids never depend on which names the data has"
+            )
+        found = pc.index_in(col, value_set=pa.array(source_names, type=typ))
+        if found.null_count:
+            missing = np.concatenate([c.is_null().to_numpy(zero_copy_only=False)
+                                      for c in found.chunks])  # fmt: skip
+            row = int(np.argmax(missing))
+            raise ValueError(f"{where}: row {row} has source {col[row].as_py()!r}, which is not "
+                             f"in source_names {list(source_names)}")  # fmt: skip
+        ids = np.asarray(found.to_numpy(), dtype=np.int64)
+    elif pa.types.is_integer(typ):
+        ids = np.asarray(col.to_numpy(), dtype=np.int64)  # a wrapped uint64 is < 0: refused
+        label_names = getattr((features or {}).get(name), "names", None)
+        if label_names is not None and source_names is not None:  # ClassLabel: by its names
+            index = {n: i for i, n in enumerate(source_names)}
+            lut = np.array([index.get(n, -1) for n in label_names] + [-1], dtype=np.int64)
+            in_range = (ids >= 0) & (ids < len(label_names))
+            mapped = lut[np.where(in_range, ids, len(label_names))]
+            bad = np.flatnonzero(mapped < 0)
+            if bad.size:
+                row = int(bad[0])
+                got = label_names[ids[row]] if in_range[row] else int(ids[row])
+                raise ValueError(f"{where}: row {row} has source {got!r} (a ClassLabel), which is "
+                                 f"not in source_names {list(source_names)}")  # fmt: skip
+            ids = mapped
+    else:
+        raise TypeError(f"{where} has type {typ}: expected source names (strings) or source ids "
+                        "(integers)")  # fmt: skip
+    limit = _INT32_MAX if source_names is None else len(source_names) - 1
+    bad = np.flatnonzero((ids < 0) | (ids > limit))
+    if bad.size:
+        row = int(bad[0])
+        known = "" if source_names is None else (
+            f" (source_names has {len(source_names)}: {list(source_names)})")  # fmt: skip
+        raise ValueError(f"{where}: row {row} has source id {col[row].as_py()}, which names no "
+                         f"source{known}")  # fmt: skip
+    assert ids.size == num_docs
+    return name, ids.astype(np.int32)
 
 
 def _has_gaps(plan: PackPlan) -> bool:
@@ -171,10 +267,12 @@ def _rows_table(
     extra: dict[str, tuple[IntArray, npt.DTypeLike]],
     fmt: _RowFormat,
     first_piece: int = 0,
+    doc_sources: npt.NDArray[np.int32] | None = None,
 ) -> pa.Table:
     """The packed rows of ``plan`` (whose ``doc`` indexes ``offsets``) as an Arrow table;
     ``doc_ids`` are the input rows of the plan's pieces, ``first_piece`` the index of its first
-    piece in the whole plan (``seq_idx`` numbers the pieces of the whole output)."""
+    piece in the whole plan (``seq_idx`` numbers the pieces of the whole output);
+    ``doc_sources`` the source id of every input row (written per piece as doc_source_ids)."""
     fill_layout = "padded" if fmt.layout == "padded" else "flat"
     token_fields = [f for f in TOKEN_FIELDS if f in fmt.fields]
     filled = pack_fill(
@@ -227,6 +325,9 @@ def _rows_table(
     if "doc_ids" in fmt.fields:
         names.append("doc_ids")
         arrays.append(_list_array(plan.row_offsets, doc_ids, fmt.large_pieces))
+    if doc_sources is not None:
+        names.append(DOC_SOURCE_IDS)
+        arrays.append(_list_array(plan.row_offsets, doc_sources[doc_ids], fmt.large_pieces))
     return pa.Table.from_arrays(arrays, names=names)
 
 
@@ -245,6 +346,7 @@ def _write_batches(
     fmt: _RowFormat,
     ranges: list[tuple[int, int]],
     path: str,
+    doc_sources: npt.NDArray[np.int32] | None = None,
 ) -> None:
     """Fill the rows ``ranges`` of ``plan`` batch by batch into the Arrow file ``path``: each
     batch gathers only its documents (compact, the plan's doc ids remapped) from the chunks."""
@@ -260,7 +362,8 @@ def _write_batches(
             extra = {name: (col.gather(docs)[0], col.value_dtype)
                      for name, col in carried.items()}  # fmt: skip
             first = int(plan.row_offsets[a])
-            writer.write_table(_rows_table(local, sub.doc, values, offsets, extra, fmt, first))
+            writer.write_table(_rows_table(local, sub.doc, values, offsets, extra, fmt, first,
+                                           doc_sources))  # fmt: skip
             del values, extra
         writer.finalize()
 
@@ -296,6 +399,8 @@ def pack_sequences(
     column: str = "input_ids",
     fields: Sequence[str] = ("input_ids", "position_ids", "seq_lengths"),
     columns: Sequence[str] | None = None,
+    source_column: str | None = None,
+    source_names: Sequence[str] | None = None,
     max_docs_per_row: int | None = None,
     align: int = 1,
     rows_multiple_of: int | None = None,
@@ -335,6 +440,14 @@ def pack_sequences(
     then the plan's, and it is checked against the data's lengths); ``save_plan`` writes the plan
     used. To get the plan itself, call :func:`plan_dataset` and pass it here.
 
+    Sources: when the data has a column naming each document's source (``source_column``; by
+    default ``__source__`` if there is one), every row gets ``doc_source_ids``, the int32 source
+    id of each of its documents, aligned with ``seq_lengths`` (written too, whatever ``fields``
+    says); ``PackedCollator`` turns them into per-token ``source_ids``. A column of names
+    (strings) needs ``source_names`` (the mixture's names in order: a name's id is its index; an
+    unknown name is a ValueError naming the row); a column of integers holds the ids already
+    (checked against ``source_names`` when given). The source column is not packed as tokens.
+
     Empty sequences: refused by default (a ``ValueError`` naming the first empty row), since a
     document of no tokens usually means a tokenization bug. ``drop_empty=True`` leaves them out,
     as TRL's ``pack_dataset`` does silently: the count is logged (logger ``mixtape.packing``) and
@@ -361,6 +474,7 @@ def pack_sequences(
 
         options: dict[str, Any] = {
             "overflow": overflow, "column": column, "fields": fields, "columns": columns,
+            "source_column": source_column, "source_names": source_names,
             "max_docs_per_row": max_docs_per_row, "align": align,
             "rows_multiple_of": rows_multiple_of, "shuffle_seed": shuffle_seed, "layout": layout,
             "pad_value": pad_value, "label_pad_value": label_pad_value,
@@ -390,7 +504,13 @@ def pack_sequences(
     else:
         lengths = source.lengths()
     table = arrow_table(dataset)
-    carried = _carried_columns(table, column, columns, lengths)
+    names = check_source_names(source_names)
+    src_name, doc_sources = _doc_sources(table, source_column, names, int(lengths.size),
+                                         getattr(dataset, "features", None))  # fmt: skip
+    carried = _carried_columns(table, column, columns, lengths, src_name)
+    if doc_sources is not None and DOC_SOURCE_IDS in carried:
+        raise ValueError(f"column {DOC_SOURCE_IDS!r} exists in the data and would be written from "
+                         f"{src_name!r}: drop one")  # fmt: skip
     clash = sorted(set(carried) & ({"labels", "position_ids", "seq_idx", "loss_mask"} & set(fields)
                                    | set(ROW_FIELDS) & set(fields)))  # fmt: skip
     if clash:
@@ -414,6 +534,8 @@ def pack_sequences(
     out_fields = tuple(fields)
     if layout == "padded" and "seq_starts" not in out_fields and (align > 1 or _has_gaps(the_plan)):
         out_fields = (*out_fields, "seq_starts")  # documents are not back to back
+    if doc_sources is not None and "seq_lengths" not in out_fields:
+        out_fields = (*out_fields, "seq_lengths")  # what doc_source_ids are aligned with
     fmt = _RowFormat(
         column=column, fields=out_fields, layout=layout, capacity=int(max_length),
         pad_value=pad_value, label_pad_value=label_pad_value, position_start=position_start,
@@ -429,6 +551,9 @@ def pack_sequences(
                             label_pad_value, position_start, max_length)).encode())  # fmt: skip
         for name in ("row_offsets", "doc", "start", "length", "column"):
             digest.update(np.ascontiguousarray(getattr(the_plan, name)).tobytes())
+        if doc_sources is not None:  # the ids depend on source_names, not only on the input
+            digest.update(repr((src_name, names)).encode())
+            digest.update(doc_sources.tobytes())
         fingerprint = digest.hexdigest()[:16]
     path = _output_path(dataset, cache_file_name, keep_in_memory, fingerprint)
     if path is None:
@@ -440,7 +565,8 @@ def pack_sequences(
         for name, col in carried.items():
             assert table is not None  # carried columns come from a table
             extra[name] = (arrow_ragged(table.column(name), col.name).values, col.value_dtype)
-        out = _rows_table(the_plan, the_plan.doc, ragged[0], ragged[1], extra, fmt)
+        out = _rows_table(the_plan, the_plan.doc, ragged[0], ragged[1], extra, fmt,
+                          doc_sources=doc_sources)  # fmt: skip
     else:
         if not (load_from_cache_file and os.path.exists(path)):
             if source is None:
@@ -451,8 +577,8 @@ def pack_sequences(
             itemsizes += [np.dtype(c.value_dtype).itemsize for c in carried.values()]
             bytes_per_token = 2 * sum(itemsizes) + 8 * ("position_ids" in out_fields) + 13
             ranges = _batch_rows(the_plan, fmt, bytes_per_token)
-            _write_atomically(path, lambda tmp: _write_batches(the_plan, source, carried, fmt,
-                                                               ranges, tmp))  # fmt: skip
+            _write_atomically(path, lambda tmp: _write_batches(
+                the_plan, source, carried, fmt, ranges, tmp, doc_sources))  # fmt: skip
         out = _memory_mapped(path)
     if is_hf_dataset(dataset):
         from datasets import Dataset
