@@ -35,6 +35,7 @@ from mixtape.config import (
     make_generator,
     seed_worker,
 )
+from mixtape.loader import DataLoaderFactory, Loader, get_loader
 from mixtape.mixing import (
     MixedDataset,
     MixedShardedSource,
@@ -91,12 +92,14 @@ __all__ = [
     "CompositeShardedSource",
     "DataConfig",
     "DataLoaderConfig",
+    "DataLoaderFactory",
     "DatasetMixture",
     "FlatteningCollator",
     "HFDatasetSource",
     "HFIterableSource",
     "InfluenceSection",
     "ListSource",
+    "Loader",
     "MixPlan",
     "MixedDataset",
     "MixedShardedSource",
@@ -137,6 +140,7 @@ __all__ = [
     "dataset_lengths",
     "dump_data_config",
     "get_collator",
+    "get_loader",
     "list_collators",
     "load_data_config",
     "make_generator",

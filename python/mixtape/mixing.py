@@ -48,6 +48,7 @@ __all__ = [
     "MixedDataset",
     "MixedShardedSource",
     "block_mixture_interleave",
+    "mixture_weights",
 ]
 
 MIX_MODES = ("greedy", "random", "block")
@@ -97,7 +98,9 @@ def _named(sources: Any) -> tuple[list[str], list[Any]]:
     return names, objs
 
 
-def _weights(weights: Any, names: list[str], objs: list[Any]) -> npt.NDArray[np.float64]:
+def mixture_weights(
+    weights: Any, names: Sequence[str], objs: Sequence[Any] = ()
+) -> npt.NDArray[np.float64]:
     """Weights in source order (the sampler normalises them); None: DatasetMixture's, or equal."""
     if weights is None:
         raw = [float(getattr(o, "weight", 1.0)) if isinstance(o, DatasetMixture) else 1.0
@@ -178,7 +181,7 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         self.shuffle_rows = bool(shuffle_rows)
         self.source_key = source_key
         self._sampler = SourceSampler(
-            _weights(weights, self.source_names, self._objs), mode=mode, seed=self.seed,
+            mixture_weights(weights, self.source_names, self._objs), mode=mode, seed=self.seed,
             block_size=block_size, shuffle=shuffle, names=self.source_names,
         )  # fmt: skip
         if schedule is not None and not isinstance(schedule, WeightScheduler):
@@ -273,7 +276,7 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         Positions before it keep their sources; it must not precede the last timeline entry.
         From there on the schedule (if any) no longer applies.
         """
-        w = _weights(weights, self.source_names, self._objs)
+        w = mixture_weights(weights, self.source_names, self._objs)
         p = self._position if position is None else ops.check_int("position", position, 0,
                                                                    ops.MAX_POSITION)  # fmt: skip
         if p < self._position:
@@ -336,7 +339,12 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
     # --- planning: positions -> (source, row) -------------------------------------------------
 
     def _sample(self, start: int, count: int) -> tuple[npt.NDArray[np.int32], Int64Array]:
+        """Sources and ordinals of a range. Ranges at or after the sampler's position move it
+        there (so a reader skipping ahead, e.g. one rank of several, pays each position once);
+        earlier ranges are replayed from the nearest known state without moving it."""
         self._extend_schedule(start + count)
+        if start > self._sampler.position:
+            self._sampler.seek(start)
         if start == self._sampler.position:
             return self._sampler.sample(count)
         return self._sampler.peek(start, count)

@@ -1,0 +1,627 @@
+"""The loader: batches planned in the main process, fetched and collated in workers.
+
+For a :class:`~mixtape.MixedDataset` of map-style sources, batch ``k`` is a pure function of
+(config, seed, weight timeline, k). The main process turns ``k`` into a plan (which source and
+row every example, or every packed piece, comes from: the compiled sampler, then the pack
+planner over a fixed window of documents) inside the DataLoader's sampler; workers only fetch the
+planned rows and collate them. Hence:
+
+- the same config and seed give the same batches for any ``num_workers`` (persistent or not);
+- the state is the number of batches the trainer received plus the weight timeline, so
+  ``state_dict()`` / ``load_state_dict()`` resume bit for bit in a fresh process, also with
+  another worker count, without replaying data;
+- ``update_weights`` asked for after the trainer received batch ``b`` takes effect at batch
+  ``b + horizon``: the DataLoader has planned at most ``num_workers * prefetch_factor`` batches
+  ahead, so that batch is not planned yet whatever the timing;
+- under torch.distributed rank ``r`` of ``W`` serves global batches ``r, r + W, ...``, whose
+  union in order is the single-process sequence.
+
+Other datasets get a plain ``DataLoader`` with seeded workers and a seeded shuffle; their state is
+the batch count (a map-style dataset resumes by skipping sampler indices, not data).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import torch
+import torch.utils.data
+
+from mixtape.collate.sources import DOC_SOURCE_IDS
+from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
+from mixtape.mixing import MixedDataset, MixPlan, mixture_weights
+from mixtape.ops import Int64Array, gather_rows, normalize_weights, pack_plan
+
+__all__ = ["DataLoaderFactory", "Loader", "get_loader"]
+
+STATE_VERSION = 1
+WINDOW_DOCS = 4096  # documents planned together when packing (a window's rows are fixed by it)
+
+
+# --------------------------------------------------------------------------------------------
+# Requests: what the main process sends a worker for one batch
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Batch ``index``: its examples (``sources``, ``rows``), or its packed rows (pieces)."""
+
+    index: int
+    sources: npt.NDArray[np.int32]  # per example, or per piece when packed
+    rows: Int64Array
+    starts: Int64Array | None = None  # packed: piece start within its document
+    lengths: Int64Array | None = None  # packed: piece length
+    row_offsets: Int64Array | None = None  # packed: pieces of each row (CSR)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _Fetcher(torch.utils.data.Dataset[Any]):
+    """Fetches and collates a planned batch (runs in the workers; holds no planning state)."""
+
+    def __init__(self, mixed: MixedDataset, collate: Callable[[Any], Any] | None,
+                 packed: bool, capacity: int, column: str) -> None:  # fmt: skip
+        self.mixed = mixed
+        self.collate = collate
+        self.packed = packed
+        self.capacity = capacity
+        self.column = column
+
+    def __len__(self) -> int:  # pragma: no cover - indices come from the plan sampler
+        raise TypeError("batches are addressed by plan, not by position")
+
+    def __getitem__(self, req: _Request) -> Any:
+        if self.packed:
+            return self._packed(req)
+        plan = MixPlan(req.index, req.sources, req.rows, req.rows)
+        table = self.mixed.take_arrow(plan).drop_columns([self.mixed.source_key])
+        batch = self.collate(table) if self.collate is not None else table
+        if isinstance(batch, dict):
+            ids = req.sources.astype(np.int64)
+            batch["source_ids"] = torch.from_numpy(ids) if _has_tensors(batch) else ids
+        return batch
+
+    def _packed(self, req: _Request) -> Any:
+        assert req.starts is not None and req.lengths is not None and req.row_offsets is not None
+        # One read per distinct document, then the pieces as rows of their used length.
+        docs = np.stack([req.sources.astype(np.int64), req.rows], axis=1)
+        uniq, inverse = np.unique(docs, axis=0, return_inverse=True)
+        plan = MixPlan(req.index, uniq[:, 0].astype(np.int32), uniq[:, 1], uniq[:, 1])
+        column = self.mixed.take_arrow(plan).column(self.column).combine_chunks()
+        doc_offsets = column.offsets.to_numpy().astype(np.int64)
+        values = np.asarray(column.values.to_numpy(zero_copy_only=False))
+        values = values[doc_offsets[0]: doc_offsets[-1]]
+        doc_offsets -= doc_offsets[0]
+        inverse = inverse.reshape(-1)
+        pieces = req.lengths.size
+        out_offsets = np.zeros(pieces + 1, dtype=np.int64)
+        np.cumsum(req.lengths, out=out_offsets[1:])
+        flat = np.empty(int(out_offsets[-1]), dtype=values.dtype)
+        gather_rows(values, doc_offsets[inverse] + req.starts, req.lengths, out_offsets[:-1], flat)
+        row_tok = out_offsets[req.row_offsets]
+        rows = pa.table({
+            self.column: pa.ListArray.from_arrays(pa.array(row_tok.astype(np.int32)),
+                                                  pa.array(flat)),
+            "seq_lengths": pa.ListArray.from_arrays(pa.array(req.row_offsets.astype(np.int32)),
+                                                    pa.array(req.lengths.astype(np.int32))),
+            # the packed collator turns these into per-token source_ids (-1 on padding)
+            DOC_SOURCE_IDS: pa.ListArray.from_arrays(pa.array(req.row_offsets.astype(np.int32)),
+                                                     pa.array(req.sources.astype(np.int32))),
+        })  # fmt: skip
+        batch = self.collate(rows) if self.collate is not None else rows
+        return batch
+
+
+def _has_tensors(batch: Mapping[str, Any]) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in batch.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Planning (main process)
+# --------------------------------------------------------------------------------------------
+
+
+class _PackPlanner:
+    """Packed batches in order, each planned from the documents drawn for it.
+
+    Batch ``k`` takes the pieces carried from batch ``k - 1`` plus new mixture positions, in
+    order, until they hold ``batch_size * max_length`` tokens (documents longer than a row are
+    cut into row-sized pieces, or truncated with ``overflow="truncate"``); the planner packs them
+    into rows, the ``batch_size`` fullest rows are the batch and the pieces of the other rows are
+    carried. So every batch is a pure function of the timeline, a weight update due at batch
+    ``e`` applies from the first document drawn for ``e``, and the state before batch ``k`` is
+    its cursor: the next position and the carried pieces.
+    """
+
+    def __init__(self, loader: Loader) -> None:
+        # Weak: a loader <-> planner cycle would leave the DataLoader's workers to the garbage
+        # collector (see _PlanSampler).
+        self.loader: Loader = weakref.proxy(loader)
+        self.reset(0, [], 0)
+
+    def reset(self, position: int, carry: list[list[int]], next_batch: int) -> None:
+        self.position = position  # next mixture position to draw
+        self.carry = [list(map(int, c)) for c in carry]  # (source, row, start, length) pieces
+        self.next_batch = next_batch
+        self.ended = False
+        self._buf: tuple[int, MixPlan, Int64Array] | None = None  # planned ahead: (start, ...)
+
+    def cursor(self) -> tuple[int, list[list[int]]]:
+        """The state before batch ``next_batch``: next position and carried pieces."""
+        return self.position, [list(c) for c in self.carry]
+
+    def _docs(self, need: int) -> tuple[MixPlan, Int64Array] | None:
+        """The next documents from ``self.position`` holding about ``need`` tokens."""
+        lo = self.loader
+        stop = lo.mixed.stop_position()
+        if self._buf is None or self._buf[0] != self.position:
+            n = 256 if stop is None else min(256, stop - self.position)
+            if n <= 0:
+                return None
+            plan = lo.mixed.plan(self.position, n)
+            self._buf = (self.position, plan, lo._lengths(plan))
+        start, plan, lengths = self._buf
+        cum = np.cumsum(np.minimum(lengths, lo.capacity))
+        take = int(np.searchsorted(cum, need)) + 1  # through the document reaching `need`
+        take = min(take, len(plan))
+        head = MixPlan(start, plan.sources[:take], plan.rows[:take], plan.ordinals[:take])
+        if take < len(plan):
+            rest = MixPlan(start + take, plan.sources[take:], plan.rows[take:],
+                           plan.ordinals[take:])  # fmt: skip
+            self._buf = (start + take, rest, lengths[take:])
+        else:
+            self._buf = None
+        self.position = start + take
+        return head, lengths[:take]
+
+    def batch(self, k: int) -> _Request | None:
+        """The request of global batch ``k`` (called with k, k + 1, ...)."""
+        lo = self.loader
+        b, cap = lo.config.batch_size, lo.capacity
+        if k != self.next_batch:
+            raise AssertionError(f"batches are planned in order: asked {k}, next {self.next_batch}")
+        lo._cursors[k] = self.cursor()  # the state a loader resuming at batch k starts from
+        if lo._apply_updates(k, self.position):  # from the first document drawn for batch k
+            self._buf = None  # documents planned ahead under the old weights
+        # Pieces: (source, row, start, length), the carried ones first.
+        parts = [np.asarray(self.carry, dtype=np.int64).reshape(-1, 4)]
+        have = int(parts[0][:, 3].sum())
+        while have < b * cap and not self.ended:
+            got = self._docs(b * cap - have)
+            if got is None:
+                self.ended = True
+                break
+            plan, doc_len = got
+            if lo.overflow == "truncate":
+                doc_len = np.minimum(doc_len, cap)
+            pieces = -(-doc_len // cap)  # a document longer than a row: row-sized pieces
+            idx = np.repeat(np.arange(len(plan)), pieces)
+            first = np.cumsum(pieces) - pieces
+            p_start = (np.arange(idx.size) - first[idx]) * cap
+            p_len = np.minimum(cap, doc_len[idx] - p_start)
+            parts.append(np.stack([plan.sources[idx].astype(np.int64), plan.rows[idx], p_start,
+                                   p_len], axis=1))  # fmt: skip
+            have += int(p_len.sum())
+        items = np.concatenate(parts)
+        if not len(items):
+            return None
+        pp = pack_plan(items[:, 3], cap, strategy=lo.config.packing or "bfd", overflow="error")
+        per_row = np.diff(pp.row_offsets)
+        used = np.bincount(np.repeat(np.arange(pp.num_rows), per_row), weights=pp.length,
+                           minlength=pp.num_rows)  # fmt: skip
+        keep = np.sort(np.argsort(-used, kind="stable")[:b])  # the fullest rows, in plan order
+        if keep.size < b and lo.config.drop_last:
+            return None
+        is_kept = np.zeros(pp.num_rows, dtype=bool)
+        is_kept[keep] = True
+        piece_row = np.repeat(np.arange(pp.num_rows), per_row)
+        carried = pp.doc[~is_kept[piece_row]]  # items never split again: all fit in a row
+        self.carry = items[carried].tolist()
+        self.next_batch += 1
+        sel = np.flatnonzero(is_kept[piece_row])  # pieces of the kept rows, row by row
+        chosen = items[pp.doc[sel]]
+        row_offsets = np.zeros(keep.size + 1, dtype=np.int64)
+        np.cumsum(per_row[keep], out=row_offsets[1:])
+        return _Request(k, chosen[:, 0].astype(np.int32), chosen[:, 1], chosen[:, 2],
+                        chosen[:, 3], row_offsets)
+
+
+class _PlanSampler(torch.utils.data.Sampler[_Request]):
+    """The DataLoader's sampler: yields this rank's batch requests, planned on demand.
+
+    It holds the loader weakly: a loader -> DataLoader -> sampler -> loader cycle would leave
+    persistent workers to the garbage collector, which may finalise their queues before asking
+    them to stop (each then waits out torch's 5 s join timeout).
+    """
+
+    def __init__(self, loader: Loader) -> None:
+        self._loader = weakref.ref(loader)
+
+    def __iter__(self) -> Iterator[_Request]:
+        loader = self._loader()
+        if loader is None:
+            return iter(())
+        loader._start_requests()
+        return _requests(self._loader)
+
+    def __len__(self) -> int:
+        loader = self._loader()
+        return 0 if loader is None else len(loader)
+
+
+def _requests(ref: weakref.ref[Loader]) -> Iterator[_Request]:
+    """Requests from the loader behind ``ref``, holding it only while planning one."""
+    while True:
+        loader = ref()
+        req = None if loader is None else loader._next_request()
+        del loader
+        if req is None:
+            return
+        yield req
+
+
+# --------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------
+
+
+class Loader:
+    """Batches of a dataset, exact under workers, ranks, restarts and weight changes.
+
+    Iterate it like a ``DataLoader`` (it wraps one: ``loader.dataloader``). For a
+    :class:`~mixtape.MixedDataset` of map-style sources, see the module docstring for the
+    guarantees. ``packing`` (a planner strategy) with ``max_length=N``: each batch is
+    ``batch_size`` rows of ``N`` tokens packed from the mixture's documents (windows of
+    ``WINDOW_DOCS`` documents planned together), collated by the ``packed`` collator (give its
+    ``attention`` in ``collate_kwargs``); ``source_ids`` per example, or per token when packed
+    (-1 on padding), say which source each came from (names in ``source_names``).
+    """
+
+    def __init__(self, dataset: Any, config: DataLoaderConfig, *, overflow: str = "split",
+                 column: str = "input_ids") -> None:  # fmt: skip
+        self.dataset = dataset
+        self.config = config.resolved()
+        self.overflow = overflow
+        self.column = column
+        self.capacity = int(self.config.max_length or 0)
+        self._consumed = 0  # batches this rank's trainer received
+        self._pending: list[tuple[int, list[float]]] = []  # (effect batch, weights) not applied
+        self._cursors: dict[int, tuple[int, list[list[int]]]] = {}  # packing state per batch
+        self._lengths_cache: dict[int, Int64Array] = {}
+        c = self.config
+        assert c.rank is not None and c.world_size is not None and c.horizon is not None
+        self.rank, self.world_size, self.horizon = c.rank, c.world_size, c.horizon
+        self.exact = isinstance(dataset, MixedDataset) and dataset.random_access
+        self.mixed: MixedDataset = dataset if self.exact else None  # type: ignore[assignment]
+        if self.exact:
+            self.source_names = list(dataset.source_names)
+            collate = self.config.build_collate_fn()
+            if collate is None and not self.config.packing:
+                from mixtape.collate import create_causal_lm_collate
+
+                collate = create_causal_lm_collate(pad_token_id=0)
+            if self.config.packing and not isinstance(self.config.collate_fn, str) and (
+                    collate is None):  # fmt: skip
+                raise ValueError("packing needs the packed collator's attention: pass "
+                                 "collate_fn='packed', collate_kwargs={'attention': 'flash' | "
+                                 "'sdpa' | 'eager' (or model=...)}")  # fmt: skip
+            self._planner = _PackPlanner(self) if self.config.packing else None
+            fetch = _Fetcher(dataset, collate, bool(self.config.packing), self.capacity, column)
+            kw: dict[str, Any] = {"batch_size": None, "sampler": _PlanSampler(self),
+                                  "collate_fn": _identity, "num_workers": c.num_workers,
+                                  "pin_memory": c.pin_memory,
+                                  "generator": make_generator(c.seed)}  # fmt: skip
+            if c.num_workers:
+                kw.update(prefetch_factor=c.prefetch_factor,
+                          persistent_workers=c.persistent_workers, worker_init_fn=seed_worker)
+            self.dataloader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
+                fetch, **kw)
+        else:
+            self.source_names = list(getattr(dataset, "source_names", []))
+            if self.config.packing:
+                raise ValueError("packing in the loader needs a MixedDataset of map-style "
+                                 "sources; pack other data with pack_sequences or "
+                                 "PackingStream")  # fmt: skip
+            self._planner = None
+            kw = self.config.to_dataloader_kwargs(dataset)
+            self._sampler: _ResumableSampler | None = None
+            if not isinstance(dataset, torch.utils.data.IterableDataset):
+                # A sampler that resumes by skipping indices (no batch is fetched to skip it).
+                self._sampler = _ResumableSampler(len(dataset), c)
+                for key in ("shuffle", "sampler"):
+                    kw.pop(key, None)
+                kw["sampler"] = self._sampler
+            self.dataloader = torch.utils.data.DataLoader(dataset, **kw)
+        self._ended = False
+        self._epoch = 0
+        if self.exact:
+            self._sampler = None
+
+    # --- planning ---------------------------------------------------------------------------
+
+    def _global(self, local: int) -> int:
+        return local * self.world_size + self.rank
+
+    def _apply_updates(self, batch: int, position: int) -> bool:
+        """Weight updates due by ``batch`` go into the mixture's timeline at ``position``."""
+        due = [(e, w) for e, w in self._pending if e <= batch]
+        if due:
+            self._pending = [(e, w) for e, w in self._pending if e > batch]
+            for _, w in due:
+                self.mixed.update_weights(w, position=position)
+        return bool(due)
+
+    def _lengths(self, plan: MixPlan) -> Int64Array:
+        """Token counts of the planned documents (lengths read once per source, from offsets)."""
+        out = np.empty(len(plan), dtype=np.int64)
+        for k in np.unique(plan.sources).tolist():
+            if k not in self._lengths_cache:
+                self._lengths_cache[k] = _source_lengths(self.mixed.source(k), self.column)
+            sel = plan.sources == k
+            out[sel] = self._lengths_cache[k][plan.rows[sel]]
+        return out
+
+    def _cursor(self, k: int) -> tuple[int, list[list[int]]]:
+        """The packing state before batch ``k``: recorded when ``k`` was planned, else planned on a
+        copy of the planner (planning is pure: the mixture's sampler and pending updates are put
+        back as they were, so the running plan is not disturbed)."""
+        if k in self._cursors:
+            return self._cursors[k]
+        planner = self._planner
+        assert planner is not None
+        if planner.next_batch == k:
+            return planner.cursor()
+        mix = self.mixed
+        saved = (copy.deepcopy(mix._sampler), mix._scheduled_until, mix._schedule_end,
+                 list(self._pending))  # fmt: skip
+        try:
+            probe = copy.copy(planner)
+            probe.carry = [list(c) for c in planner.carry]
+            while probe.next_batch < k and probe.batch(probe.next_batch) is not None:
+                pass
+            return probe.cursor()
+        finally:
+            mix._sampler, mix._scheduled_until, mix._schedule_end, self._pending = saved
+            mix._version += 1
+
+    def _start_requests(self) -> None:
+        """Plan from the first batch this rank has not consumed."""
+        self._next_local = self._consumed
+        if self._planner is not None:
+            k0 = self._global(self._consumed)
+            position, carry = self._cursor(k0) if k0 else (0, [])
+            self._planner.reset(position, carry, k0)
+
+    def _next_request(self) -> _Request | None:
+        """This rank's next batch request (None at the end of a finite mixture)."""
+        b = self.config.batch_size
+        if self._planner is not None:
+            while True:  # every rank plans every batch (packing is sequential), keeps its own
+                k = self._planner.next_batch
+                req = self._planner.batch(k)
+                if req is None or k % self.world_size == self.rank:
+                    return req
+        k = self._global(self._next_local)
+        pos = k * b
+        stop = self.mixed.stop_position()
+        n = b if stop is None else min(b, stop - pos)
+        if n <= 0 or (n < b and self.config.drop_last):
+            return None
+        self._apply_updates(k, pos)
+        plan = self.mixed.plan(pos, n)
+        self._next_local += 1
+        return _Request(k, plan.sources, plan.rows)
+
+    # --- iteration --------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        self._restart_if_ended()
+        if self._sampler is not None:
+            self._sampler.skip = self._consumed * self.config.batch_size
+        for batch in self.dataloader:
+            self._cursors.pop(self._global(self._consumed) - self.world_size, None)  # bounded
+            self._consumed += 1
+            yield batch
+        self._ended = True
+
+    def _restart_if_ended(self) -> None:
+        """A loader iterated to its end starts again from the first batch (a new epoch over the
+        same sequence), as a DataLoader does; the weight timeline is kept."""
+        if self._ended:
+            self._ended = False
+            self._consumed = 0
+            self._cursors.clear()
+            self._epoch += 1
+            if self._sampler is not None:
+                self._sampler.epoch = self._epoch
+
+    def __len__(self) -> int:
+        if not self.exact:
+            return len(self.dataloader)
+        b = self.config.batch_size
+        if self._planner is not None:
+            raise TypeError("len() of a packing loader is not known ahead (rows depend on the "
+                            "documents' lengths)")  # fmt: skip
+        stop = self.mixed.stop_position()
+        if stop is None:
+            raise TypeError("len() of a loader over an infinite mixture (stop_strategy="
+                            "'restart') is not defined")  # fmt: skip
+        total = stop // b if self.config.drop_last else -(-stop // b)
+        return max(0, (total - self.rank + self.world_size - 1) // self.world_size)
+
+    @property
+    def batches_consumed(self) -> int:
+        """Batches this rank's trainer has received."""
+        return self._consumed
+
+    # --- weights ----------------------------------------------------------------------------
+
+    def update_weights(self, weights: Mapping[str, float] | Sequence[float]) -> int:
+        """Use ``weights`` from batch ``b + horizon`` on, ``b`` the last batch received.
+
+        Returns that global batch index. Under torch.distributed call it on every rank at the same
+        step (it is a collective: rank 0's weights are broadcast), so all ranks switch together.
+        """
+        if not self.exact:
+            raise ValueError("update_weights needs a MixedDataset of map-style sources")
+        if self.world_size > 1 and torch.distributed.is_available() and \
+                torch.distributed.is_initialized():  # fmt: skip
+            box = [mixture_weights(weights, self.source_names).tolist()]
+            torch.distributed.broadcast_object_list(box, src=0)
+            weights = box[0]
+        w = mixture_weights(weights, self.source_names).tolist()
+        effect_local = self._consumed - 1 + self.horizon
+        effect = max(0, effect_local) * self.world_size
+        normalize_weights(w, self.source_names)  # checked now, not when the batch is planned
+        self._pending.append((effect, w))
+        return effect
+
+    update_weights_from_influence = update_weights
+
+    def source_counts(self) -> dict[str, int]:
+        """Examples of each source in the batches this rank received (unpacked loaders)."""
+        if not self.exact or self._planner is not None:
+            raise ValueError("source_counts needs an unpacked MixedDataset loader")
+        b = self.config.batch_size
+        if self.world_size == 1:
+            return self.mixed.source_counts(self._consumed * b)
+        counts = np.zeros(len(self.source_names), dtype=np.int64)
+        for local in range(self._consumed):
+            plan = self.mixed.plan(self._global(local) * b, b)
+            counts += np.bincount(plan.sources, minlength=counts.size)
+        return dict(zip(self.source_names, counts.tolist(), strict=True))
+
+    # --- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Batches received, the timeline and pending weight updates (json-able)."""
+        state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "batches": self._consumed,
+            "batch_size": self.config.batch_size,
+            "world_size": self.world_size,
+            "pending": [[e, w] for e, w in self._pending],
+            "epoch": self._epoch,
+        }
+        if self.exact:
+            mix = self.mixed
+            timeline = [[p, [w[n] for n in self.source_names]] for p, w in mix.weight_timeline]
+            state["timeline"] = timeline
+            state["schedule_end"] = mix._schedule_end
+            if self._planner is not None:
+                position, carry = self._cursor(self._global(self._consumed))
+                state["cursor"] = {"position": position, "carry": carry}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue after the batches the state counts: identical to an uninterrupted run."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected "
+                             f"{STATE_VERSION}")  # fmt: skip
+        if int(state["batch_size"]) != self.config.batch_size:
+            raise ValueError(f"state was saved with batch_size {state['batch_size']}, this "
+                             f"loader has {self.config.batch_size}")  # fmt: skip
+        if int(state["world_size"]) != self.world_size:
+            raise ValueError(f"state was saved with world_size {state['world_size']}, this "
+                             f"loader has {self.world_size}")  # fmt: skip
+        self._consumed = int(state["batches"])
+        self._pending = [(int(e), [float(x) for x in w]) for e, w in state["pending"]]
+        if self.exact:
+            mix = self.mixed
+            for p, w in state["timeline"][1:]:
+                if int(p) >= mix._sampler.weight_timeline[-1][0]:
+                    mix.update_weights(w, position=int(p))
+            if self._planner is not None:
+                cur = state["cursor"]
+                carry = [[int(x) for x in c] for c in cur["carry"]]
+                self._cursors[self._global(self._consumed)] = (int(cur["position"]), carry)
+        self._epoch = int(state.get("epoch", 0))
+        if self._sampler is not None:
+            self._sampler.epoch = self._epoch
+
+
+class _ResumableSampler(torch.utils.data.Sampler[int]):
+    """Indices of a map-style dataset: a permutation seeded by (seed, epoch), this rank's share
+    (as ``DistributedSampler`` deals it), from ``skip`` on, so a resumed loader skips indices,
+    not batches."""
+
+    def __init__(self, n: int, config: DataLoaderConfig) -> None:
+        assert config.rank is not None and config.world_size is not None
+        self.n, self.shuffle, self.seed = n, config.shuffle, config.seed
+        self.rank, self.world = config.rank, config.world_size
+        self.drop_last = config.drop_last
+        self.epoch = 0
+        self.skip = 0
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed((self.seed + self.epoch) % 2**63)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        if self.world > 1:
+            if self.drop_last:
+                idx = idx[: self.n - self.n % self.world]
+            elif self.n % self.world:
+                idx += idx[: self.world - self.n % self.world]  # padded, as DistributedSampler
+            idx = idx[self.rank :: self.world]
+        return idx
+
+    def __iter__(self) -> Iterator[int]:
+        idx = self._indices()[self.skip :]
+        self.skip = 0
+        return iter(idx)
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.skip
+
+
+def _source_lengths(source: Any, column: str) -> Int64Array:
+    """Token count of every row of a map-style source, from its list column's offsets."""
+    from mixtape.packing import dataset_lengths
+
+    ds = getattr(source, "dataset", None)
+    if ds is not None:
+        try:
+            return dataset_lengths(ds, column)
+        except (TypeError, ValueError):
+            pass
+    n = int(source.num_rows)
+    out = np.empty(n, dtype=np.int64)
+    step = 65536
+    for lo in range(0, n, step):
+        rows = np.arange(lo, min(n, lo + step), dtype=np.int64)
+        col = source.take_arrow(rows).column(column).combine_chunks()
+        out[lo: lo + rows.size] = np.diff(col.offsets.to_numpy())
+    return out
+
+
+class DataLoaderFactory:
+    """Builds a :class:`Loader` from a :class:`DataLoaderConfig` (the one way loaders are made:
+    ``get_loader``, ``DataLoaderBuilder`` and ``UniversalDataModule`` all come here)."""
+
+    def create_dataloader(self, dataset: Any, config: DataLoaderConfig, **options: Any) -> Loader:
+        return Loader(dataset, config, **options)
+
+
+def get_loader(dataset: Any, batch_size: int, **options: Any) -> Loader:
+    """A :class:`Loader` for ``dataset``: ``options`` are :class:`DataLoaderConfig` fields
+    (``num_workers``, ``packing``, ``max_length``, ``collate_fn``, ``horizon``, ...) plus the
+    loader's own (``overflow``, ``column``)."""
+    own = {k: options.pop(k) for k in ("overflow", "column") if k in options}
+    if isinstance(dataset, MixedDataset) and "shuffle" not in options:
+        options["shuffle"] = False  # the mixture's order is its own (seeded) shuffle
+    config = DataLoaderConfig(batch_size=batch_size, **options)
+    return DataLoaderFactory().create_dataloader(dataset, config, **own)
+

@@ -1,0 +1,275 @@
+"""The loader's contract: the same batches for any worker count, weight updates landing at
+b + horizon, exact resume (also in a fresh process and with another worker count), ranks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from mixtape import DataLoaderConfig, MixedDataset
+from mixtape.loader import DataLoaderFactory, Loader, get_loader
+
+datasets.disable_progress_bars()
+
+PACKED = {"packing": "bfd", "max_length": 16, "collate_fn": "packed",
+          "collate_kwargs": {"attention": "flash"}}  # fmt: skip
+
+
+def ds(base: int, n: int) -> Any:
+    """Document i of a source is [base + i] repeated 1 + i % 7 times (its origin is readable)."""
+    return datasets.Dataset.from_dict({"input_ids": [[base + i] * (1 + i % 7) for i in range(n)]})
+
+
+def make(stop: str = "restart", **kw: Any) -> MixedDataset:
+    return MixedDataset({"a": ds(0, 200), "b": ds(1000, 100), "c": ds(2000, 50)},
+                        {"a": 0.5, "b": 0.3, "c": 0.2}, seed=1, stop_strategy=stop,
+                        **kw)  # fmt: skip
+
+
+def host(batch: dict[str, Any]) -> dict[str, Any]:
+    """A copy owning its memory: tensors from workers each hold a file descriptor (torch's
+    sharing strategy), so a test keeping many batches would run out of them."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def same(x: dict[str, Any], y: dict[str, Any]) -> bool:
+    return x.keys() == y.keys() and all(
+        torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x
+    )
+
+
+def same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+
+
+def take(loader: Loader, n: int) -> list[dict[str, Any]]:
+    return [host(b) for b in itertools.islice(loader, n)]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize(("workers", "persistent"), [(1, False), (2, True), (2, False)])
+def test_same_batches_for_every_worker_count(packed: bool, workers: int, persistent: bool) -> None:
+    opts = PACKED if packed else {}
+    ref = take(get_loader(make(), 4, **opts), 30)
+    got = take(get_loader(make(), 4, num_workers=workers, persistent_workers=persistent,
+                          **opts), 30)  # fmt: skip
+    assert same_batches(ref, got)
+    assert "source_ids" in ref[0]
+
+
+def test_padded_batches_hold_the_mixture_in_order() -> None:
+    mixed = make()
+    batches = take(get_loader(mixed, 8), 10)
+    plan = make().plan(0, 80)
+    src = np.concatenate([b["source_ids"].numpy() for b in batches])
+    assert np.array_equal(src, plan.sources)
+    first = np.concatenate([b["input_ids"][:, 0].numpy() for b in batches])
+    assert np.array_equal(first % 1000, plan.rows)  # row i's first token is base + i
+
+
+def test_packed_rows_are_documents_of_the_mixture() -> None:
+    batch = take(get_loader(make(), 4, **PACKED), 1)[0]
+    ids, src = batch["input_ids"].numpy(), batch["source_ids"].numpy()
+    assert ids.shape == (4, 16)
+    real = src >= 0
+    assert np.array_equal(ids[real] // 1000, src[real])  # every token from its source
+    cu = batch["cu_seq_lens_q"].numpy()
+    assert cu[-1] == ids.size
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_update_lands_at_b_plus_horizon_for_any_worker_count(packed: bool) -> None:
+    opts = PACKED if packed else {}
+    runs = []
+    for workers in (0, 1, 2):
+        loader = get_loader(make(), 4, num_workers=workers, horizon=5, **opts)
+        got = []
+        for i, batch in enumerate(loader):
+            got.append(host(batch))
+            if i == 3:  # after the trainer received batch 3
+                assert loader.update_weights({"a": 0, "b": 0, "c": 1}) == 8
+            if i == 20:
+                break
+        runs.append(got)
+    assert same_batches(runs[0], runs[1]) and same_batches(runs[0], runs[2])
+    src = [b["source_ids"].numpy() for b in runs[0]]
+    if not packed:
+        assert all(set(s.tolist()) != {2} for s in src[:8])  # old weights up to batch 7
+        assert all(set(s.tolist()) == {2} for s in src[8:])  # only c from batch 8 on
+    else:  # windows planned for batch >= 8 draw only c (rows left over from before may not)
+        assert any(0 in s or 1 in s for s in src[:8])
+        assert all(set(s[s >= 0].tolist()) == {2} for s in src[10:])
+
+
+def test_horizon_smaller_than_in_flight_is_an_error() -> None:
+    with pytest.raises(ValueError, match="horizon"):
+        get_loader(make(), 4, num_workers=2, horizon=3)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cut", [0, 1, 7, 25])
+def test_resume_is_exact_with_another_worker_count(packed: bool, cut: int) -> None:
+    opts = PACKED if packed else {}
+    ref_loader = get_loader(make(), 4, horizon=5, **opts)
+    ref = []
+    for i, batch in enumerate(ref_loader):
+        ref.append(host(batch))
+        if i == 5:
+            ref_loader.update_weights({"a": 1, "b": 1, "c": 6})
+        if i == 40:
+            break
+    first = get_loader(make(), 4, horizon=5, num_workers=2, **opts)
+    got: list[dict[str, Any]] = []
+    for i, batch in enumerate(itertools.islice(first, cut)):
+        got.append(host(batch))
+        if i == 5:
+            first.update_weights({"a": 1, "b": 1, "c": 6})
+    state = json.loads(json.dumps(first.state_dict()))  # a checkpoint, maybe mid-update
+    second = get_loader(make(), 4, horizon=5, num_workers=1, **opts)
+    second.load_state_dict(state)
+    for i, batch in enumerate(second, start=cut):
+        got.append(host(batch))
+        if i == 5:
+            second.update_weights({"a": 1, "b": 1, "c": 6})
+        if i == 40:
+            break
+    assert same_batches(ref, got)
+    # twice in a row: the state of a resumed loader resumes again
+    third = get_loader(make(), 4, horizon=5, **opts)
+    third.load_state_dict(second.state_dict())
+    assert third.state_dict()["batches"] == 41
+
+
+def test_resume_in_a_fresh_process(tmp_path: Any) -> None:
+    script = textwrap.dedent("""
+        import hashlib, itertools, json, sys
+        import datasets
+        from mixtape import MixedDataset
+        from mixtape.loader import get_loader
+        datasets.disable_progress_bars()
+        def ds(base, n):
+            return datasets.Dataset.from_dict(
+                {"input_ids": [[base + i] * (1 + i % 7) for i in range(n)]})
+        def make():
+            return MixedDataset({"a": ds(0, 200), "b": ds(1000, 100), "c": ds(2000, 50)},
+                                {"a": 0.5, "b": 0.3, "c": 0.2}, seed=1)
+        loader = get_loader(make(), 4, packing="bfd", max_length=16, collate_fn="packed",
+                            collate_kwargs={"attention": "flash"}, num_workers=int(sys.argv[2]))
+        if sys.argv[1] != "-":
+            loader.load_state_dict(json.load(open(sys.argv[1])))
+        h = hashlib.sha256()
+        for batch in itertools.islice(loader, int(sys.argv[3])):
+            h.update(batch["input_ids"].numpy().tobytes())
+        if sys.argv[4] != "-":
+            json.dump(loader.state_dict(), open(sys.argv[4], "w"))
+        print(h.hexdigest())
+    """)
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    state = tmp_path / "state.json"
+    env = {**os.environ, "PYTHONHASHSEED": "1"}
+
+    def run(*args: str) -> str:
+        out = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                             env=env, check=True)  # fmt: skip
+        return out.stdout.strip()
+
+    whole = run("-", "0", "20", "-")
+    run("-", "2", "8", str(state))
+    rest = run(str(state), "1", "12", "-")
+    import hashlib
+
+    loader = get_loader(make(), 4, **PACKED)
+    batches = take(loader, 20)
+    h_all, h_rest = hashlib.sha256(), hashlib.sha256()
+    for i, b in enumerate(batches):
+        h_all.update(b["input_ids"].numpy().tobytes())
+        if i >= 8:
+            h_rest.update(b["input_ids"].numpy().tobytes())
+    assert whole == h_all.hexdigest()
+    assert rest == h_rest.hexdigest()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_ranks_serve_disjoint_batches_whose_union_is_the_sequence(packed: bool) -> None:
+    opts = PACKED if packed else {}
+    ref = take(get_loader(make(), 4, **opts), 24)
+    r0 = take(get_loader(make(), 4, rank=0, world_size=2, **opts), 12)
+    r1 = take(get_loader(make(), 4, rank=1, world_size=2, num_workers=2, **opts), 12)
+    merged = [b for pair in zip(r0, r1, strict=True) for b in pair]
+    assert same_batches(ref, merged)
+
+
+def test_finite_mixture_length_and_epochs() -> None:
+    mixed = make("first_exhausted")
+    loader = get_loader(mixed, 8)
+    n = len(mixed)
+    assert len(loader) == -(-n // 8)
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    assert sum(len(b["input_ids"]) for b in batches) == n
+    assert same_batches(batches, list(loader))  # a second epoch replays the sequence
+    assert len(get_loader(make("first_exhausted"), 8, drop_last=True)) == n // 8
+    half = get_loader(make("first_exhausted"), 8, rank=1, world_size=2)
+    assert len(list(half)) == len(half)
+
+
+def test_source_counts() -> None:
+    loader = get_loader(make(), 10)
+    take(loader, 10)
+    assert loader.source_counts() == {"a": 50, "b": 30, "c": 20}
+
+
+def test_plain_datasets_get_a_seeded_resumable_loader() -> None:
+    data = [{"input_ids": torch.tensor([i])} for i in range(40)]
+    cfg = DataLoaderConfig(batch_size=4, shuffle=True, seed=3)
+    ref = [b["input_ids"].tolist() for b in DataLoaderFactory().create_dataloader(data, cfg)]
+    again = [b["input_ids"].tolist() for b in DataLoaderFactory().create_dataloader(data, cfg)]
+    assert ref == again
+    loader = DataLoaderFactory().create_dataloader(data, cfg)
+    head = [b["input_ids"].tolist() for b in itertools.islice(loader, 3)]
+    resumed = DataLoaderFactory().create_dataloader(data, cfg)
+    resumed.load_state_dict(loader.state_dict())
+    assert head + [b["input_ids"].tolist() for b in resumed] == ref
+    with pytest.raises(ValueError, match="MixedDataset"):
+        loader.update_weights([1.0])
+
+
+def test_bad_options() -> None:
+    with pytest.raises(ValueError, match="attention"):
+        get_loader(make(), 4, packing="bfd", max_length=16)
+    with pytest.raises(ValueError, match="max_length"):
+        get_loader(make(), 4, packing="bfd")
+    loader = get_loader(make(), 4)
+    with pytest.raises(ValueError, match="'z'"):
+        loader.update_weights({"a": 1, "z": 1})
+    with pytest.raises(ValueError, match="-1"):
+        loader.update_weights([1, -1, 1])
+    with pytest.raises(ValueError, match="batch_size"):
+        get_loader(make(), 5).load_state_dict(loader.state_dict())
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_batches() -> None:
+    import resource
+
+    loader = get_loader(make(), 8)
+    it = iter(loader)
+    for _ in range(2000):
+        next(it)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(10_000):
+        next(it)
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb < 50_000, f"resident memory grew by {grown_kb} KB over 10k batches"
+    assert len(loader._cursors) == 0
