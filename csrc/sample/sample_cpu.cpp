@@ -582,8 +582,9 @@ void permute_rows_cpu(const int64_t* ordinals, int64_t n, const int64_t* length,
   }
   const uint64_t key = derive_key(seed, kTagRows);
   parallel_for(n, 1 << 16, [&](int64_t lo, int64_t hi) {
-    // Consecutive elements of one source and pass share a permutation: build it once.
-    int64_t last_source = -1, last_pass = -1, last_length = -1;
+    // Consecutive elements of one source and pass share a permutation: build it once (and skip
+    // the division while ordinals stay in that pass's range).
+    int64_t last_source = -1, last_length = -1, first = 0;
     FeistelPermutation pi(0, 1);
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t len = length[i * length_stride];
@@ -593,16 +594,16 @@ void permute_rows_cpu(const int64_t* ordinals, int64_t n, const int64_t* length,
         continue;
       }
       const int64_t src = source[i * source_stride];
-      const int64_t pass = k / len;
-      if (src != last_source || pass != last_pass || len != last_length) {
+      if (src != last_source || len != last_length || k < first || k - first >= len) {
+        const int64_t pass = k / len;
         pi = FeistelPermutation(
             derive_key(key, static_cast<uint64_t>(src), static_cast<uint64_t>(pass)),
             static_cast<uint64_t>(len));
         last_source = src;
-        last_pass = pass;
         last_length = len;
+        first = pass * len;
       }
-      rows[i] = static_cast<int64_t>(pi(static_cast<uint64_t>(k - pass * len)));
+      rows[i] = static_cast<int64_t>(pi(static_cast<uint64_t>(k - first)));
     }
   });
 }
