@@ -513,8 +513,8 @@ void sample_sources_cpu(const double* weights, int64_t num_sources, const Sample
   std::vector<int32_t> buf(static_cast<size_t>(b));
   std::vector<int32_t> base;  // block mode: the unshuffled block, the same for every block
   Greedy g;                   // greedy: the run, continued block after block
+  std::vector<int64_t> n(num_sources);  // block mode: picks per block
   if (o.mode == SampleMode::kBlock) {
-    std::vector<int64_t> n(num_sources);
     block_counts(w.data(), num_sources, d, b, n.data());
     const int64_t blocks = rel / b;
     for (int64_t s = 0; s < num_sources; ++s) {
@@ -541,6 +541,24 @@ void sample_sources_cpu(const double* weights, int64_t num_sources, const Sample
   } else {
     g = greedy_init(w.data(), num_sources, d, rel, segment_counts, "sample state");
   }
+  // Whole blocks before the one holding `start` only move the counts: in closed form (block
+  // mode), or by the greedy run alone (a block's multiset does not depend on its order).
+  const int64_t skip_to = *anchor + (start - *anchor) / b * b;
+  if (o.mode == SampleMode::kBlock) {
+    const int64_t blocks = (skip_to - *anchor) / b;
+    for (int64_t s = 0; s < num_sources; ++s) {
+      counts[s] += blocks * n[s];
+      segment_counts[s] += blocks * n[s];
+    }
+  } else {
+    for (int64_t pos = *anchor; pos < skip_to;) {
+      const int64_t m = std::min<int64_t>(b, skip_to - pos);
+      greedy_run(g, o.greedy_path, m, buf.data());
+      record(buf.data(), m, pos, end, counts, segment_counts, nullptr, nullptr);
+      pos += m;
+    }
+  }
+  *anchor = skip_to;
   const uint64_t order_key = derive_key(o.seed, kTagBlockOrder);
   bool partial = false;
   for (int64_t pos = *anchor; pos < end; pos += b) {

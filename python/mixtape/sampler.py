@@ -454,7 +454,8 @@ class SourceSampler:
             seg_start, w = self._timeline[k]
             seg_end = self._segment_end(k)
             upto = stop if seg_end is None else min(stop, seg_end)
-            lo = min(max(start, anchor), upto)
+            # Counting only: nothing to write, so the kernel may skip what it can (whole blocks).
+            lo = upto if sources is None else min(max(start, anchor), upto)
             r = ops.sample_sources(
                 w,
                 counts,
