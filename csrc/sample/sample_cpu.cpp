@@ -177,7 +177,7 @@ void greedy_run(Greedy& g, GreedyPath path, int64_t n, int32_t* out) {
   }
   if (path == GreedyPath::kScalar) return greedy_scalar(g, n, out);
 #if defined(__GNUC__)
-  if (path == GreedyPath::kVector || g.a > 8) {
+  if (path == GreedyPath::kVector || g.a > 16) {
     const int64_t vectors = static_cast<int64_t>(g.key.size()) / kLanes;
     return sample_detail::greedy_vector(g.w.data(), g.d, g.key.data(), vectors, g.ids.data(), n,
                                         out);
@@ -191,6 +191,14 @@ void greedy_run(Greedy& g, GreedyPath path, int64_t n, int32_t* out) {
     case 6: return greedy_fixed<6>(g, n, out);
     case 7: return greedy_fixed<7>(g, n, out);
     case 8: return greedy_fixed<8>(g, n, out);
+    case 9: return greedy_fixed<9>(g, n, out);
+    case 10: return greedy_fixed<10>(g, n, out);
+    case 11: return greedy_fixed<11>(g, n, out);
+    case 12: return greedy_fixed<12>(g, n, out);
+    case 13: return greedy_fixed<13>(g, n, out);
+    case 14: return greedy_fixed<14>(g, n, out);
+    case 15: return greedy_fixed<15>(g, n, out);
+    case 16: return greedy_fixed<16>(g, n, out);
     default: return greedy_scalar(g, n, out);
   }
 }
