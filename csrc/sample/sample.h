@@ -50,9 +50,10 @@ enum class SampleMode : int32_t { kGreedy = 0, kRandom = 1, kBlock = 2 };
 // Throws std::invalid_argument listing the valid names.
 SampleMode parse_sample_mode(const std::string& name);
 
-// Kernel paths of the greedy argmax. kAuto picks by source count; the others exist so the tests
-// can check every path gives the same output.
-enum class GreedyPath : int32_t { kAuto = 0, kScalar = 1, kVector = 2 };
+// Kernel paths of the greedy argmax: a linear scan (unrolled up to 16 sources, SIMD above) or a
+// kinetic tournament tree (from 2048 sources). kAuto picks by source count; the others exist so
+// the tests can check every path gives the same output.
+enum class GreedyPath : int32_t { kAuto = 0, kScalar = 1, kVector = 2, kTree = 3 };
 
 struct SampleOptions {
   SampleMode mode = SampleMode::kGreedy;
