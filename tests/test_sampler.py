@@ -458,3 +458,13 @@ def test_block_mode_seeks_in_closed_form() -> None:
         per_block.tolist()  # fmt: skip
     assert not np.array_equal(src, head[5:])  # block 10^9 has its own order
     assert ords.min() >= per_block.min() * 10**9
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_sampler_pickles_mid_block(config: dict[str, Any]) -> None:
+    """A DataLoader with spawn pickles the sampler: the copy continues like the original."""
+    s = make([0.5, 0.3, 0.2], config)
+    s.sample(13)
+    s.set_weights([0.2, 0.2, 0.6], position=40)
+    copy = pickle.loads(pickle.dumps(s))
+    assert copy.sample(60)[0].tolist() == s.sample(60)[0].tolist()
