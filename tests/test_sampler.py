@@ -468,3 +468,9 @@ def test_sampler_pickles_mid_block(config: dict[str, Any]) -> None:
     s.set_weights([0.2, 0.2, 0.6], position=40)
     copy = pickle.loads(pickle.dumps(s))
     assert copy.sample(60)[0].tolist() == s.sample(60)[0].tolist()
+
+
+def test_bench_cases_register() -> None:
+    from mixtape import bench
+
+    assert {"sample-sources", "sample-sources-64", "sample-rows"} <= set(bench.load_cases())
