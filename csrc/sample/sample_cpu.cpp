@@ -584,7 +584,8 @@ void sample_sources_cpu(const double* weights, int64_t num_sources, const Sample
   }
 
   constexpr int64_t kChunk = 1 << 14;
-  if (o.mode == SampleMode::kGreedy && !o.shuffle) {
+  // Shuffled blocks of one position are the plain greedy run (one order, an anchor everywhere).
+  if (o.mode == SampleMode::kGreedy && (!o.shuffle || o.block_size == 1)) {
     Greedy g =
         greedy_init(w.data(), num_sources, d, rel, segment_counts, o.greedy_path, "sample state");
     std::vector<int32_t> scratch(static_cast<size_t>(std::min<int64_t>(kChunk, end - *anchor)));
