@@ -345,6 +345,24 @@ def test_greedy_paths_agree(name: str) -> None:
     assert all(r is not None and np.array_equal(r, runs[0]) for r in runs)
 
 
+@pytest.mark.parametrize("equal", [False, True])
+@pytest.mark.parametrize("a", [2500, 5000])
+def test_greedy_tree_for_thousands_of_sources(a: int, equal: bool) -> None:
+    """From 2048 sources the kinetic tree runs (auto); it picks what the scans pick, also when
+    resumed from a state mid-run."""
+    rng = np.random.default_rng(a)
+    w = np.ones(a) if equal else rng.uniform(0.0, 1.0, a) * (rng.random(a) > 0.1)
+    n = 6000
+    runs = {p: kernel(w, "greedy", count=n, greedy_path=p) for p in ("auto", "vector", "tree")}
+    first = runs["auto"].sources
+    assert first is not None
+    assert all(r.sources is not None and np.array_equal(r.sources, first) for r in runs.values())
+    half = np.bincount(first[:2500], minlength=a)
+    rest = kernel(w, "greedy", anchor=2500, start=2500, count=n - 2500, counts=half,
+                  segment_counts=half)  # fmt: skip
+    assert rest.sources is not None and np.array_equal(rest.sources, first[2500:])
+
+
 @pytest.mark.parametrize("a", [*range(1, 19), 31, 32, 33, 63, 64, 65, 129])
 def test_greedy_paths_agree_every_width(a: int) -> None:
     w = np.random.default_rng(a).uniform(0.05, 1.0, a)

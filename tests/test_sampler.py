@@ -442,3 +442,35 @@ def test_bad_calls() -> None:
 def test_ops_names_in_errors() -> None:
     with pytest.raises(ValueError, match=r"source 2 \('math'\) has weight -0.5"):
         ops.normalize_weights([1, 1, -0.5], names=["web", "code", "math"])
+
+
+def test_block_mode_seeks_in_closed_form() -> None:
+    """Counts at block boundaries are closed-form: a seek 10^12 positions ahead is instant (a
+    replay would take hours), and what follows equals a fresh run's block at that index."""
+    s = SourceSampler([1, 2, 3], mode="block", block_size=1000, seed=4)
+    s.seek(10**12 + 5)
+    per_block = ops.block_counts(ops.normalize_weights([1, 2, 3]), 1000)
+    head = SourceSampler([1, 2, 3], mode="block", block_size=1000, seed=4).peek(0, 1000)[0]
+    assert s.counts.tolist() == (per_block * 10**9 + np.bincount(
+        s.peek(10**12, 5)[0], minlength=3)).tolist()  # fmt: skip
+    src, ords = s.sample(995)
+    assert np.bincount(np.concatenate([s.peek(10**12, 5)[0], src]), minlength=3).tolist() == \
+        per_block.tolist()  # fmt: skip
+    assert not np.array_equal(src, head[5:])  # block 10^9 has its own order
+    assert ords.min() >= per_block.min() * 10**9
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_sampler_pickles_mid_block(config: dict[str, Any]) -> None:
+    """A DataLoader with spawn pickles the sampler: the copy continues like the original."""
+    s = make([0.5, 0.3, 0.2], config)
+    s.sample(13)
+    s.set_weights([0.2, 0.2, 0.6], position=40)
+    copy = pickle.loads(pickle.dumps(s))
+    assert copy.sample(60)[0].tolist() == s.sample(60)[0].tolist()
+
+
+def test_bench_cases_register() -> None:
+    from mixtape import bench
+
+    assert {"sample-sources", "sample-sources-64", "sample-rows"} <= set(bench.load_cases())

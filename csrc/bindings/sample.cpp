@@ -9,8 +9,9 @@ GreedyPath parse_greedy_path(const std::string& name) {
   if (name == "auto") return GreedyPath::kAuto;
   if (name == "scalar") return GreedyPath::kScalar;
   if (name == "vector") return GreedyPath::kVector;
-  throw py::value_error("greedy_path must be one of ('auto', 'scalar', 'vector'), got '" + name +
-                        "'");
+  if (name == "tree") return GreedyPath::kTree;
+  throw py::value_error("greedy_path must be one of ('auto', 'scalar', 'vector', 'tree'), got '" +
+                        name + "'");
 }
 
 int64_t check_1d(const py::array& a, const char* op, const char* what) {

@@ -18,11 +18,12 @@
 //  - greedy: position j goes to argmax_s W_s * (j + 1) - c_s * D (ties to the lowest index): the
 //    deficit-minimising interleave, restarted at each segment (no catch-up burst after a weight
 //    change). Any prefix of a segment has c_s < w_s * n + 1 for every s (a source is never ahead
-//    of its share by a whole position); behind its share by more than 1 is possible with 4+
-//    sources (about 1.3 at most in our tests). With shuffle, each block of block_size positions
-//    (aligned to segment_start) holds the same multiset as the greedy output, in an order drawn by
-//    a Fisher-Yates shuffle keyed by (seed, segment, block), so prefixes stay within a block of
-//    w * n.
+//    of its share by a whole position); behind its share by more than 1 happens from 4 sources on
+//    (about 1.3 at most in our tests). The argmax is an unrolled scan up to 16 sources, a SIMD
+//    scan above, a kinetic tournament tree from 2048 (GreedyPath). With shuffle, each block of
+//    block_size positions (aligned to segment_start) holds the same multiset as the greedy output,
+//    in an order drawn by a Fisher-Yates shuffle keyed by (seed, segment, block), so prefixes stay
+//    within a block of w * n. The seed is not used without shuffle.
 //  - random: i.i.d. draws: Vose's alias table over the integer weights, indexed by the counter
 //    hash of (seed, global position): the draw at i depends on (seed, weights in force, i) only.
 //  - block: every block holds exactly n_s = floor(W_s * B / D) picks of s plus one for the
@@ -31,6 +32,11 @@
 //    the counts (which meets them exactly at the block's end).
 // The last block of a segment may be cut short by the next segment: its positions are the first
 // ones of the full block's order, so positions before a weight change never depend on it.
+//
+// State. A call resumes from an anchor: the global and segment counts before a position (a block
+// start in the block-based modes, whose positions depend on the whole block). Positions before
+// the requested range are only counted: whole blocks in closed form (block mode) or by the greedy
+// run without the shuffle, random draws on all threads, so a seek costs at most one pass.
 //
 // Rows. permute_rows maps the ordinal k of source s (a dataset of `length` rows) to row
 // pi(k mod length), pi the FeistelPermutation keyed by (seed, s, pass = k div length): each pass
@@ -50,9 +56,10 @@ enum class SampleMode : int32_t { kGreedy = 0, kRandom = 1, kBlock = 2 };
 // Throws std::invalid_argument listing the valid names.
 SampleMode parse_sample_mode(const std::string& name);
 
-// Kernel paths of the greedy argmax. kAuto picks by source count; the others exist so the tests
-// can check every path gives the same output.
-enum class GreedyPath : int32_t { kAuto = 0, kScalar = 1, kVector = 2 };
+// Kernel paths of the greedy argmax: a linear scan (unrolled up to 16 sources, SIMD above) or a
+// kinetic tournament tree (from 2048 sources). kAuto picks by source count; the others exist so
+// the tests can check every path gives the same output.
+enum class GreedyPath : int32_t { kAuto = 0, kScalar = 1, kVector = 2, kTree = 3 };
 
 struct SampleOptions {
   SampleMode mode = SampleMode::kGreedy;

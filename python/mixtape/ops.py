@@ -901,7 +901,7 @@ def _block_causal_mask_torch(s: torch.Tensor, additive: bool, dtype: torch.dtype
 # (sampler.py) keeps the state and the weight timeline; these wrappers validate and call.
 
 SAMPLE_MODES = ("greedy", "random", "block")
-GREEDY_PATHS = ("auto", "scalar", "vector")
+GREEDY_PATHS = ("auto", "scalar", "vector", "tree")
 MAX_SOURCES = 1 << 24
 MAX_BLOCK_SIZE = 1 << 28
 MAX_POSITION = 1 << 62

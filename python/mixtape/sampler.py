@@ -401,7 +401,7 @@ class SourceSampler:
     # --- internals ----------------------------------------------------------------------------
 
     def _segment_of(self, position: int) -> int:
-        return bisect.bisect_right([p for p, _ in self._timeline], position) - 1
+        return bisect.bisect_right(self._timeline, position, key=_entry_position) - 1
 
     def _segment_end(self, k: int) -> int | None:
         return self._timeline[k + 1][0] if k + 1 < len(self._timeline) else None
@@ -454,7 +454,8 @@ class SourceSampler:
             seg_start, w = self._timeline[k]
             seg_end = self._segment_end(k)
             upto = stop if seg_end is None else min(stop, seg_end)
-            lo = min(max(start, anchor), upto)
+            # Counting only: nothing to write, so the kernel may skip what it can (whole blocks).
+            lo = upto if sources is None else min(max(start, anchor), upto)
             r = ops.sample_sources(
                 w,
                 counts,
@@ -487,6 +488,10 @@ class SourceSampler:
 class _RunResult:
     after: _Anchor  # the anchor state at or before the range's end
     end_counts: Int64Array  # global counts before the range's end
+
+
+def _entry_position(entry: tuple[int, npt.NDArray[np.float64]]) -> int:
+    return entry[0]
 
 
 def _load_counts(value: Any, n: int, name: str) -> Int64Array:

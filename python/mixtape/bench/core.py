@@ -47,6 +47,7 @@ CASE_MODULES = [
     "mixtape.bench.pack",
     "mixtape.bench.sources",
     "mixtape.bench.mixing",
+    "mixtape.bench.sample",
 ]
 
 
