@@ -19,6 +19,7 @@ from mixtape.collate import (
     get_collator,
     list_collators,
 )
+from mixtape.influence import DataInfCalculator, MixtureWeightCalculator
 from mixtape.ops import (
     PackPlan,
     block_causal_mask,
@@ -44,7 +45,9 @@ __all__ = [
     "CausalLMCollator",
     "CollatorInfo",
     "CollatorRegistry",
+    "DataInfCalculator",
     "FlatteningCollator",
+    "MixtureWeightCalculator",
     "PackPlan",
     "PackedCollator",
     "PackingStats",
