@@ -19,6 +19,7 @@
 //     of (seed, layer key, r, j): projection_entry below), generated tile by tile while G is read
 //     once and never stored whole. lambda and the scores are then those of the projected layer.
 //     Layers with d_l <= k are used as they are (a projection would not shrink them).
+//   - n == 1: b = c q exactly (taken in double: b - a cancels by ~ d / damping for one sample).
 //   - A layer whose gradients are all zero gets lambda = 0 under the rule and scores 0 (the
 //     limit: a zero gradient has no influence).
 //   - Non-finite input: a row whose a_i or q_i is not finite (a NaN or inf in g_i, or a squared
@@ -137,6 +138,13 @@ MIXTAPE_HD float datainf_col_partial(const T* g, int64_t stride, int64_t j, cons
   float s = 0.0f;
   for (int64_t i = begin; i < end; ++i) s += datainf_coef(a[i], q[i], lambda) * widen(g[i * stride + j]);
   return s;
+}
+
+// b for n == 1: u = c g, so b = c q exactly. Taken in double, because b - a then cancels by a
+// factor of ~ d / damping, which the float32 G u passes cannot resolve for a single sample.
+MIXTAPE_HD double datainf_single_b(double a, double q, double lambda) {
+  const double den = lambda + q;
+  return den > 0 ? a / den * q : 0.0;
 }
 
 // score_i = (b_i - a_i) / lambda; 0 for an all-zero layer (lambda = 0).

@@ -470,7 +470,9 @@ int64_t run_layer(const DataInfLayer& layer, int64_t l, int64_t n, const DataInf
     for (int64_t i = 0; i < n; ++i) sum_q += s.q[i];
     const double lambda = datainf_lambda(sum_q, n, blk.d, opt.damping, layer.lambda);
     if (out.lambdas) out.lambdas[l] = lambda;
-    if (lambda > 0) {
+    if (n == 1) {
+      s.b[0] = datainf_single_b(s.a[0], s.q[0], lambda);
+    } else if (lambda > 0) {
       pass_solve(p, blk, lambda, n, ew, s);
     } else {
       std::fill(s.b.begin(), s.b.end(), 0.0);

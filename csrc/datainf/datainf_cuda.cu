@@ -91,11 +91,13 @@ __global__ void reduce_u_kernel(const float* partial, int64_t n, int64_t d, floa
   u[j] = static_cast<float>(s * (1.0 / static_cast<double>(n)));
 }
 
-__global__ void score_kernel(const float* a, const float* b, int64_t n, const double* lambda,
-                             float* per_layer, float* influence) {
+// b null: n == 1 (datainf_single_b).
+__global__ void score_kernel(const float* a, const float* q, const float* b, int64_t n,
+                             const double* lambda, float* per_layer, float* influence) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(kT) + threadIdx.x;
   if (i >= n) return;
-  const float s = datainf_score(a[i], b[i], *lambda);
+  const double bi = b ? static_cast<double>(b[i]) : datainf_single_b(a[i], q[i], *lambda);
+  const float s = datainf_score(a[i], bi, *lambda);
   if (per_layer) per_layer[i] = s;
   influence[i] += s;
 }
@@ -128,14 +130,16 @@ void run_layer(const DataInfLayer& L, int64_t l, int64_t n, const DataInfOptions
   double* lambda = out.lambdas + l;
   lambda_kernel<<<1, kT, 0, s>>>(q, n, L.d, opt.damping, L.lambda, lambda);
   check_launch("lambda_kernel");
-  const dim3 cols_grid(grid_for(L.d), kDataInfColChunks);
-  cols_kernel<T><<<cols_grid, kT, 0, s>>>(g, n, L.d, L.stride, a, q, lambda, ws.u_partial);
-  check_launch("cols_kernel");
-  reduce_u_kernel<<<grid_for(L.d), kT, 0, s>>>(ws.u_partial, n, L.d, ws.u);
-  check_launch("reduce_u_kernel");
-  rows_kernel<T><<<row_grid, kT, 0, s>>>(g, n, L.d, L.stride, ws.u, ws.b, nullptr, nullptr);
-  check_launch("rows_kernel");
-  score_kernel<<<grid_for(n), kT, 0, s>>>(a, ws.b, n, lambda,
+  if (n > 1) {
+    const dim3 cols_grid(grid_for(L.d), kDataInfColChunks);
+    cols_kernel<T><<<cols_grid, kT, 0, s>>>(g, n, L.d, L.stride, a, q, lambda, ws.u_partial);
+    check_launch("cols_kernel");
+    reduce_u_kernel<<<grid_for(L.d), kT, 0, s>>>(ws.u_partial, n, L.d, ws.u);
+    check_launch("reduce_u_kernel");
+    rows_kernel<T><<<row_grid, kT, 0, s>>>(g, n, L.d, L.stride, ws.u, ws.b, nullptr, nullptr);
+    check_launch("rows_kernel");
+  }
+  score_kernel<<<grid_for(n), kT, 0, s>>>(a, q, n > 1 ? ws.b : nullptr, n, lambda,
                                           out.per_layer ? out.per_layer + l * n : nullptr,
                                           out.influence);
   check_launch("score_kernel");

@@ -233,8 +233,11 @@ class DataInfCalculator:
         if lam <= 0:  # every gradient of the layer is zero: no influence (as the kernel)
             return a, q, vsq, torch.zeros_like(a)
         c = (a.double() / (lam + q.double())).float()
-        b = ghost_linear_stats(g, layer.probe, layer.probe_bias, c)
-        assert isinstance(b, torch.Tensor)
+        if n == 1:  # b = c q exactly; in double, as the kernel (b - a cancels for one sample)
+            b = a.double() / (lam + q.double()) * q.double()
+        else:
+            b = ghost_linear_stats(g, layer.probe, layer.probe_bias, c)
+            assert isinstance(b, torch.Tensor)
         return a, q, vsq, ((b.double() - a.double()) / lam).float()
 
     def _layers(
