@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from mixtape.influence.datainf import METHODS, DataInfCalculator, GhostLinear, ghost_linear_stats
+from mixtape.influence.datainf import (
+    METHODS,
+    DataInfCalculator,
+    GhostLinear,
+    ghost_linear_solve,
+    ghost_linear_stats,
+)
 from mixtape.influence.weights import NORMALIZATIONS, MixtureWeightCalculator, WeightUpdate
 
 __all__ = [
@@ -12,5 +18,6 @@ __all__ = [
     "GhostLinear",
     "MixtureWeightCalculator",
     "WeightUpdate",
+    "ghost_linear_solve",
     "ghost_linear_stats",
 ]

@@ -18,7 +18,13 @@ import torch
 
 from mixtape import ops
 
-__all__ = ["METHODS", "DataInfCalculator", "GhostLinear", "ghost_linear_stats"]
+__all__ = [
+    "METHODS",
+    "DataInfCalculator",
+    "GhostLinear",
+    "ghost_linear_solve",
+    "ghost_linear_stats",
+]
 
 #: ``datainf``: the DataInf kernel; ``grad_dot``: -g_i . v; ``cosine``: -cos(g_i, v).
 METHODS = ("datainf", "grad_dot", "cosine")
@@ -60,35 +66,44 @@ class GhostLinear:
         return d_out * (d_in + (1 if self.bias else 0))
 
 
-def ghost_linear_stats(
-    layer: GhostLinear, weight: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-    """The DataInf quantities of a linear layer from X_i and D_i (no per-sample gradients).
-
-    With ``c`` None returns (a, q): a_i = <D_i, X_i V^T> (+ bias part), q_i = sum of
-    (X_i X_i^T) * (D_i D_i^T) (+ |sum_t D_i[t]|^2), V = ``weight`` [d_out, d_in]. With ``c``
-    ([n] coefficients) returns b_i = <D_i, X_i U^T> (+ bias part), U = sum_i c_i D_i^T X_i / n.
-    Float32 on the layer's device.
-    """
-    n, _, _ = layer.dims()
+def _ghost_tensors(layer: GhostLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """X [n, T, d_in], D [n, T, d_out] in float32 and (with bias) the per-sample bias gradients."""
     x = layer.inputs.detach().float()
     dg = layer.output_grads.detach().float()
     if x.dim() == 2:
         x, dg = x[:, None], dg[:, None]
-    gb = dg.sum(dim=1) if layer.bias else None  # [n, d_out]: per-sample bias gradients
-    if c is None:
-        a = torch.einsum("nto,nto->n", dg, x @ weight.T)
-        gram = (x @ x.transpose(1, 2)) * (dg @ dg.transpose(1, 2))
-        q = gram.sum(dim=(1, 2))
-        if gb is not None and bias is not None:
-            a = a + gb @ bias
-            q = q + gb.square().sum(dim=1)
-        return a, q
-    cd = dg * (c / n)[:, None, None]
+    return x, dg, (dg.sum(dim=1) if layer.bias else None)
+
+
+def ghost_linear_stats(
+    layer: GhostLinear, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 of DataInf for a linear layer from X_i and D_i (no per-sample gradients):
+    a_i = <D_i, X_i V^T> (+ g_bias_i . v_bias) and q_i = sum((X_i X_i^T) * (D_i D_i^T))
+    (+ |g_bias_i|^2), V = ``weight`` [d_out, d_in] the probe gradient. Float32, [n] each."""
+    layer.dims()
+    x, dg, gb = _ghost_tensors(layer)
+    a = torch.einsum("nto,nto->n", dg, x @ weight.T)
+    q = ((x @ x.transpose(1, 2)) * (dg @ dg.transpose(1, 2))).sum(dim=(1, 2))
+    if gb is not None:
+        if bias is None:
+            raise ValueError("ghost_linear_stats: a layer with bias needs the probe's bias part")
+        a = a + gb @ bias
+        q = q + gb.square().sum(dim=1)
+    return a, q
+
+
+def ghost_linear_solve(layer: GhostLinear, c: torch.Tensor) -> torch.Tensor:
+    """Passes 2-3 for a linear layer: b_i = <D_i, X_i U^T> (+ bias part) with
+    U = sum_i c_i D_i^T X_i / n, from the coefficients ``c`` [n]. Float32, [n]."""
+    n, _, _ = layer.dims()
+    x, dg, gb = _ghost_tensors(layer)
+    cn = c.float() / n
+    cd = dg * cn[:, None, None]
     u_w = cd.reshape(-1, cd.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # [d_out, d_in]
     b = torch.einsum("nto,nto->n", dg, x @ u_w.T)
     if gb is not None:
-        b = b + gb @ (gb.T @ (c / n))
+        b = b + gb @ (gb.T @ cn)
     return b
 
 
@@ -215,9 +230,7 @@ class DataInfCalculator:
         """a, q, |v|^2 and (DataInf) the scores of a ghost layer, the kernel's steps in torch."""
         g = layer.train
         assert isinstance(g, GhostLinear)
-        stats = ghost_linear_stats(g, layer.probe, layer.probe_bias, None)
-        assert isinstance(stats, tuple)
-        a, q = stats
+        a, q = ghost_linear_stats(g, layer.probe, layer.probe_bias)
         ok = torch.isfinite(a) & torch.isfinite(q)
         if not bool(ok.all()):
             row = int((~ok).nonzero()[0, 0])
@@ -232,12 +245,9 @@ class DataInfCalculator:
             lam = self.damping * float(q.double().sum()) / (n * g.num_params)
         if lam <= 0:  # every gradient of the layer is zero: no influence (as the kernel)
             return a, q, vsq, torch.zeros_like(a)
-        c = (a.double() / (lam + q.double())).float()
-        if n == 1:  # b = c q exactly; in double, as the kernel (b - a cancels for one sample)
-            b = a.double() / (lam + q.double()) * q.double()
-        else:
-            b = ghost_linear_stats(g, layer.probe, layer.probe_bias, c)
-            assert isinstance(b, torch.Tensor)
+        c = a.double() / (lam + q.double())
+        # n == 1: b = c q exactly, in double as in the kernel (b - a cancels for one sample).
+        b = c * q.double() if n == 1 else ghost_linear_solve(g, c.float())
         return a, q, vsq, ((b.double() - a.double()) / lam).float()
 
     def _layers(
@@ -371,7 +381,7 @@ def _layer(name: str, train: Any, probe: Any, lam: float | None) -> _Layer:
         raise ValueError(f"layer {name!r}: train gradients must be [n, ...], got {tuple(g.shape)}")
     shape = tuple(g.shape[1:])
     mean = _probe_mean(name, probe, shape, g.device)
-    flat = g.reshape(g.shape[0], -1)  # a view when the sample's entries are contiguous
+    flat = g.reshape(g.shape[0], math.prod(shape))  # a view when each sample's are contiguous
     return _Layer(name, flat, mean.reshape(-1), None, lam)
 
 
