@@ -341,3 +341,22 @@ def test_logistic_regression_agrees_with_exact_block_fisher_and_flags_noise(seed
         exact -= gb @ np.linalg.solve(gb.T @ gb / n + lam * np.eye(e - s), vb)
     assert spearman(ours, exact) >= 0.9
     assert roc_auc(ours, flipped.numpy()) >= 0.8  # flipped labels are the harmful ones
+
+
+# --- benchmark cases ---------------------------------------------------------------------------
+
+
+def test_bench_cases_register() -> None:
+    from mixtape import bench
+
+    assert {"datainf", "datainf-ghost"} <= set(bench.load_cases())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["datainf", "datainf-ghost"])
+def test_bench_quick_run(name: str) -> None:
+    from mixtape import bench
+
+    measurements = bench.load_cases()[name](True)
+    assert any(m.ours for m in measurements) and any(not m.ours for m in measurements)
+    assert all(m.seconds > 0 for m in measurements if not m.skipped)

@@ -166,8 +166,10 @@ void datainf_cuda(const DataInfLayer* layers, int64_t num_layers, int64_t n,
   }
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (!opt.stats_only) {
-    if (cudaMemsetAsync(out.influence, 0, sizeof(float) * n, s) != cudaSuccess) {
-      check_launch("cudaMemsetAsync");
+    const cudaError_t err = cudaMemsetAsync(out.influence, 0, sizeof(float) * n, s);
+    if (err != cudaSuccess) {
+      throw std::runtime_error(std::string("datainf_cuda: zeroing the influence failed: ") +
+                               cudaGetErrorString(err));
     }
   }
   for (int64_t l = 0; l < num_layers; ++l) {

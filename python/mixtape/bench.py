@@ -65,7 +65,7 @@ CaseFn = Callable[[bool], list[Measurement]]
 CASES: dict[str, CaseFn] = {}
 
 #: Modules whose import registers cases; missing ones (not written yet) are skipped.
-CASE_MODULES = ["mixtape.bench", "mixtape.bench_pack"]
+CASE_MODULES = ["mixtape.bench", "mixtape.bench_pack", "mixtape.bench_datainf"]
 
 
 def case(name: str) -> Callable[[CaseFn], CaseFn]:
