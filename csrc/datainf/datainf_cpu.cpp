@@ -51,7 +51,7 @@ constexpr int64_t kMinWork = 1 << 18;  // elements per thread worth starting it 
 constexpr int64_t kColTile = 4096;     // pass 2: columns accumulated in L1 over all rows
 constexpr int64_t kProjPad = 32;       // projection: output rows padded to this (>= 2 vectors)
 constexpr int64_t kProjCols = 128;     // projection: input columns per generated tile
-constexpr int64_t kProjSamples = 64;   // projection: samples sharing one generation of the tiles
+constexpr int64_t kProjSamples = 256;   // projection: samples sharing one generation of the tiles
 
 template <int N>
 MIXTAPE_AI typename Vec<N>::f load(const float* p) {
@@ -183,8 +183,10 @@ MIXTAPE_AI void cols_pass(const Block<T>& b, const float* c, int64_t n, int64_t 
 }
 
 // Samples [s0, s1) of the projection: out[i, r] (double, row stride kpad) = sum_j P[r, j] g_i[j].
-// P is generated in tiles of kProjCols x 2N (j-major) once per kProjSamples samples, so it is
-// never stored whole and G is read once; 4 samples x 2 vectors of outputs stay in registers.
+// P is generated in tiles of kProjCols x 2N (j-major), each used for kProjSamples samples whose
+// kProjCols-column slices stay in L1 meanwhile, so P is never stored whole, G is read once and
+// the generation costs 1/kProjSamples of the multiply-adds; 4 samples x 2 vectors of outputs stay
+// in registers.
 template <int N, typename T>
 MIXTAPE_AI void project_pass(const Block<T>& b, int64_t s0, int64_t s1, uint64_t seed,
                              uint64_t key, int64_t k, int64_t kpad, float scale, double* out) {
@@ -194,21 +196,20 @@ MIXTAPE_AI void project_pass(const Block<T>& b, int64_t s0, int64_t s1, uint64_t
   for (int64_t c0 = s0; c0 < s1; c0 += kProjSamples) {
     const int64_t c1 = std::min(s1, c0 + kProjSamples);
     for (int64_t i = c0; i < c1; ++i) std::fill(out + i * kpad, out + (i + 1) * kpad, 0.0);
-    for (int64_t r0 = 0; r0 < k; r0 += PR) {
-      const int64_t nr = std::min<int64_t>(PR, k - r0);
-      uint64_t row_keys[PR];
-      for (int64_t r = 0; r < nr; ++r) row_keys[r] = projection_row_key(seed, key, r0 + r);
-      for (int64_t j0 = 0; j0 < b.d; j0 += kProjCols) {
-        const int64_t nj = std::min(kProjCols, b.d - j0);
+    for (int64_t j0 = 0; j0 < b.d; j0 += kProjCols) {
+      const int64_t nj = std::min(kProjCols, b.d - j0);
+      for (int64_t r0 = 0; r0 < k; r0 += PR) {
+        const int64_t nr = std::min<int64_t>(PR, k - r0);
         // tile[j][r] = P[r0 + r, j0 + j], from whole 64-bit words of signs; rows past k are 0.
         for (int64_t r = 0; r < PR; ++r) {
           if (r >= nr) {
             for (int64_t j = 0; j < nj; ++j) tile[j * PR + r] = 0.0f;
             continue;
           }
+          const uint64_t row_key = projection_row_key(seed, key, r0 + r);
           for (int64_t j = 0; j < nj;) {
             const uint64_t jj = static_cast<uint64_t>(j0 + j);
-            const uint64_t word = rademacher_word(row_keys[r], jj >> 6);
+            const uint64_t word = rademacher_word(row_key, jj >> 6);
             const int64_t end = std::min<int64_t>(nj, j + 64 - static_cast<int64_t>(jj & 63));
             for (int64_t bit = static_cast<int64_t>(jj & 63); j < end; ++j, ++bit) {
               tile[j * PR + r] = ((word >> bit) & 1u) ? -scale : scale;
