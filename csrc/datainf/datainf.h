@@ -2,7 +2,8 @@
 //
 // Contract. Layer l holds the per-sample gradients G_l [n, d_l] (row i = g_i, float32 or bfloat16
 // read as its uint16 bits, rows `stride` elements apart) and the probe-mean gradient v_l [d_l]
-// (float32), both taken at the same weights. For each layer, with fp32 accumulation:
+// (float32), both taken at the same weights. For each layer (fp32 arithmetic; sums carried in
+// double every 2048 terms, so accuracy does not fall with n or d):
 //   1. one fused pass over G:   a_i = g_i . v,   q_i = |g_i|^2
 //   2. lambda_l = damping * sum_i q_i / (n d_l)          (DataInf's rule; or the layer's fixed value)
 //   3. c_i = a_i / (lambda_l + q_i);   u = G^T c / n;   b_i = g_i . u
