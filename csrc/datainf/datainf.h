@@ -14,7 +14,7 @@
 // probe loss (harmful); negative = helpful. The rule is scale-equivariant: scaling G and v by the
 // same factor leaves every score unchanged.
 //   - Memory: O(n + d) scratch per call (plus O(n k) with a projection); never an n x n matrix.
-//     Every G is read three times (passes 1, 3 row-parallel; pass 2 column-parallel).
+//     Every G is read three times.
 //   - Projection (projection_dim = k > 0): a layer with d_l > k is replaced by its seeded random
 //     projection P_l g_i and P_l v (P_l [k, d_l], entries +-1/sqrt(k), entry (r, j) a pure function
 //     of (seed, layer key, r, j): projection_entry below), generated tile by tile while G is read
@@ -28,8 +28,9 @@
 //     first such row of the first such layer; `influence` is then left untouched (per-layer rows
 //     already written stay). The probe gradients are the caller's to check.
 //   - stats_only: only pass 1 (a, q per layer), for the grad-dot and cosine baselines.
-// CPU: passes parallel over rows (1, 3) and column tiles (2) with parallel_for, SIMD inner loops
-// compiled for AVX-512 / AVX2 / baseline and picked at run time. CUDA: the same passes as kernels
+// CPU: passes parallel over rows (1, 3) and column slices (2), dealt out to parallel_for threads
+// from a shared counter (results do not depend on the thread count); SIMD inner loops compiled
+// for AVX-512 / AVX2 / baseline and picked at run time. CUDA: the same passes as kernels
 // on `stream` (projection is done by the caller with projection_matrix_cuda tiles and a GEMM).
 #pragma once
 

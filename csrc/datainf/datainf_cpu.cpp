@@ -4,6 +4,7 @@
 // assume the host's ISA. Sums run in float over blocks of at most kFlush terms and are carried in
 // double across blocks, so accuracy does not fall with d or n.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -49,6 +50,8 @@ MIXTAPE_VEC(16)
 constexpr int64_t kFlush = 2048;       // terms summed in float before the double carry
 constexpr int64_t kMinWork = 1 << 18;  // elements per thread worth starting it (~50 us of reads)
 constexpr int64_t kColTile = 4096;     // pass 2: columns accumulated in L1 over all rows
+constexpr int64_t kColGrain = 2048;    // pass 2: columns a thread takes at a time (8 KiB of a row)
+constexpr int64_t kRowGrain = 1 << 16; // passes 1, 3: elements (rows x d) a thread takes at a time
 constexpr int64_t kProjPad = 32;       // projection: output rows padded to this (>= 2 vectors)
 constexpr int64_t kProjCols = 128;     // projection: input columns per generated tile
 constexpr int64_t kProjSamples = 256;   // projection: samples sharing one generation of the tiles
@@ -322,6 +325,30 @@ int64_t per_thread(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
 }
 
+// Rows per chunk of the row passes: a multiple of the 4-row blocks, about kRowGrain elements.
+int64_t row_grain(int64_t d) {
+  return std::max<int64_t>(4, kRowGrain / std::max<int64_t>(1, d) / 4 * 4);
+}
+
+// parallel_for with the items dealt out `grain` at a time from a shared counter: a thread slowed
+// by a busy core (a shared machine, DataLoader workers) does less of the work instead of holding
+// up the others. Which thread runs an item never changes what it computes.
+template <typename Fn>
+void dynamic_for(int64_t n, int64_t min_per_thread, int64_t grain, Fn&& fn) {
+  if (n <= 0) return;
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t workers =
+      std::min<int64_t>({int64_t{max_threads()}, chunks, std::max<int64_t>(1, n / min_per_thread)});
+  std::atomic<int64_t> next{0};
+  parallel_for(workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+        fn(c * grain, std::min(n, (c + 1) * grain));
+      }
+    }
+  });
+}
+
 // Scratch of one call, allocated once (no allocation inside the passes).
 struct Scratch {
   std::vector<double> a, q, b, acc, u, proj;
@@ -351,7 +378,7 @@ int64_t pass_stats(const Passes<T>& p, const Block<T>& b, const float* v, int64_
       s.q[i] = sq[0];
     }
   } else {
-    parallel_for(n, per_thread(b.d), [&](int64_t r0, int64_t r1) {
+    dynamic_for(n, per_thread(b.d), row_grain(b.d), [&](int64_t r0, int64_t r1) {
       p.rows(b, v, r0, r1, s.a.data(), s.q.data());
     });
   }
@@ -394,14 +421,14 @@ void pass_solve(const Passes<T>& p, const Block<T>& b, double lambda, int64_t n,
     return;
   }
   for (int64_t i = 0; i < n; ++i) s.c[i] = datainf_coef(s.a[i], s.q[i], lambda);
-  // Threads split the columns in groups of 16 (whole cache lines).
+  // Threads take the columns in groups of 16 (whole cache lines), kColGrain groups at a time.
   const int64_t groups = (b.d + 15) / 16;
-  parallel_for(groups, per_thread(n * 16), [&](int64_t t0, int64_t t1) {
+  dynamic_for(groups, per_thread(n * 16), kColGrain / 16, [&](int64_t t0, int64_t t1) {
     const int64_t j0 = t0 * 16, j1 = std::min(b.d, t1 * 16);
     p.cols(b, s.c.data(), n, j0, j1, s.u.data());
     for (int64_t j = j0; j < j1; ++j) s.uf[j] = static_cast<float>(s.u[j] * inv_n);
   });
-  parallel_for(n, per_thread(b.d), [&](int64_t r0, int64_t r1) {
+  dynamic_for(n, per_thread(b.d), row_grain(b.d), [&](int64_t r0, int64_t r1) {
     p.rows(b, s.uf.data(), r0, r1, s.b.data(), nullptr);
   });
 }
@@ -429,15 +456,16 @@ Block<float> pass_project(const Passes<T>& p, const Block<T>& b, const float* v,
     }
     return Block<float>{s.pg.data(), k, k};
   }
-  parallel_for(n, std::max<int64_t>(kProjSamples, per_thread(b.d * k / 16)),
-               [&](int64_t s0, int64_t s1) {
-                 p.project(b, s0, s1, opt.seed, layer.key, k, kpad, scale, s.proj.data());
-                 for (int64_t i = s0; i < s1; ++i) {
-                   for (int64_t r = 0; r < k; ++r) {
-                     s.pg[i * k + r] = static_cast<float>(s.proj[i * kpad + r]);
-                   }
-                 }
-               });
+  // Chunks of up to kProjSamples samples (each generates the tiles once), small enough that every
+  // thread gets two.
+  const int64_t grain =
+      std::clamp<int64_t>(n / (2 * int64_t{max_threads()}) / 4 * 4, 32, kProjSamples);
+  dynamic_for(n, grain, grain, [&](int64_t s0, int64_t s1) {
+    p.project(b, s0, s1, opt.seed, layer.key, k, kpad, scale, s.proj.data());
+    for (int64_t i = s0; i < s1; ++i) {
+      for (int64_t r = 0; r < k; ++r) s.pg[i * k + r] = static_cast<float>(s.proj[i * kpad + r]);
+    }
+  });
   // The probe through the same code: a one-row float block.
   Passes<float> pf{p.isa};
   pf.project(Block<float>{v, b.d, b.d}, 0, 1, opt.seed, layer.key, k, kpad, scale,
