@@ -234,7 +234,10 @@ class DataInfCalculator:
         ok = torch.isfinite(a) & torch.isfinite(q)
         if not bool(ok.all()):
             row = int((~ok).nonzero()[0, 0])
-            ops._raise_not_finite(layer.name, row)
+            raise ValueError(
+                f"layer {layer.name!r}: the gradient of sample {row} is not finite (NaN or inf in "
+                "its inputs or output gradients, or a squared norm past float32)"
+            )
         vsq = layer.probe.double().square().sum()
         if layer.probe_bias is not None:
             vsq = vsq + layer.probe_bias.double().square().sum()
