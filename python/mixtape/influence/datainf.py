@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -161,6 +161,22 @@ class DataInfCalculator:
             f"DataInfCalculator(damping={self.damping}, lambda_={self.lambda_!r}, "
             f"projection_dim={self.projection_dim}, seed={self.seed}, method={self.method!r})"
         )
+
+    @overload
+    def compute_influence(
+        self,
+        train_grads: Mapping[str, LayerGrad] | Sequence[LayerGrad],
+        probe_grads: Mapping[str, ProbeGrad] | Sequence[ProbeGrad],
+        per_layer: Literal[False] = False,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def compute_influence(
+        self,
+        train_grads: Mapping[str, LayerGrad] | Sequence[LayerGrad],
+        probe_grads: Mapping[str, ProbeGrad] | Sequence[ProbeGrad],
+        per_layer: Literal[True],
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def compute_influence(
         self,
