@@ -178,6 +178,14 @@ class DataInfCalculator:
         per_layer: Literal[True],
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    @overload
+    def compute_influence(
+        self,
+        train_grads: Mapping[str, LayerGrad] | Sequence[LayerGrad],
+        probe_grads: Mapping[str, ProbeGrad] | Sequence[ProbeGrad],
+        per_layer: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
     def compute_influence(
         self,
         train_grads: Mapping[str, LayerGrad] | Sequence[LayerGrad],
