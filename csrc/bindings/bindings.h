@@ -77,5 +77,6 @@ void bind_mask(py::module_& m);
 void bind_lists(py::module_& m);
 void bind_gather(py::module_& m);
 void bind_sample(py::module_& m);
+void bind_datainf(py::module_& m);
 
 }  // namespace mixtape

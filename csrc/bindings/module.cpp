@@ -34,6 +34,7 @@ PYBIND11_MODULE(_C, m) {
   bind_lists(m);
   bind_gather(m);
   bind_sample(m);
+  bind_datainf(m);
   m.def("build_info", &build_info);
 #ifdef MIXTAPE_WITH_CUDA
   m.attr("cuda_compiled") = true;

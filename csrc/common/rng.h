@@ -118,3 +118,20 @@ struct FeistelPermutation {
 };
 
 }  // namespace mixtape
+
+// --- datainf: random signs for on-the-fly projections ------------------------------------------
+// Appended in its own block; the functions above are shared and stay unchanged.
+
+namespace mixtape {
+
+// 64 independent fair random signs (one per bit) of word `word` of the stream `key`: the sign of
+// entry j of that stream is bit (j & 63) of rademacher_word(key, j >> 6), so a consumer expanding
+// a whole word and one reading a single entry see the same value.
+MIXTAPE_HD uint64_t rademacher_word(uint64_t key, uint64_t word) { return counter_hash(key, word); }
+
+// Entry j of the Rademacher stream `key`: +1 or -1 with probability 1/2 each.
+MIXTAPE_HD float rademacher(uint64_t key, uint64_t j) {
+  return ((rademacher_word(key, j >> 6) >> (j & 63)) & 1u) ? -1.0f : 1.0f;
+}
+
+}  // namespace mixtape

@@ -166,3 +166,53 @@ def gather_rows(
     out_offsets: npt.NDArray[np.int64],
     out: npt.NDArray[Any],
 ) -> None: ...
+
+# --- datainf ---
+
+def datainf(
+    grads: list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]],
+    probes: list[npt.NDArray[np.float32]],
+    keys: npt.NDArray[np.uint64],
+    lambdas: npt.NDArray[np.float64],
+    *,
+    damping: float = 0.1,
+    projection_dim: int = 0,
+    seed: int = 0,
+    stats_only: bool = False,
+    out_influence: npt.NDArray[np.float32] | None = None,
+    out_per_layer: npt.NDArray[np.float32] | None = None,
+    out_a: npt.NDArray[np.float32] | None = None,
+    out_q: npt.NDArray[np.float32] | None = None,
+    out_lambdas: npt.NDArray[np.float64] | None = None,
+    out_probe_sq: npt.NDArray[np.float64] | None = None,
+    cpu_isa: int = -1,
+    elementwise: bool = False,
+) -> tuple[int, int]: ...
+def projection_matrix(
+    seed: int, layer_key: int, k: int, d: int, col_begin: int = 0, cols: int = -1
+) -> npt.NDArray[np.float32]: ...
+def datainf_cuda(
+    grads: list[int],
+    dtypes: list[int],
+    dims: list[int],
+    strides: list[int],
+    probes: list[int],
+    lambdas: list[float],
+    *,
+    n: int,
+    damping: float,
+    stats_only: bool,
+    influence: int,
+    per_layer: int,
+    a: int,
+    q: int,
+    lambdas_out: int,
+    b: int,
+    u: int,
+    u_partial: int,
+    bad: int,
+    stream: int,
+) -> None: ...
+def projection_matrix_cuda(
+    out: int, seed: int, layer_key: int, k: int, d: int, col_begin: int, cols: int, stream: int
+) -> None: ...

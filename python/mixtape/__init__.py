@@ -35,6 +35,7 @@ from mixtape.config import (
     make_generator,
     seed_worker,
 )
+from mixtape.influence import DataInfCalculator, MixtureWeightCalculator
 from mixtape.loader import DataLoaderFactory, Loader, get_loader
 from mixtape.mixing import (
     MixedDataset,
@@ -91,6 +92,7 @@ __all__ = [
     "CollatorRegistry",
     "CompositeShardedSource",
     "DataConfig",
+    "DataInfCalculator",
     "DataLoaderConfig",
     "DataLoaderFactory",
     "DatasetMixture",
@@ -104,6 +106,7 @@ __all__ = [
     "MixedDataset",
     "MixedShardedSource",
     "MixtureConfig",
+    "MixtureWeightCalculator",
     "NumpyTokenSource",
     "PackPlan",
     "PackedCollator",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 import os
 from collections.abc import Sequence
@@ -1146,3 +1147,299 @@ def gather_rows(
         raise ValueError(f"gather_rows: values must be 1-D, got shape {vals.shape}")
     cols = [np.ascontiguousarray(a, dtype=np.int64) for a in (starts, lengths, out_offsets)]
     _C.gather_rows(vals, cols[0], cols[1], cols[2], out)
+
+
+# --- datainf -----------------------------------------------------------------------------------
+
+__all__ += ["DataInfResult", "datainf", "layer_key", "projection_matrix"]
+
+
+@dataclass(frozen=True)
+class DataInfResult:
+    """What :func:`datainf` computed: numpy arrays for host input, torch tensors for CUDA input.
+
+    ``influence`` ([n] float32) and ``lambdas`` ([L] float64) are None with ``stats_only``;
+    ``per_layer`` ([L, n]) only on request. ``a`` = g_i . v_l, ``q`` = |g_i|^2 ([L, n] float32)
+    and ``probe_sq`` = |v_l|^2 ([L] float64) are those of the projected layer when it was projected.
+    """
+
+    influence: Any
+    per_layer: Any
+    a: Any
+    q: Any
+    probe_sq: Any
+    lambdas: Any
+
+
+def layer_key(name: str) -> int:
+    """The projection stream of a layer: a 64-bit hash of its name, the same in every process."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def projection_matrix(name: str | int, d: int, k: int, seed: int = 0) -> npt.NDArray[np.float32]:
+    """The [k, d] projection :func:`datainf` applies to layer ``name`` (entries +-1/sqrt(k)).
+
+    Materialised here for tests and inspection; the kernel generates it tile by tile instead.
+    ``name`` may be the layer's integer key (see :func:`layer_key`).
+    """
+    key = name if isinstance(name, int) else layer_key(name)
+    return _C.projection_matrix(_u64(seed, "seed"), _u64(key, "layer key"), k, d)
+
+
+def _u64(x: int, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or not 0 <= x < 2**64:
+        raise ValueError(f"{what} must be an integer in [0, 2**64), got {x!r}")
+    return int(x)
+
+
+def _grad_host(name: str, g: Any) -> np.ndarray[Any, Any]:
+    """A layer's [n, d] gradients as a float32 or uint16 (bfloat16 bits) numpy view, no copy
+    unless its rows are not contiguous."""
+    arr: np.ndarray[Any, Any]
+    if hasattr(g, "detach") and hasattr(g, "is_cuda"):
+        import torch
+
+        t = g.detach()
+        if t.dtype == torch.bfloat16:
+            arr = t.view(torch.int16).numpy().view(np.uint16)
+        elif t.dtype == torch.float32:
+            arr = t.numpy()
+        else:
+            raise TypeError(
+                f"datainf: layer {name!r}: gradients must be float32 or bfloat16, got {t.dtype} "
+                "(convert explicitly, e.g. .float())"
+            )
+    else:
+        arr = np.asarray(g)
+        if arr.dtype.name == "bfloat16":  # ml_dtypes' numpy bfloat16
+            arr = arr.view(np.uint16)
+        if arr.dtype not in (np.float32, np.uint16):
+            raise TypeError(
+                f"datainf: layer {name!r}: gradients must be float32 or bfloat16 (numpy: uint16 "
+                f"bits), got {arr.dtype}"
+            )
+    if arr.ndim != 2:
+        raise ValueError(f"datainf: layer {name!r}: gradients must be [n, d], got {arr.shape}")
+    n, d = arr.shape
+    item = arr.itemsize
+    if (d > 1 and arr.strides[1] != item) or (n > 1 and arr.strides[0] < d * item):
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+def _probe_host(name: str, v: Any, d: int) -> npt.NDArray[np.float32]:
+    t = v.detach().cpu().numpy() if hasattr(v, "detach") and hasattr(v, "is_cuda") else v
+    arr = np.ascontiguousarray(np.asarray(t), dtype=np.float32)
+    if arr.shape != (d,):
+        raise ValueError(
+            f"datainf: layer {name!r}: probe gradient has shape {arr.shape}, the layer has d = {d}"
+        )
+    if not np.isfinite(arr).all():
+        j = int(np.argmin(np.isfinite(arr)))
+        raise ValueError(f"datainf: layer {name!r}: probe gradient entry {j} is {arr[j]}")
+    return arr
+
+
+def _datainf_lambdas(lambdas: Any, names: Sequence[str]) -> npt.NDArray[np.float64]:
+    """Per-layer fixed lambda (0: the damping rule) from None, one float, or one per layer."""
+    count = len(names)
+    if lambdas is None:
+        return np.zeros(count)
+    seq = [lambdas] * count if isinstance(lambdas, (int, float)) else list(lambdas)
+    if len(seq) != count:
+        raise ValueError(f"datainf: {len(seq)} lambdas for {count} layers")
+    out = np.zeros(count)
+    for i, lam in enumerate(seq):
+        if lam is None:
+            continue
+        if isinstance(lam, bool) or not (math.isfinite(lam) and lam > 0):
+            raise ValueError(
+                f"datainf: layer {names[i]!r}: lambda must be a finite float > 0, got {lam!r}"
+            )
+        out[i] = float(lam)
+    return out
+
+
+def datainf(
+    grads: Sequence[Any],
+    probes: Sequence[Any],
+    *,
+    names: Sequence[str] | None = None,
+    damping: float = 0.1,
+    lambdas: float | Sequence[float | None] | None = None,
+    projection_dim: int | None = None,
+    seed: int = 0,
+    per_layer: bool = False,
+    stats_only: bool = False,
+    _cpu_isa: int = -1,
+    _elementwise: bool = False,
+) -> DataInfResult:
+    """DataInf influence of n training samples on a probe set, all layers in one kernel call.
+
+    ``grads[l]`` is layer l's per-sample gradients [n, d_l] (float32 or bfloat16; numpy, or torch
+    CPU tensors viewed without a copy, or CUDA tensors), ``probes[l]`` the probe-mean gradient
+    [d_l]. Positive influence = up-weighting the sample raises the probe loss (harmful). lambda_l
+    is ``damping`` * mean_i |g_i|^2 / d_l unless ``lambdas`` fixes it (one float, or one per
+    layer with None for the rule). ``projection_dim`` k projects layers with d_l > k by the
+    seeded matrix :func:`projection_matrix` (keyed by the layer's name). ``names`` (default
+    "layer l") name layers in errors and key their projections. See csrc/datainf/datainf.h.
+    """
+    count = len(grads)
+    if count == 0:
+        raise ValueError("datainf: no layers")
+    names = [f"layer {i}" for i in range(count)] if names is None else [str(x) for x in names]
+    if len(names) != count or len(probes) != count:
+        raise ValueError(
+            f"datainf: {count} gradient layers, {len(probes)} probe gradients, {len(names)} names"
+        )
+    if isinstance(damping, bool) or not (math.isfinite(damping) and damping > 0):
+        raise ValueError(f"datainf: damping must be a finite float > 0, got {damping!r}")
+    k = 0
+    if projection_dim is not None:
+        if isinstance(projection_dim, bool) or not isinstance(projection_dim, (int, np.integer)):
+            raise TypeError(f"datainf: projection_dim must be an int, got {projection_dim!r}")
+        if projection_dim < 1:
+            raise ValueError(f"datainf: projection_dim must be >= 1, got {projection_dim}")
+        k = int(projection_dim)
+    fixed = _datainf_lambdas(lambdas, names)
+    keys = np.array([layer_key(x) for x in names], dtype=np.uint64)
+    cuda = [_is_cuda_tensor(g) for g in grads]
+    if any(cuda):
+        if not all(cuda):
+            where = names[cuda.index(False)]
+            raise ValueError(f"datainf: layer {where!r} is not on CUDA while others are")
+        return _datainf_cuda(
+            grads, probes, names, damping, fixed, keys, k, _u64(seed, "seed"), per_layer,
+            stats_only,
+        )  # fmt: skip
+    host = [_grad_host(name, g) for name, g in zip(names, grads, strict=True)]
+    n = host[0].shape[0]
+    for name, g in zip(names, host, strict=True):
+        if g.shape[0] != n:
+            raise ValueError(
+                f"datainf: layer {name!r} has {g.shape[0]} samples, layer {names[0]!r} has {n}"
+            )
+    if n == 0:
+        raise ValueError("datainf: no training samples (n == 0)")
+    vs = [_probe_host(name, v, g.shape[1]) for name, v, g in zip(names, probes, host, strict=True)]
+    a = np.empty((count, n), dtype=np.float32)
+    q = np.empty((count, n), dtype=np.float32)
+    probe_sq = np.empty(count)
+    influence = None if stats_only else np.empty(n, dtype=np.float32)
+    lam = None if stats_only else np.empty(count)
+    layer_scores = np.empty((count, n), dtype=np.float32) if per_layer and not stats_only else None
+    bad_layer, bad_row = _C.datainf(
+        host, vs, keys, fixed, damping=damping, projection_dim=k, seed=_u64(seed, "seed"),
+        stats_only=stats_only, out_influence=influence, out_per_layer=layer_scores, out_a=a,
+        out_q=q, out_lambdas=lam, out_probe_sq=probe_sq, cpu_isa=_cpu_isa,
+        elementwise=_elementwise,
+    )  # fmt: skip
+    if bad_layer >= 0:
+        _raise_not_finite(names[bad_layer], bad_row)
+    return DataInfResult(influence, layer_scores, a, q, probe_sq, lam)
+
+
+def _raise_not_finite(name: str, row: int) -> None:
+    raise ValueError(
+        f"datainf: layer {name!r}: the gradient of sample {row} is not finite (NaN or inf, or "
+        "its squared norm overflows float32)"
+    )
+
+
+def _datainf_cuda(
+    grads: Sequence[Any],
+    probes: Sequence[Any],
+    names: Sequence[str],
+    damping: float,
+    fixed: npt.NDArray[np.float64],
+    keys: npt.NDArray[np.uint64],
+    k: int,
+    seed: int,
+    per_layer: bool,
+    stats_only: bool,
+) -> DataInfResult:
+    """The CUDA kernel: layers with d > k are projected first (tiles of the projection written by
+    a kernel, applied by a GEMM), then one datainf_cuda call enqueues every layer."""
+    import torch
+
+    if not _C.cuda_compiled:
+        raise RuntimeError("mixtape was built without CUDA kernels (MIXTAPE_CUDA=OFF or no nvcc)")
+    dev = grads[0].device
+    n = grads[0].shape[0] if grads[0].dim() == 2 else -1
+    if n == 0:
+        raise ValueError("datainf: no training samples (n == 0)")
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        mats: list[torch.Tensor] = []
+        vecs: list[torch.Tensor] = []
+        for li, (name, g, v) in enumerate(zip(names, grads, probes, strict=True)):
+            if g.device != dev:
+                raise ValueError(f"datainf: layer {name!r} is on {g.device}, layer 0 on {dev}")
+            if g.dim() != 2 or g.shape[0] != n:
+                raise ValueError(f"datainf: layer {name!r}: gradients must be [{n}, d], got "
+                                 f"{tuple(g.shape)}")  # fmt: skip
+            if g.dtype not in (torch.float32, torch.bfloat16):
+                raise TypeError(f"datainf: layer {name!r}: gradients must be float32 or "
+                                f"bfloat16, got {g.dtype}")  # fmt: skip
+            d = g.shape[1]
+            pv = torch.as_tensor(_probe_host(name, v, d), device=dev)
+            g = g.detach()
+            if g.stride(1) != 1 or (n > 1 and g.stride(0) < d):
+                g = g.contiguous()
+            if 0 < k < d:
+                g, pv = _project_cuda(g, pv, int(keys[li]), k, seed, stream)
+            mats.append(g)
+            vecs.append(pv)
+        count = len(mats)
+        max_d = max(m.shape[1] for m in mats)
+        f32 = {"dtype": torch.float32, "device": dev}
+        a = torch.empty((count, n), **f32)
+        q = torch.empty((count, n), **f32)
+        influence = None if stats_only else torch.empty(n, **f32)
+        lam = None if stats_only else torch.empty(count, dtype=torch.float64, device=dev)
+        scores = torch.empty((count, n), **f32) if per_layer and not stats_only else None
+        b = torch.empty(n, **f32)
+        u = torch.empty(max_d, **f32)
+        u_partial = torch.empty(8 * max_d, **f32)  # kDataInfColChunks rows of max_d
+        bad = torch.full((count,), n, dtype=torch.int64, device=dev)
+
+        def ptr(t: torch.Tensor | None) -> int:
+            return int(t.data_ptr()) if t is not None else 0
+
+        _C.datainf_cuda(
+            [ptr(m) for m in mats], [1 if m.dtype == torch.bfloat16 else 0 for m in mats],
+            [m.shape[1] for m in mats], [m.stride(0) if n > 1 else m.shape[1] for m in mats],
+            [ptr(v) for v in vecs], [float(x) for x in fixed], n=n, damping=damping,
+            stats_only=stats_only, influence=ptr(influence), per_layer=ptr(scores), a=ptr(a),
+            q=ptr(q), lambdas_out=ptr(lam), b=ptr(b), u=ptr(u), u_partial=ptr(u_partial),
+            bad=ptr(bad), stream=stream,
+        )  # fmt: skip
+        probe_sq = torch.stack([v.double().square().sum() for v in vecs])
+        bad_host = bad.cpu().numpy()
+    if (bad_host < n).any():
+        first = int(np.argmax(bad_host < n))
+        _raise_not_finite(names[first], int(bad_host[first]))
+    return DataInfResult(influence, scores, a, q, probe_sq, lam)
+
+
+def _project_cuda(
+    g: torch.Tensor, v: torch.Tensor, key: int, k: int, seed: int, stream: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P g_i and P v with P = projection_matrix(key, d, k, seed), P made on the device a tile of
+    columns at a time (at most 2**24 entries), never whole."""
+    import torch
+
+    n, d = g.shape
+    cols = max(1, min(d, (1 << 24) // k))
+    tile = torch.empty(k * cols, dtype=torch.float32, device=g.device)
+    pg = torch.zeros((n, k), dtype=torch.float32, device=g.device)
+    pv = torch.zeros(k, dtype=torch.float32, device=g.device)
+    for c0 in range(0, d, cols):
+        c = min(cols, d - c0)
+        p = tile[: k * c].view(k, c)
+        _C.projection_matrix_cuda(int(p.data_ptr()), seed, key, k, d, c0, c, stream)
+        pg.addmm_(g[:, c0 : c0 + c].float(), p.T)
+        pv.addmv_(p, v[c0 : c0 + c])
+    return pg, pv

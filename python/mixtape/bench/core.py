@@ -48,6 +48,7 @@ CASE_MODULES = [
     "mixtape.bench.sources",
     "mixtape.bench.mixing",
     "mixtape.bench.sample",
+    "mixtape.bench.datainf",
 ]
 
 
