@@ -75,5 +75,6 @@ void bind_pad(py::module_& m);
 void bind_pack(py::module_& m);
 void bind_mask(py::module_& m);
 void bind_lists(py::module_& m);
+void bind_parallel(py::module_& m);
 
 }  // namespace mixtape

@@ -32,6 +32,7 @@ PYBIND11_MODULE(_C, m) {
   bind_pack(m);
   bind_mask(m);
   bind_lists(m);
+  bind_parallel(m);
   m.def("build_info", &build_info);
 #ifdef MIXTAPE_WITH_CUDA
   m.attr("cuda_compiled") = true;

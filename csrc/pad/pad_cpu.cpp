@@ -26,8 +26,8 @@ namespace {
 // Output bytes above which stores stream past the cache. Below it the batch fits in L2/L3 and the
 // consumer (pinning, the H2D copy) reads it right away, so ordinary stores are better.
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
-// Output bytes per thread below which a second thread is not worth starting (~30 us to start and
-// join a thread; 2 MiB takes ~100-200 us to write).
+// Output bytes per thread below which a second thread is not worth waking (a pool worker takes
+// ~5-20 us to wake and report back; 2 MiB takes ~100-200 us to write).
 constexpr int64_t kBytesPerThread = int64_t{2} << 20;
 // Elements converted at a time through an L1-resident buffer when In != Out.
 constexpr int64_t kChunk = 512;

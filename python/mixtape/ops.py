@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import operator
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,12 +35,14 @@ __all__ = [
     "build_info",
     "check_choice",
     "cuda_available",
+    "get_num_threads",
     "ints_from_lists",
     "is_left",
     "pack_fill",
     "pack_plan",
     "pad",
     "padded_length",
+    "set_num_threads",
 ]
 
 # Shared type aliases of the Python layer.
@@ -53,6 +56,59 @@ INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 def cuda_available() -> bool:
     """True when the CUDA kernels were compiled and the CUDA runtime sees a GPU now."""
     return bool(_C.cuda_compiled) and _C.cuda_device_count() > 0
+
+
+# --- threads -----------------------------------------------------------------------------------
+# The kernels share one pool of threads per process (csrc/common/parallel.h). In a DataLoader
+# worker it is 1 thread unless the user asked otherwise (MIXTAPE_NUM_THREADS, or set_num_threads
+# called in that worker, e.g. from worker_init_fn): N workers each starting all cores' threads
+# oversubscribe the node, as torch's own intra-op threads would (torch sets 1 there too).
+_threads_decided = False  # this process applied its default (reset in a forked child)
+_threads_explicit = False  # set_num_threads was called in this process
+
+
+def _reset_threads_after_fork() -> None:
+    global _threads_decided, _threads_explicit
+    _threads_decided = _threads_explicit = False
+
+
+os.register_at_fork(after_in_child=_reset_threads_after_fork)
+
+
+def _decide_threads() -> None:
+    """Once per process, before its first kernel: 1 thread in a DataLoader worker."""
+    global _threads_decided
+    env = os.environ.get("MIXTAPE_NUM_THREADS")
+    if env is not None and not (env.strip().isdigit() and int(env) >= 1):
+        raise ValueError(f"MIXTAPE_NUM_THREADS must be an integer >= 1, got {env!r}")
+    _threads_decided = True
+    if _threads_explicit or env is not None:
+        return
+    data = sys.modules.get("torch.utils.data")  # only if torch is imported already: no import
+    if data is not None and data.get_worker_info() is not None:
+        _C.set_num_threads(1)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the CPU kernels may use in this process (the caller's included; >= 1).
+
+    Overrides ``MIXTAPE_NUM_THREADS`` and the default (the CPUs of the affinity mask, capped by
+    the cgroup CPU quota; 1 in a DataLoader worker). A forked child starts from the default again:
+    call it in ``worker_init_fn`` to give DataLoader workers more than one thread.
+    """
+    global _threads_explicit, _threads_decided
+    n = operator.index(n)
+    if not 1 <= n <= _C.MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be in [1, {_C.MAX_THREADS}], got {n}")
+    _C.set_num_threads(n)
+    _threads_explicit = _threads_decided = True
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels may use in this process (see :func:`set_num_threads`)."""
+    if not _threads_decided:
+        _decide_threads()
+    return int(_C.get_num_threads())
 
 
 def build_info() -> dict[str, Any]:
@@ -162,6 +218,8 @@ def pad(
     buffers (numpy arrays or CPU tensors, e.g. pinned) to write into.
     Returns ``{"input_ids", "attention_mask"?, "labels"?}`` as numpy arrays (tensors on CUDA).
     """
+    if not _threads_decided:
+        _decide_threads()
     pad_left = is_left("padding_side", padding_side)
     truncate_left = is_left("truncation_side", truncation_side)
     if _is_cuda_tensor(values):
@@ -693,6 +751,8 @@ def pack_fill(
     ``out`` supplies token-field buffers to write into (host only; e.g. pinned, reused between
     batches: a fresh 240 MB output costs more in page faults than the fill itself).
     """
+    if not _threads_decided:
+        _decide_threads()
     check_choice("layout", layout, PACK_LAYOUTS)
     if isinstance(fields, str):
         raise TypeError(f"fields must be a sequence of names, got the string {fields!r}")
@@ -843,6 +903,8 @@ def block_causal_mask(
     """
     import torch
 
+    if not _threads_decided:
+        _decide_threads()
     s = torch.as_tensor(seq_idx)
     if s.dim() != 2:
         raise ValueError(f"seq_idx must be [rows, C], got shape {tuple(s.shape)}")
