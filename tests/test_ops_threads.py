@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mixtape
 from mixtape import ops
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
@@ -90,10 +91,11 @@ def test_thread_count_does_not_grow_across_kernel_calls() -> None:
 
 
 def test_set_and_get_num_threads_round_trip() -> None:
-    old = ops.get_num_threads()
+    assert mixtape.get_num_threads is ops.get_num_threads  # the public names
+    old = mixtape.get_num_threads()
     try:
-        ops.set_num_threads(3)
-        assert ops.get_num_threads() == 3
+        mixtape.set_num_threads(3)
+        assert mixtape.get_num_threads() == 3
         visits, used = ops._C._parallel_probe(1 << 16, 1)
         assert (visits == 1).all() and 1 <= used <= 3
         ops.set_num_threads(1)
@@ -300,7 +302,7 @@ def test_dataloader_workers_use_one_thread(init: Any) -> None:
     """Each DataLoader worker runs the kernels on 1 thread (N workers x all cores oversubscribed
     the node), unless worker_init_fn asks for more; the results are right either way."""
     old = ops.get_num_threads()
-    ops.set_num_threads(4)  # the parent's explicit choice is not the workers'
+    mixtape.set_num_threads(4)  # the parent's explicit choice is not the workers'
     try:
         loader = torch.utils.data.DataLoader(
             _PadDataset(), batch_size=None, num_workers=2, worker_init_fn=init,

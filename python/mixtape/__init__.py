@@ -23,9 +23,11 @@ from mixtape.ops import (
     PackPlan,
     block_causal_mask,
     build_info,
+    get_num_threads,
     pack_fill,
     pack_plan,
     pad,
+    set_num_threads,
 )
 from mixtape.packing import (
     PackedCollator,
@@ -63,10 +65,12 @@ __all__ = [
     "create_seq2seq_collate",
     "dataset_lengths",
     "get_collator",
+    "get_num_threads",
     "list_collators",
     "pack_fill",
     "pack_plan",
     "pack_sequences",
     "pad",
     "plan_dataset",
+    "set_num_threads",
 ]
