@@ -664,3 +664,48 @@ def test_ints_from_lists_list_resized_while_read() -> None:
     row[0] = Shrinks()
     with pytest.raises(ValueError, match="example 0 changed size while it was read"):
         ops.ints_from_lists([row])
+
+
+_LIST_MUTATION_SCRIPT = """
+import gc
+from mixtape import ops
+
+class ClearsOuter:  # frees the row being read (the outer list held its only reference)
+    def __index__(self):
+        rows.clear()
+        gc.collect()
+        [[0] * 8 for _ in range(1000)]  # reuse the freed memory
+        return 1
+
+class ReplacesRow:
+    def __index__(self):
+        rows[0] = [7, 7, 7]
+        [[0] * 8 for _ in range(1000)]
+        return 1
+
+class ClearsRow:
+    def __index__(self):
+        rows[0].clear()
+        return 1
+
+for cls, message in [(ClearsOuter, "the list of examples changed while it was read"),
+                     (ReplacesRow, "the list of examples changed while it was read"),
+                     (ClearsRow, "example 0 changed size while it was read")]:
+    rows = [[cls(), 2, 3], [4, 5]]
+    try:
+        ops.ints_from_lists(rows)
+    except ValueError as e:
+        assert message in str(e), (cls.__name__, str(e))
+    else:
+        raise AssertionError(f"{cls.__name__}: no error")
+print("ok")
+"""
+
+
+def test_ints_from_lists_outer_list_mutated_while_read() -> None:
+    """An item's __index__ that clears or replaces the outer list freed the row being read, which
+    was only borrowed (use after free: a crash or garbage ids). Rows and items are now held and
+    the shapes checked again after the call."""
+    proc = subprocess.run([sys.executable, "-c", _LIST_MUTATION_SCRIPT], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
