@@ -225,8 +225,9 @@ int64_t pad_cpu_impl(Ragged<In> ids, const In* label_values, const int64_t* labe
       if (elementwise) {  // the CUDA kernel's per-element path, run on the CPU for testing
         for (int64_t j = 0; j < L; ++j) {
           pad_element(r, j, ids.values, labels, shift, o, row_ids, row_mask, row_labels);
+          const int64_t src = pad_id_source(r, j);  // the kernel's negative-id check
+          negative |= src >= 0 && ids.values[src] < 0;
         }
-        for (int64_t k = 0; k < r.len; ++k) negative |= ids.values[r.src + k] < 0;
       } else {
         negative =
             pad_one_row(r, ids.values, labels, shift, o, row_ids, row_mask, row_labels, nt);
