@@ -197,12 +197,26 @@ def host_as_device(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return watched
 
 
+# Tensor methods that wait for the device when the tensor is on a GPU.
+SYNCING = {"nonzero", "any", "all", "cpu", "item", "tolist", "numpy", "__bool__", "__int__",
+           "__index__", "__float__", "equal", "unique"}  # fmt: skip
+CALLS: list[str] = []
+
+
 class HostTensor(torch.Tensor):
-    """A CPU tensor the dispatch takes for a CUDA one."""
+    """A CPU tensor the dispatch takes for a CUDA one; records the torch functions called on it
+    (and on tensors computed from it)."""
 
     @property
     def is_cuda(self) -> bool:  # type: ignore[override]
         return True
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        CALLS.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
 
 
 def as_cuda(a: np.ndarray) -> torch.Tensor:
@@ -233,9 +247,12 @@ def test_pad_descriptors_pass_the_binding_checks(
                           "return_labels": True}  # fmt: skip
     if labels:
         kw.update(labels=as_cuda(values[::-1].copy()), label_offsets=offsets)
+    CALLS.clear()
     with pytest.raises(RuntimeError) as info:
         ops.pad(as_cuda(values), offsets, **kw)
     assert launch_reached(info), info.value
+    # The ids were checked without reading them back (.nonzero().cpu() / .any() did, each a sync).
+    assert CALLS and not SYNCING & set(CALLS), sorted(set(CALLS))
 
 
 @compiled
@@ -249,10 +266,12 @@ def test_pack_fill_descriptors_pass_the_binding_checks(
     values = np.arange(int(lengths.sum()), dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     plan = ops.pack_plan(lengths, 8)
+    CALLS.clear()
     with pytest.raises(RuntimeError) as info:
         ops.pack_fill(plan, as_cuda(values), offsets, layout=layout, dtype=out_dtype,
                       fields=ops.PACK_FIELDS, cu_seqlens_size=20)  # fmt: skip
     assert launch_reached(info), info.value
+    assert CALLS and not SYNCING & set(CALLS), sorted(set(CALLS))
 
 
 def test_pad_error_slots_match_the_kernel() -> None:
