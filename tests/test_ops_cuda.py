@@ -307,3 +307,24 @@ def test_check_cuda_errors_reports_in_order(monkeypatch: pytest.MonkeyPatch) -> 
         ops.check_cuda_errors(wait=False)
     ops.check_cuda_errors()
     assert not ops._pending_checks
+
+
+def test_unread_verdicts_are_printed_at_exit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last batch's verdict would be lost when nothing calls mixtape again."""
+
+    class Done:
+        def query(self) -> bool:
+            return True
+
+        def synchronize(self) -> None:
+            pass
+
+    flags = torch.zeros(1, dtype=torch.int64)
+    monkeypatch.setattr(ops, "_pending_checks", type(ops._pending_checks)())
+    ops._pending_checks.extend([ops._DeviceCheck(Done(), flags, lambda f, m=m: m)
+                                for m in ("first", None, "last")])  # fmt: skip
+    ops._check_at_exit()
+    assert capsys.readouterr().err == "mixtape: first\nmixtape: last\n"
+    assert not ops._pending_checks

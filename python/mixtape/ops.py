@@ -6,6 +6,7 @@ without a copy); CUDA tensors go to the CUDA kernels as device pointers plus the
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import functools
@@ -370,8 +371,9 @@ def _host(x: Any) -> Any:
 # an int32 output (every value for pad, as on the CPU; the written tokens for pack_fill). The
 # kernel records the first offender and its value in a small device array, copied back
 # asynchronously; check_cuda_errors() raises the ValueError the CPU path raises at once (and each
-# later CUDA call raises it, without waiting, once that kernel has finished). Offsets given as CUDA
-# tensors are read back to the host, which waits: pass host offsets (numpy, CPU tensors).
+# later CUDA call raises it, without waiting, once that kernel has finished; verdicts still unread
+# at exit are printed). Offsets given as CUDA tensors are read back to the host, which waits: pass
+# host offsets (numpy, CPU tensors).
 
 _CUDA_BUILD_HINT = (
     "this build of mixtape has no CUDA kernels (built with MIXTAPE_CUDA=OFF or without nvcc; see "
@@ -478,8 +480,27 @@ def _watch(errors: torch.Tensor, stream: Any, report: Any) -> None:
     flags.copy_(errors, non_blocking=True)
     event = torch.cuda.Event()  # type: ignore[no-untyped-call]
     event.record(stream)
+    global _exit_check_registered
     with _pending_lock:
         _pending_checks.append(_DeviceCheck(event, flags, report))
+        if not _exit_check_registered:
+            atexit.register(_check_at_exit)
+            _exit_check_registered = True
+
+
+_exit_check_registered = False
+
+
+def _check_at_exit() -> None:
+    """At exit, print the verdicts nobody read (e.g. of the last batch) instead of losing them."""
+    while True:
+        try:
+            check_cuda_errors()
+            return
+        except ValueError as e:
+            print(f"mixtape: {e}", file=sys.stderr)
+        except Exception:  # a CUDA context already torn down: nothing left to report from
+            return
 
 
 def check_cuda_errors(wait: bool = True) -> None:
