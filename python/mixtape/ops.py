@@ -83,7 +83,7 @@ def _decide_threads() -> None:
     """Once per process, before its first kernel: 1 thread in a DataLoader worker."""
     global _threads_decided
     env = os.environ.get("MIXTAPE_NUM_THREADS")
-    if env is not None and not (env.strip().isdigit() and int(env) >= 1):
+    if env is not None and not (env.isdigit() and int(env) >= 1):
         raise ValueError(f"MIXTAPE_NUM_THREADS must be an integer >= 1, got {env!r}")
     _threads_decided = True
     if _threads_explicit or env is not None:
