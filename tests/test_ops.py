@@ -396,36 +396,61 @@ def test_negative_ids_on_device(device: str) -> None:
     values, offsets = ragged([[1, 2], [3], [4, -7, 5], [-1]])
     with pytest.raises(ValueError, match="input_ids: example 2 has a negative token id"):
         ops.pad(to_device(values, device), offsets)
+        ops.check_cuda_errors()  # CUDA: the kernel's verdict, read without a sync at the call
     got = ops.pad(to_device(values[:6], device), offsets[:4], max_length=1)
     np.testing.assert_array_equal(to_numpy(got["input_ids"]), [[1], [3], [4]])
 
 
-@settings(max_examples=100, deadline=None)
+def device_flags(
+    seqs: list[list[int]], length: int, truncate_left: bool, labels: list[list[int]] | None,
+    narrow: bool,
+) -> np.ndarray:
+    """The flags the CUDA pad kernel records (csrc/pad/pad.h PadErrorSlot), computed in Python:
+    the smallest index of a kept negative id, of an id and of a label that int32 cannot hold, then
+    the values there (-1 / 0 where none)."""
+    values, offsets = ragged(seqs)
+    kept = np.zeros(values.size, bool)
+    for i in range(len(seqs)):
+        b, e = offsets[i], offsets[i + 1]
+        keep = min(e - b, length)
+        kept[(e - keep if truncate_left else b) : (e - keep if truncate_left else b) + keep] = True
+    lab = ragged(labels)[0] if labels is not None else np.zeros(0, np.int64)
+    hits = [np.flatnonzero(kept & (values < 0)),
+            np.flatnonzero(np.abs(values) > 2**31 - 1) if narrow else [],
+            np.flatnonzero(np.abs(lab) > 2**31 - 1) if narrow else []]  # fmt: skip
+    pos = [int(h[0]) if len(h) else -1 for h in hits]
+    src = [values, values, lab]
+    return np.array(pos + [int(src[k][p]) if p >= 0 else 0 for k, p in enumerate(pos)], np.int64)
+
+
+@settings(max_examples=150, deadline=None)
 @given(
-    seqs=st.lists(st.lists(st.integers(-3, 3), max_size=6), max_size=6),
+    seqs=st.lists(st.lists(st.sampled_from([-3, -1, 0, 2, 2**31, -(2**31) - 1]), max_size=6),
+                  max_size=6),
     length=st.integers(0, 7),
     truncate_left=st.booleans(),
-)
-def test_cuda_id_check_agrees_with_cpu_kernel(
-    seqs: list[list[int]], length: int, truncate_left: bool
+    narrow=st.booleans(),
+    with_labels=st.booleans(),
+)  # fmt: skip
+def test_cuda_error_report_agrees_with_cpu_kernel(
+    seqs: list[list[int]], length: int, truncate_left: bool, narrow: bool, with_labels: bool
 ) -> None:
-    """The CUDA path's host-side check names the same example as the CPU kernel's fused check
-    (run here on a CPU tensor, since its logic is device-independent)."""
+    """The CUDA path raises from the flags its kernel recorded the error the CPU path raises at
+    once: same example, same value, same precedence (the report is device-independent)."""
     values, offsets = ragged(seqs)
-    side = "left" if truncate_left else "right"
+    labels = [[-t for t in s] for s in seqs] if with_labels else None
+    kw: dict[str, Any] = {"length": length, "truncation_side": "left" if truncate_left else "right",
+                          "dtype": np.int32 if narrow else np.int64}  # fmt: skip
+    if labels is not None:
+        kw.update(labels=ragged(labels)[0], label_offsets=offsets)
     try:
-        ops.pad(values, offsets, length=length, truncation_side=side)
+        ops.pad(values, offsets, **kw)
         cpu_error = None
     except ValueError as e:
         cpu_error = str(e)
-    try:
-        ops._check_kept_ids_cuda(
-            torch.from_numpy(values), offsets, length, truncate_left, "input_ids"
-        )
-        cuda_error = None
-    except ValueError as e:
-        cuda_error = str(e)
-    assert cpu_error == cuda_error
+    flags = device_flags(seqs, length, truncate_left, labels, narrow)
+    report = ops._pad_device_report(flags, offsets, offsets if labels else None, "input_ids")
+    assert report == cpu_error
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -441,9 +466,10 @@ def test_inputs_the_kernel_trusts_are_checked_on_every_device(device: str) -> No
         ops.pad(to_device(values, device), offsets, out=small)
 
 
-def test_cuda_path_host_checks_on_meta_tensors() -> None:
+def test_cuda_path_host_checks_on_meta_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA path's checks before its launch, run without a GPU on meta tensors (their logic
     is device-independent): each bad input is a ValueError, never a launch."""
+    monkeypatch.setattr(ops, "_require_cuda", lambda op, device: None)
     values, offsets = torch.tensor([1, 2, 3, 4, 5], device="meta"), np.array([0, 2, 3, 5])
 
     def pad_cuda(**kw: Any) -> None:
@@ -664,3 +690,48 @@ def test_ints_from_lists_list_resized_while_read() -> None:
     row[0] = Shrinks()
     with pytest.raises(ValueError, match="example 0 changed size while it was read"):
         ops.ints_from_lists([row])
+
+
+_LIST_MUTATION_SCRIPT = """
+import gc
+from mixtape import ops
+
+class ClearsOuter:  # frees the row being read (the outer list held its only reference)
+    def __index__(self):
+        rows.clear()
+        gc.collect()
+        [[0] * 8 for _ in range(1000)]  # reuse the freed memory
+        return 1
+
+class ReplacesRow:
+    def __index__(self):
+        rows[0] = [7, 7, 7]
+        [[0] * 8 for _ in range(1000)]
+        return 1
+
+class ClearsRow:
+    def __index__(self):
+        rows[0].clear()
+        return 1
+
+for cls, message in [(ClearsOuter, "the list of examples changed while it was read"),
+                     (ReplacesRow, "the list of examples changed while it was read"),
+                     (ClearsRow, "example 0 changed size while it was read")]:
+    rows = [[cls(), 2, 3], [4, 5]]
+    try:
+        ops.ints_from_lists(rows)
+    except ValueError as e:
+        assert message in str(e), (cls.__name__, str(e))
+    else:
+        raise AssertionError(f"{cls.__name__}: no error")
+print("ok")
+"""
+
+
+def test_ints_from_lists_outer_list_mutated_while_read() -> None:
+    """An item's __index__ that clears or replaces the outer list freed the row being read, which
+    was only borrowed (use after free: a crash or garbage ids). Rows and items are now held and
+    the shapes checked again after the call."""
+    proc = subprocess.run([sys.executable, "-c", _LIST_MUTATION_SCRIPT], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

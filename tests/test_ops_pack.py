@@ -4,6 +4,7 @@ BFD/FFD/next-fit/wrapped, a Python splitmix64 shuffle and a per-token fill loop.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -699,6 +700,111 @@ def test_block_mask_isolates_documents_in_sdpa() -> None:
         sl = slice(c, c + n)
         alone = sdpa(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True)
         torch.testing.assert_close(out[:, :, sl], alone)
+
+
+# --- int32 outputs --------------------------------------------------------------------------------
+
+
+def to_device(x: np.ndarray, device: str) -> Any:
+    return x if device == "cpu" else torch.from_numpy(x).to(device)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def fill_raises(device: str, **kw: Any) -> Any:
+    """pack_fill, then (CUDA) the kernel's verdict: the error is raised either way."""
+    got = pack_fill(**kw)
+    if device != "cpu":
+        ops.check_cuda_errors()
+    return got
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("layout", ops.PACK_LAYOUTS)
+def test_int32_output_refuses_ids_it_cannot_hold(device: str, elementwise: bool,
+                                                 layout: str) -> None:  # fmt: skip
+    """pack_fill(dtype=int32) wrapped ids past int32 (2**31 + 5 became -2147483643), as pad
+    used to; the fill values were not checked either. Placed tokens are checked in the fill."""
+    lengths = np.array([3, 4, 2])
+    values, offsets = ragged_tokens(lengths)
+    values[3 + 2] = 2**31 + 5  # document 1, position 2
+    plan = pack_plan(lengths, 8)
+    kw: dict[str, Any] = {"plan": plan, "values": to_device(values, device), "offsets": offsets,
+                          "layout": layout, "dtype": np.int32}  # fmt: skip
+    if device == "cpu":
+        kw["_elementwise"] = elementwise
+    message = ("pack_fill {}: document 1 has a token id (2147483653) at position 2 that does not "
+               "fit the int32 output dtype; use dtype=int64")  # fmt: skip
+    for fields, field in ((("input_ids", "labels"), "input_ids"), (("labels",), "labels"),
+                          (("input_ids",), "input_ids")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message.format(field))):
+            fill_raises(device, fields=fields, **kw)
+    # The same values fit int64 outputs, and fields that do not hold ids are not checked.
+    got = fill_raises(device, **{**kw, "dtype": np.int64})
+    assert 2**31 + 5 in np.asarray(to_numpy(got["input_ids"]))
+    fill_raises(device, fields=("position_ids", "seq_idx", "loss_mask"), **kw)
+    # A token never written is not refused: the first token of a piece is not a label, and a
+    # document the plan leaves out is not read.
+    values[3 + 2] = 7
+    values[3] = -(2**31) - 1  # document 1, position 0
+    kw["values"] = to_device(values, device)
+    got = fill_raises(device, fields=("labels",), **kw)
+    want = fill_raises(device, fields=("labels",), **{**kw, "dtype": np.int64})
+    np.testing.assert_array_equal(to_numpy(got["labels"]), to_numpy(want["labels"]))
+    with pytest.raises(ValueError, match=r"document 1 has a token id \(-2147483649\) at pos"):
+        fill_raises(device, fields=("input_ids",), **kw)
+    sub = PackPlan(capacity=8, strategy="bfd", row_offsets=[0, 1], doc=[0], start=[0], length=[3],
+                   column=[0], num_docs=3, num_tokens=9)  # fmt: skip
+    fill_raises(device, **{**kw, "plan": sub})
+    # The fill values.
+    with pytest.raises(ValueError, match="pad_value = 2147483648 does not fit the int32"):
+        pack_fill(plan, values, offsets, dtype=np.int32, pad_value=2**31)
+    with pytest.raises(ValueError, match="label_pad_value = -2147483649 does not fit the int32"):
+        pack_fill(plan, values, offsets, dtype=np.int32, label_pad_value=-(2**31) - 1)
+    # A fill value for a field not asked for is not written, so not refused.
+    pack_fill(plan, values, offsets, fields=("labels",), dtype=np.int32, pad_value=2**31)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=12),
+    big=st.lists(st.integers(0, 200), max_size=4),
+    capacity=st.sampled_from([4, 8, 16]),
+    layout=st.sampled_from(ops.PACK_LAYOUTS),
+    fields=st.sampled_from([("input_ids",), ("labels",), ("input_ids", "labels", "loss_mask")]),
+    elementwise=st.booleans(),
+)
+def test_int32_refusal_matches_reference(
+    lengths: list[int], big: list[int], capacity: int, layout: str, fields: tuple[str, ...],
+    elementwise: bool,
+) -> None:  # fmt: skip
+    """The first written token (by index in the values) that int32 cannot hold is the one named;
+    with none, the output equals the int64 fill."""
+    values, offsets = ragged_tokens(np.array(lengths))
+    for b in big:
+        values[b % values.size] = 2**31 + b
+    plan = pack_plan(np.array(lengths), capacity, overflow="truncate")
+    written = []
+    for k in range(plan.num_pieces):
+        first = int(offsets[plan.doc[k]] + plan.start[k])
+        skip = 0 if "input_ids" in fields else 1  # labels: not the piece's first token
+        written += range(first + skip, first + int(plan.length[k]))
+    bad = sorted(p for p in written if values[p] > 2**31 - 1)
+    kw = {"layout": layout, "fields": fields, "_elementwise": elementwise}
+    if not bad:
+        got = pack_fill(plan, values, offsets, dtype=np.int32, **kw)
+        want = pack_fill(plan, values, offsets, dtype=np.int64, **kw)
+        for key in fields:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        return
+    doc = int(np.searchsorted(offsets, bad[0], side="right")) - 1
+    with pytest.raises(ValueError) as info:
+        pack_fill(plan, values, offsets, dtype=np.int32, **kw)
+    assert (f"document {doc} has a token id ({int(values[bad[0]])}) at position "
+            f"{bad[0] - int(offsets[doc])} that does not fit") in str(info.value)  # fmt: skip
 
 
 # --- CUDA ----------------------------------------------------------------------------------------

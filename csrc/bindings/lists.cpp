@@ -22,36 +22,56 @@ py::tuple ints_from_lists(const py::list& rows, const std::string& name, int64_t
   }
   Array<int64_t> values(off[n]);
   int64_t* out = values.mutable_data();
+  // __index__ of a non-int item runs Python code, which may resize, clear or replace the outer list
+  // or any row: every object read is held by a strong reference (a borrowed one could be freed by
+  // that code while in use), and after each such call the shapes are checked again.
+  const auto changed = [&]() {
+    return py::value_error(name + ": the list of examples changed while it was read (an item's "
+                           "__index__ modified it)");
+  };
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* row = PyList_GET_ITEM(rows.ptr(), i);
+    if (PyList_GET_SIZE(rows.ptr()) != n) throw changed();
+    const py::object row = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(rows.ptr(), i));
     const Py_ssize_t len = off[i + 1] - off[i];
-    for (Py_ssize_t j = 0; j < len; ++j) {
-      // __index__ of a non-int item is Python code that could resize the list: re-check.
-      if (PyList_GET_SIZE(row) != len) {
+    const auto check_row = [&]() {
+      if (PyList_GET_SIZE(rows.ptr()) != n || PyList_GET_ITEM(rows.ptr(), i) != row.ptr()) {
+        throw changed();
+      }
+      if (!PyList_Check(row.ptr()) || PyList_GET_SIZE(row.ptr()) != len) {
         throw py::value_error(name + ": example " + std::to_string(first + i) +
                               " changed size while it was read");
       }
-      PyObject* item = PyList_GET_ITEM(row, j);
+    };
+    check_row();
+    for (Py_ssize_t j = 0; j < len; ++j) {
+      // Borrowed while no Python code runs (the int fast path); held before __index__ runs.
+      PyObject* item = PyList_GET_ITEM(row.ptr(), j);
       int overflow = 0;
       long long v;
       if (PyLong_Check(item)) {
         v = PyLong_AsLongLongAndOverflow(item, &overflow);
       } else {
+        const py::object held = py::reinterpret_borrow<py::object>(item);
         py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(item));
         if (!index) {
           PyErr_Clear();
           throw py::type_error(name + ": example " + std::to_string(first + i) +
                                " has a non-integer token id at position " + std::to_string(j) +
-                               ": " + py::repr(py::handle(item)).cast<std::string>() + " (" +
+                               ": " + py::repr(held).cast<std::string>() + " (" +
                                Py_TYPE(item)->tp_name + ")");
         }
+        check_row();
         v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+        if (overflow != 0) {
+          throw py::value_error(name + ": example " + std::to_string(first + i) +
+                                " has a token id out of the int64 range at position " +
+                                std::to_string(j) + ": " + py::str(index).cast<std::string>());
+        }
       }
       if (overflow != 0) {
         throw py::value_error(name + ": example " + std::to_string(first + i) +
                               " has a token id out of the int64 range at position " +
-                              std::to_string(j) + ": " +
-                              py::str(py::handle(item)).cast<std::string>());
+                              std::to_string(j) + ": " + py::str(item).cast<std::string>());
       }
       out[off[i] + j] = v;
     }

@@ -1,4 +1,6 @@
 // pack: the planner (rows of capacity C), the plan check and the fill (CPU and CUDA).
+#include <limits>
+
 #include "bindings/bindings.h"
 #include "pack/pack.h"
 
@@ -96,9 +98,8 @@ void bind_pack_fill_typed(py::module_& m) {
         int32_t* seq_idx = ptr(out_seq_idx, "seq_idx");
         bool* loss_mask = ptr(out_loss_mask, "loss_mask");
         py::gil_scoped_release nogil;
-        pack_fill_cpu<In, Out>(docs, p, o, ids, labels, positions, seq_idx, loss_mask,
-                               elementwise);
-        return tokens;
+        return pack_fill_cpu<In, Out>(docs, p, o, ids, labels, positions, seq_idx, loss_mask,
+                                      elementwise);
       },
       "values"_a.noconvert(), "offsets"_a.noconvert(), "row_offsets"_a.noconvert(),
       "doc"_a.noconvert(), "start"_a.noconvert(), "length"_a.noconvert(),
@@ -134,39 +135,77 @@ void bind_pack(py::module_& m) {
   bind_pack_fill_typed<int32_t, int32_t>(m);
   bind_pack_fill_typed<int64_t, int32_t>(m);
 #ifdef MIXTAPE_WITH_CUDA
+  // Keyword-only DeviceArrays (ops._device_array builds them from tensors); sizes, dtypes and
+  // devices are checked here. The plan's contents were checked on the host (pack_check), which
+  // also gave `tokens`, the flat layout's length.
   m.def(
       "pack_fill_cuda",
-      [](uintptr_t values, uintptr_t offsets, int64_t num_docs, uintptr_t row_offsets,
-         uintptr_t doc, uintptr_t start, uintptr_t length, uintptr_t column,
-         uintptr_t flat_offsets, int64_t rows, int64_t pieces, int64_t total, int in_bits,
-         int out_bits, int64_t capacity, bool flat, int64_t pad_value, int64_t label_pad_value,
-         int64_t position_start, uintptr_t out_ids, uintptr_t out_labels, uintptr_t out_positions,
-         uintptr_t out_seq_idx, uintptr_t out_loss_mask, uintptr_t stream) {
-        const auto i64 = [](uintptr_t a) { return reinterpret_cast<const int64_t*>(a); };
-        const PackPieces p{i64(row_offsets), i64(doc), i64(start), i64(length), i64(column),
-                           i64(flat_offsets), rows, pieces};
+      [](const DeviceArray& values, const DeviceArray& offsets, const DeviceArray& row_offsets,
+         const DeviceArray& doc, const DeviceArray& start, const DeviceArray& length,
+         const DeviceArray& column, const OptDeviceArray& flat_offsets,
+         const OptDeviceArray& out_ids, const OptDeviceArray& out_labels,
+         const OptDeviceArray& out_positions, const OptDeviceArray& out_seq_idx,
+         const OptDeviceArray& out_loss_mask, const OptDeviceArray& errors, int64_t capacity,
+         int64_t tokens, bool flat, int64_t pad_value, int64_t label_pad_value,
+         int64_t position_start, uintptr_t stream) {
+        constexpr const char* op = "pack_fill_cuda";
+        if (offsets.size < 1 || row_offsets.size < 1) {
+          throw py::value_error("pack_fill_cuda: offsets and row_offsets need n + 1 >= 1 entries");
+        }
+        if (flat && !flat_offsets) {
+          throw py::value_error("pack_fill_cuda: the flat layout needs flat_offsets");
+        }
+        const int dev = values.device;
+        const int64_t num_docs = offsets.size - 1, rows = row_offsets.size - 1;
+        const int64_t pieces = doc.size;
+        if (capacity < 0 || tokens < 0 ||
+            (capacity > 0 && rows > std::numeric_limits<int64_t>::max() / capacity)) {
+          throw py::value_error("pack_fill_cuda: " + std::to_string(rows) + " rows of capacity " +
+                                std::to_string(capacity) + " do not fit one int64 index");
+        }
+        const int64_t total = flat ? tokens : rows * capacity;
+        const auto i64 = [&](const DeviceArray& a, int64_t size, const char* what) {
+          return device_ptr<int64_t>(a, size, dev, op, what);
+        };
+        const PackPieces p{i64(row_offsets, rows + 1, "row_offsets"),
+                           i64(doc, pieces, "doc"),
+                           i64(start, pieces, "start"),
+                           i64(length, pieces, "length"),
+                           i64(column, pieces, "column"),
+                           device_ptr<int64_t>(flat_offsets, pieces + 1, dev, op, "flat_offsets"),
+                           rows,
+                           pieces};
         PackFillOptions o;
         o.capacity = capacity;
         o.flat = flat;
         o.pad_value = pad_value;
         o.label_pad_value = label_pad_value;
         o.position_start = position_start;
-        dispatch_int_bits(in_bits, "in_bits", [&](auto in) {
-          dispatch_int_bits(out_bits, "out_bits", [&](auto out) {
+        const OptDeviceArray& first_out = out_ids ? out_ids : out_labels;
+        dispatch_int_dtype(values.dtype, "pack_fill_cuda: values", [&](auto in) {
+          dispatch_int_dtype(first_out ? first_out->dtype : "int64", "pack_fill_cuda: outputs",
+                             [&](auto out) {
             using In = decltype(in);
             using Out = decltype(out);
+            const Ragged<In> docs{device_ptr<In>(values, -1, dev, op, "values"),
+                                  i64(offsets, num_docs + 1, "offsets"), num_docs};
+            auto* err = reinterpret_cast<unsigned long long*>(
+                device_ptr<int64_t>(errors, 2, dev, op, "errors"));
             pack_fill_cuda<In, Out>(
-                Ragged<In>{reinterpret_cast<const In*>(values), i64(offsets), num_docs}, p, o,
-                total, reinterpret_cast<Out*>(out_ids), reinterpret_cast<Out*>(out_labels),
-                reinterpret_cast<int64_t*>(out_positions), reinterpret_cast<int32_t*>(out_seq_idx),
-                reinterpret_cast<bool*>(out_loss_mask), reinterpret_cast<void*>(stream));
+                docs, p, o, total, device_ptr<Out>(out_ids, total, dev, op, "out_ids"),
+                device_ptr<Out>(out_labels, total, dev, op, "out_labels"),
+                device_ptr<int64_t>(out_positions, total, dev, op, "out_positions"),
+                device_ptr<int32_t>(out_seq_idx, total, dev, op, "out_seq_idx"),
+                device_ptr<bool>(out_loss_mask, total, dev, op, "out_loss_mask"), err,
+                reinterpret_cast<void*>(stream));
           });
         });
       },
-      "values"_a, "offsets"_a, "num_docs"_a, "row_offsets"_a, "doc"_a, "start"_a, "length"_a,
-      "column"_a, "flat_offsets"_a, "rows"_a, "pieces"_a, "total"_a, "in_bits"_a, "out_bits"_a,
-      "capacity"_a, "flat"_a, "pad_value"_a, "label_pad_value"_a, "position_start"_a,
-      "out_ids"_a, "out_labels"_a, "out_positions"_a, "out_seq_idx"_a, "out_loss_mask"_a,
+      py::kw_only(), "values"_a, "offsets"_a, "row_offsets"_a, "doc"_a, "start"_a, "length"_a,
+      "column"_a, "flat_offsets"_a = py::none(), "out_ids"_a = py::none(),
+      "out_labels"_a = py::none(), "out_positions"_a = py::none(), "out_seq_idx"_a = py::none(),
+      "out_loss_mask"_a = py::none(), "errors"_a = py::none(), "capacity"_a, "tokens"_a,
+      "flat"_a = false, "pad_value"_a = 0, "label_pad_value"_a = -100, "position_start"_a = 0,
       "stream"_a, gil_release());
 #endif
 }

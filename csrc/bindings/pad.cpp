@@ -60,32 +60,53 @@ void bind_pad(py::module_& m) {
   bind_pad_typed<int32_t, int32_t>(m);
   bind_pad_typed<int64_t, int32_t>(m);
 #ifdef MIXTAPE_WITH_CUDA
+  // Keyword-only DeviceArrays (ops._device_array builds them from tensors): every size, dtype and
+  // device is checked here against the offsets' n and the row length before the launch.
   m.def(
       "pad_cuda",
-      [](uintptr_t values, uintptr_t offsets, int64_t n, uintptr_t label_values,
-         uintptr_t label_offsets, int in_bits, int out_bits, int64_t length, int64_t max_tokens,
-         bool pad_left, bool truncate_left, int64_t pad_value, int64_t label_pad_value, bool shift_labels,
-         uintptr_t out_ids, uintptr_t out_mask, uintptr_t out_labels, uintptr_t stream) {
-        PadOptions o{length,    max_tokens,      pad_left,    truncate_left,
-                     pad_value, label_pad_value, shift_labels};
-        dispatch_int_bits(in_bits, "in_bits", [&](auto in) {
-          dispatch_int_bits(out_bits, "out_bits", [&](auto out) {
+      [](const DeviceArray& values, const DeviceArray& offsets, const OptDeviceArray& label_values,
+         const OptDeviceArray& label_offsets, const OptDeviceArray& out_ids,
+         const OptDeviceArray& out_mask, const OptDeviceArray& out_labels,
+         const OptDeviceArray& errors, int64_t length, int64_t max_tokens, bool pad_left,
+         bool truncate_left, int64_t pad_value, int64_t label_pad_value, bool shift_labels,
+         bool check_negative, uintptr_t stream) {
+        constexpr const char* op = "pad_cuda";
+        if (offsets.size < 1) throw py::value_error("pad_cuda: offsets needs n + 1 >= 1 entries");
+        if (label_values.has_value() != label_offsets.has_value()) {
+          throw py::value_error("pad_cuda: label_values and label_offsets go together");
+        }
+        const int dev = values.device;
+        const int64_t n = offsets.size - 1;
+        const int64_t size = pad_output_size(n, length);
+        const PadOptions o{length,    max_tokens,      pad_left,    truncate_left,
+                           pad_value, label_pad_value, shift_labels};
+        const OptDeviceArray& first_out = out_ids ? out_ids : out_mask ? out_mask : out_labels;
+        dispatch_int_dtype(values.dtype, "pad_cuda: values", [&](auto in) {
+          dispatch_int_dtype(first_out ? first_out->dtype : "int64", "pad_cuda: outputs",
+                             [&](auto out) {
             using In = decltype(in);
             using Out = decltype(out);
-            pad_cuda<In, Out>(
-                Ragged<In>{reinterpret_cast<const In*>(values),
-                           reinterpret_cast<const int64_t*>(offsets), n},
-                reinterpret_cast<const In*>(label_values),
-                reinterpret_cast<const int64_t*>(label_offsets), o,
-                reinterpret_cast<Out*>(out_ids), reinterpret_cast<Out*>(out_mask),
-                reinterpret_cast<Out*>(out_labels), reinterpret_cast<void*>(stream));
+            const Ragged<In> ids{device_ptr<In>(values, -1, dev, op, "values"),
+                                 device_ptr<int64_t>(offsets, n + 1, dev, op, "offsets"), n};
+            const In* lv = device_ptr<In>(label_values, -1, dev, op, "label_values");
+            const int64_t* lo = device_ptr<int64_t>(label_offsets, n + 1, dev, op, "label_offsets");
+            auto* err = reinterpret_cast<unsigned long long*>(
+                device_ptr<int64_t>(errors, 2 * kPadErrorSlots, dev, op, "errors"));
+            pad_cuda<In, Out>(ids, values.size, lv, lo, label_values ? label_values->size : 0, o,
+                              device_ptr<Out>(out_ids, size, dev, op, "out_ids"),
+                              device_ptr<Out>(out_mask, size, dev, op, "out_mask"),
+                              device_ptr<Out>(out_labels, size, dev, op, "out_labels"),
+                              check_negative, err, reinterpret_cast<void*>(stream));
           });
         });
       },
-      "values"_a, "offsets"_a, "n"_a, "label_values"_a, "label_offsets"_a, "in_bits"_a,
-      "out_bits"_a, "length"_a, "max_tokens"_a, "pad_left"_a, "truncate_left"_a, "pad_value"_a,
-      "label_pad_value"_a, "shift_labels"_a, "out_ids"_a, "out_mask"_a, "out_labels"_a,
+      py::kw_only(), "values"_a, "offsets"_a, "label_values"_a = py::none(),
+      "label_offsets"_a = py::none(), "out_ids"_a = py::none(), "out_mask"_a = py::none(),
+      "out_labels"_a = py::none(), "errors"_a = py::none(), "length"_a, "max_tokens"_a = -1,
+      "pad_left"_a = false, "truncate_left"_a = false, "pad_value"_a = 0,
+      "label_pad_value"_a = -100, "shift_labels"_a = false, "check_negative"_a = true,
       "stream"_a, gil_release());
+  m.attr("PAD_ERROR_SLOTS") = static_cast<int>(kPadErrorSlots);
 #endif
 }
 }  // namespace mixtape

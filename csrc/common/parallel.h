@@ -1,70 +1,72 @@
-// A small parallel-for. Threads are started per call and joined before returning, so no thread
-// outlives a kernel: DataLoader workers fork safely (no pool to inherit in a broken state).
+// parallel_for over one persistent pool of threads shared by every kernel of the process.
+//
+// Contract. parallel_for(n, min_per_thread, fn) calls fn(begin, end) over [0, n) in contiguous
+// chunks and returns when all have run; an exception thrown by a chunk is rethrown to the caller
+// (the lowest chunk's, after every chunk has finished). Work of fewer than 2 * min_per_thread
+// items, a pool of 1 thread, a call made from inside a chunk (nesting) and a call made while another
+// caller holds the pool all run inline on the calling thread.
+//
+// The pool is made on the first call that wants a second thread and grows lazily up to
+// num_threads() - 1 workers (the caller is the other one). A worker that cannot start (ulimit -u,
+// a container's pids limit, no address space for its stack) is not an error: the chunks run on the
+// threads there are. The pool belongs to the process that made it: a forked child (a DataLoader
+// worker) never touches the parent's threads or locks, it makes its own pool on first use, also
+// when the fork happened while a kernel was running.
+//
+// Size: set_num_threads(n) if called, else MIXTAPE_NUM_THREADS (read once, when first needed),
+// else the CPUs this process may use: its affinity mask, capped by its cgroup CPU quota (cgroup v2
+// cpu.max, v1 cpu.cfs_quota_us / cpu.cfs_period_us), so a container limited to 4 CPUs on a
+// 128-core node gets 4 threads, not 128.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <exception>
-#include <system_error>
-#include <thread>
-#include <vector>
+#include <string>
+#include <type_traits>
 
 namespace mixtape {
 
-// Number of threads kernels may use: MIXTAPE_NUM_THREADS if set, else the hardware count.
-inline int max_threads() {
-  static const int n = [] {
-    if (const char* env = std::getenv("MIXTAPE_NUM_THREADS")) {
-      const int v = std::atoi(env);
-      if (v > 0) return v;
-    }
-    const unsigned hw = std::thread::hardware_concurrency();
-    return hw == 0 ? 1 : static_cast<int>(hw);
-  }();
-  return n;
-}
+// Threads a kernel may use, the calling thread included (>= 1).
+int num_threads();
+// Sets it (n >= 1, capped at kMaxThreads); a smaller pool stops its surplus workers (after the
+// running job). Process state, inherited by a forked child.
+void set_num_threads(int n);
+constexpr int kMaxThreads = 1024;
 
-// Calls fn(begin, end) over [0, n) in contiguous chunks. Work below `min_per_thread` items per
-// thread runs inline: starting a thread costs ~20 us, more than a small batch takes.
+// What num_threads() is when nobody set it: MIXTAPE_NUM_THREADS if a positive integer, else
+// min(affinity CPUs, cgroup CPU limit).
+int default_num_threads();
+// CPUs in this thread's affinity mask (sched_getaffinity), or the hardware count where that is
+// unavailable.
+int affinity_cpus();
+// The CPU quota of the process's cgroup rounded up to whole CPUs (>= 1), or 0 when unlimited.
+// `root` is where the cgroup filesystem is mounted (/sys/fs/cgroup), `proc_self_cgroup` the text
+// of /proc/self/cgroup; both are parameters so tests can give a fake tree. The smallest quota on
+// the path from the process's cgroup up to the root applies.
+int cgroup_cpu_limit(const std::string& root, const std::string& proc_self_cgroup);
+
+// Workers the pool of this process has started (0 when none): for tests.
+int pool_workers();
+
+namespace detail {
+using ChunkFn = void (*)(void* ctx, int64_t begin, int64_t end);
+// Runs `chunks` contiguous chunks of [0, n) on the pool and the caller.
+void run_chunks(int64_t n, int chunks, ChunkFn fn, void* ctx);
+}  // namespace detail
+
 template <typename Fn>
 void parallel_for(int64_t n, int64_t min_per_thread, Fn&& fn) {
   if (n <= 0) return;
   const int64_t want = std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_thread));
-  const int threads = static_cast<int>(std::min<int64_t>(want, max_threads()));
+  const int threads = static_cast<int>(std::min<int64_t>(want, num_threads()));
   if (threads <= 1) {
     fn(int64_t{0}, n);
     return;
   }
-  std::vector<std::thread> pool;
-  std::vector<std::exception_ptr> errors(threads);
-  pool.reserve(threads - 1);
-  const int64_t chunk = (n + threads - 1) / threads;
-  auto run = [&](int t) {
-    const int64_t b = std::min(n, t * chunk), e = std::min(n, b + chunk);
-    try {
-      fn(b, e);
-    } catch (...) {
-      errors[t] = std::current_exception();
-    }
-  };
-  // A thread that cannot start (ulimit -u, a container's pids limit, no address space for its
-  // stack) is not an error: the caller runs the chunks left. Throwing here instead would destroy
-  // the started, joinable threads, which is std::terminate.
-  int started = 1;
-  for (; started < threads; ++started) {
-    try {
-      pool.emplace_back(run, started);
-    } catch (const std::system_error&) {
-      break;
-    }
-  }
-  run(0);
-  for (int t = started; t < threads; ++t) run(t);
-  for (auto& th : pool) th.join();
-  for (auto& err : errors) {
-    if (err) std::rethrow_exception(err);
-  }
+  using F = std::remove_reference_t<Fn>;
+  detail::run_chunks(
+      n, threads, [](void* ctx, int64_t b, int64_t e) { (*static_cast<F*>(ctx))(b, e); },
+      const_cast<void*>(static_cast<const void*>(&fn)));
 }
 
 }  // namespace mixtape

@@ -338,7 +338,7 @@ void dynamic_for(int64_t n, int64_t min_per_thread, int64_t grain, Fn&& fn) {
   if (n <= 0) return;
   const int64_t chunks = (n + grain - 1) / grain;
   const int64_t workers =
-      std::min<int64_t>({int64_t{max_threads()}, chunks, std::max<int64_t>(1, n / min_per_thread)});
+      std::min<int64_t>({int64_t{num_threads()}, chunks, std::max<int64_t>(1, n / min_per_thread)});
   std::atomic<int64_t> next{0};
   parallel_for(workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
@@ -459,7 +459,7 @@ Block<float> pass_project(const Passes<T>& p, const Block<T>& b, const float* v,
   // Chunks of up to kProjSamples samples (each generates the tiles once), small enough that every
   // thread gets two.
   const int64_t grain =
-      std::clamp<int64_t>(n / (2 * int64_t{max_threads()}) / 4 * 4, 32, kProjSamples);
+      std::clamp<int64_t>(n / (2 * int64_t{num_threads()}) / 4 * 4, 32, kProjSamples);
   dynamic_for(n, grain, grain, [&](int64_t s0, int64_t s1) {
     p.project(b, s0, s1, opt.seed, layer.key, k, kpad, scale, s.proj.data());
     for (int64_t i = s0; i < s1; ++i) {

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -46,27 +47,38 @@ void fill_padding(const FillOut<Out>& o, int64_t b, int64_t e, const PackFillOpt
   if (o.loss_mask) std::fill(o.loss_mask + b, o.loss_mask + e, false);
 }
 
-// One piece of `len` tokens from `src` at output element `at`, field by field (each loop is a
-// plain copy or fill the compiler vectorises).
+// Converts src[b, e) into dst[b, e); returns whether every value fits Out (checked only when
+// the conversion narrows; the check is an OR folded into the copy loop).
 template <typename In, typename Out>
-void fill_piece(const FillOut<Out>& o, int64_t at, const In* src, int64_t len, int32_t piece,
-                const PackFillOptions& opt) {
-  if (o.ids) {
-    Out* dst = o.ids + at;
-    if constexpr (std::is_same_v<In, Out>) {
-      std::memcpy(dst, src, static_cast<size_t>(len) * sizeof(In));
-    } else {
-      for (int64_t k = 0; k < len; ++k) dst[k] = static_cast<Out>(src[k]);
+bool copy_checked(const In* src, int64_t b, int64_t e, Out* dst) {
+  if constexpr (std::is_same_v<In, Out>) {
+    if (e > b) std::memcpy(dst + b, src + b, static_cast<size_t>(e - b) * sizeof(In));
+    return true;
+  } else if constexpr (narrows<In, Out>()) {
+    In lost = 0;
+    for (int64_t k = b; k < e; ++k) {
+      dst[k] = static_cast<Out>(src[k]);
+      lost |= src[k] ^ static_cast<In>(dst[k]);
     }
+    return lost == 0;
+  } else {
+    for (int64_t k = b; k < e; ++k) dst[k] = static_cast<Out>(src[k]);
+    return true;
   }
+}
+
+// One piece of `len` tokens from `src` at output element `at`, field by field (each loop is a
+// plain copy or fill the compiler vectorises). Returns the offset in the piece of the first
+// written token that does not fit Out, or -1.
+template <typename In, typename Out>
+int64_t fill_piece(const FillOut<Out>& o, int64_t at, const In* src, int64_t len, int32_t piece,
+                   const PackFillOptions& opt) {
+  bool ok = true;
+  if (o.ids) ok &= copy_checked(src, 0, len, o.ids + at);
   if (o.labels) {
     Out* dst = o.labels + at;
     dst[0] = static_cast<Out>(opt.label_pad_value);
-    if constexpr (std::is_same_v<In, Out>) {
-      std::memcpy(dst + 1, src + 1, static_cast<size_t>(len - 1) * sizeof(In));
-    } else {
-      for (int64_t k = 1; k < len; ++k) dst[k] = static_cast<Out>(src[k]);
-    }
+    ok &= copy_checked(src, 1, len, dst);
   }
   if (o.positions) {
     int64_t* dst = o.positions + at;
@@ -77,6 +89,18 @@ void fill_piece(const FillOut<Out>& o, int64_t at, const In* src, int64_t len, i
     bool* dst = o.loss_mask + at;
     dst[0] = false;
     for (int64_t k = 1; k < len; ++k) dst[k] = static_cast<int64_t>(src[k]) != opt.label_pad_value;
+  }
+  if (ok) return -1;
+  for (int64_t k = o.ids ? 0 : 1; k < len; ++k) {  // the error path: find the first
+    if (!fits<Out>(src[k])) return k;
+  }
+  return -1;
+}
+
+// Lowers `best` to `v` (v >= 0) atomically.
+void lower_to(std::atomic<int64_t>& best, int64_t v) {
+  int64_t cur = best.load();
+  while (v < cur && !best.compare_exchange_weak(cur, v)) {
   }
 }
 
@@ -142,9 +166,9 @@ int64_t check_pack_pieces(const PackPieces& p, const int64_t* offsets, int64_t n
 }
 
 template <typename In, typename Out>
-void pack_fill_cpu(Ragged<In> docs, const PackPieces& plan, const PackFillOptions& opt, Out* ids,
-                   Out* labels, int64_t* positions, int32_t* seq_idx, bool* loss_mask,
-                   bool elementwise) {
+int64_t pack_fill_cpu(Ragged<In> docs, const PackPieces& plan, const PackFillOptions& opt,
+                      Out* ids, Out* labels, int64_t* positions, int32_t* seq_idx,
+                      bool* loss_mask, bool elementwise) {
   check_pack_pieces(plan, docs.offsets, docs.n, opt.capacity);
   const int64_t pieces = plan.pieces;
   const int64_t C = opt.capacity;
@@ -159,42 +183,53 @@ void pack_fill_cpu(Ragged<In> docs, const PackPieces& plan, const PackFillOption
     p.flat_offsets = flat_offsets.data();
   }
   const FillOut<Out> out{ids, labels, positions, seq_idx, loss_mask};
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  std::atomic<int64_t> unfit{kNone};
   // ~16K output elements per thread at least: small batches stay on the calling thread.
   const int64_t rows_per_thread = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
   parallel_for(p.rows, rows_per_thread, [&](int64_t rb, int64_t re) {
+    int64_t local = kNone;
+    const auto note = [&](int64_t src) {
+      if (src >= 0 && src < local) local = src;
+    };
     for (int64_t r = rb; r < re; ++r) {
       const int64_t lo = p.row_offsets[r], hi = p.row_offsets[r + 1];
       if (elementwise) {  // the CUDA kernel's per-element path, run on the CPU for testing
         if (opt.flat) {
           if (hi == lo) continue;
           for (int64_t t = p.flat_offsets[lo]; t < p.flat_offsets[hi]; ++t) {
-            pack_element(pack_source_flat(p, t), t, docs.values, docs.offsets, p, opt, ids,
-                         labels, positions, seq_idx, loss_mask);
+            note(pack_element(pack_source_flat(p, t), t, docs.values, docs.offsets, p, opt, ids,
+                              labels, positions, seq_idx, loss_mask));
           }
         } else {
           for (int64_t j = 0; j < C; ++j) {
-            pack_element(pack_source_padded(p, r, j), r * C + j, docs.values, docs.offsets, p,
-                         opt, ids, labels, positions, seq_idx, loss_mask);
+            note(pack_element(pack_source_padded(p, r, j), r * C + j, docs.values, docs.offsets,
+                              p, opt, ids, labels, positions, seq_idx, loss_mask));
           }
         }
         continue;
       }
       int64_t col = 0;
       for (int64_t k = lo; k < hi; ++k) {
-        const In* src = docs.values + docs.offsets[p.doc[k]] + p.start[k];
+        const int64_t first = docs.offsets[p.doc[k]] + p.start[k];
         const int64_t at = opt.flat ? p.flat_offsets[k] : r * C + p.column[k];
         if (!opt.flat) fill_padding(out, r * C + col, at, opt);
-        fill_piece(out, at, src, p.length[k], static_cast<int32_t>(k), opt);
+        const int64_t bad = fill_piece(out, at, docs.values + first, p.length[k],
+                                       static_cast<int32_t>(k), opt);
+        if (bad >= 0) note(first + bad);
         col = p.column[k] + p.length[k];
       }
       if (!opt.flat) fill_padding(out, r * C + col, (r + 1) * C, opt);
     }
+    if (local != kNone) lower_to(unfit, local);
   });
+  const int64_t first = unfit.load();
+  return first == kNone ? -1 : first;
 }
 
-#define MIXTAPE_INSTANTIATE_PACK_FILL(In, Out)                                                  \
-  template void pack_fill_cpu<In, Out>(Ragged<In>, const PackPieces&, const PackFillOptions&,   \
-                                       Out*, Out*, int64_t*, int32_t*, bool*, bool);
+#define MIXTAPE_INSTANTIATE_PACK_FILL(In, Out)                                                   \
+  template int64_t pack_fill_cpu<In, Out>(Ragged<In>, const PackPieces&, const PackFillOptions&, \
+                                          Out*, Out*, int64_t*, int32_t*, bool*, bool);
 MIXTAPE_INSTANTIATE_PACK_FILL(int32_t, int32_t)
 MIXTAPE_INSTANTIATE_PACK_FILL(int32_t, int64_t)
 MIXTAPE_INSTANTIATE_PACK_FILL(int64_t, int32_t)

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "common/fits.h"
 #include "common/macros.h"
 #include "common/ragged.h"
 
@@ -115,16 +116,19 @@ MIXTAPE_HD PackSource pack_source_flat(const PackPieces& p, int64_t t) {
 }
 
 // Writes element i of every requested output (null pointers are skipped); shared by the CPU
-// per-element path and the CUDA kernel.
+// per-element path and the CUDA kernel. Returns the index in `values` of the token written here
+// when it does not fit Out (an int64 id past int32 in input_ids, or in labels after the piece's
+// first token), else -1: the caller reports the first one, never the wrapped value.
 template <typename In, typename Out>
-MIXTAPE_HD void pack_element(const PackSource& s, int64_t i, const In* values,
-                             const int64_t* offsets, const PackPieces& p,
-                             const PackFillOptions& o, Out* ids, Out* labels, int64_t* positions,
-                             int32_t* seq_idx, bool* loss_mask) {
+MIXTAPE_HD int64_t pack_element(const PackSource& s, int64_t i, const In* values,
+                                const int64_t* offsets, const PackPieces& p,
+                                const PackFillOptions& o, Out* ids, Out* labels,
+                                int64_t* positions, int32_t* seq_idx, bool* loss_mask) {
   const bool real = s.piece >= 0;
-  int64_t id = o.pad_value, label = o.label_pad_value;
+  int64_t id = o.pad_value, label = o.label_pad_value, src = -1;
   if (real) {
-    id = static_cast<int64_t>(values[offsets[p.doc[s.piece]] + p.start[s.piece] + s.offset]);
+    src = offsets[p.doc[s.piece]] + p.start[s.piece] + s.offset;
+    id = static_cast<int64_t>(values[src]);
     if (s.offset > 0) label = id;
   }
   if (ids) ids[i] = static_cast<Out>(id);
@@ -132,6 +136,8 @@ MIXTAPE_HD void pack_element(const PackSource& s, int64_t i, const In* values,
   if (positions) positions[i] = real ? o.position_start + s.offset : 0;
   if (seq_idx) seq_idx[i] = real ? static_cast<int32_t>(s.piece) : -1;
   if (loss_mask) loss_mask[i] = label != o.label_pad_value;
+  const bool written = ids != nullptr || (labels != nullptr && s.offset > 0);
+  return real && written && !fits<Out>(id) ? src : -1;
 }
 
 // Checks the plan against the documents before any write: row_offsets go from 0 to `pieces`
@@ -142,17 +148,21 @@ int64_t check_pack_pieces(const PackPieces& p, const int64_t* offsets, int64_t n
                           int64_t capacity);
 
 // CPU, parallel over rows. Outputs are [rows * C] (padded) or [T] (flat, T = sum of lengths),
-// any may be null. `elementwise` runs the CUDA kernel's per-element path (for tests).
+// any may be null. `elementwise` runs the CUDA kernel's per-element path (for tests). Returns the
+// smallest index in `docs.values` of a written token that does not fit Out (see pack_element), or
+// -1; pad_value and label_pad_value are the caller's to check.
 template <typename In, typename Out>
-void pack_fill_cpu(Ragged<In> docs, const PackPieces& plan, const PackFillOptions& opt, Out* ids,
-                   Out* labels, int64_t* positions, int32_t* seq_idx, bool* loss_mask,
-                   bool elementwise);
+int64_t pack_fill_cpu(Ragged<In> docs, const PackPieces& plan, const PackFillOptions& opt,
+                      Out* ids, Out* labels, int64_t* positions, int32_t* seq_idx,
+                      bool* loss_mask, bool elementwise);
 
 // CUDA (all pointers on the device, plan checked on the host; flat_offsets required for the
-// flat layout). `total` is rows * C or T. Enqueued on `stream`.
+// flat layout). `total` is rows * C or T. Enqueued on `stream`, asynchronous: a written token that
+// does not fit Out lowers `*unfit` (atomicMin; the caller sets it to UINT64_MAX first) to its
+// index in `docs.values`.
 template <typename In, typename Out>
 void pack_fill_cuda(Ragged<In> docs, const PackPieces& plan, const PackFillOptions& opt,
                     int64_t total, Out* ids, Out* labels, int64_t* positions, int32_t* seq_idx,
-                    bool* loss_mask, void* stream);
+                    bool* loss_mask, unsigned long long* unfit, void* stream);
 
 }  // namespace mixtape

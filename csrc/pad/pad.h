@@ -44,6 +44,11 @@ MIXTAPE_HD PadRow pad_row(int64_t begin, int64_t end, const PadOptions& o) {
   return PadRow{o.truncate_left ? end - len : begin, len, o.pad_left ? o.length - len : 0};
 }
 
+// Index in `values` of the id placed at column j, or -1 where column j is padding.
+MIXTAPE_HD int64_t pad_id_source(const PadRow& r, int64_t j) {
+  return (j >= r.dst && j < r.dst + r.len) ? r.src + j - r.dst : -1;
+}
+
 // Index into the label source of the label for column j, or -1 where the label is padding.
 MIXTAPE_HD int64_t pad_label_source(const PadRow& r, int64_t j, const PadOptions& o) {
   const int64_t k = j - r.dst + (o.shift_labels ? 1 : 0);
@@ -55,9 +60,9 @@ template <typename In, typename Out>
 MIXTAPE_HD void pad_element(const PadRow& r, int64_t j, const In* values, const In* labels,
                             int64_t label_shift, const PadOptions& o, Out* ids, Out* mask,
                             Out* out_labels) {
-  const bool real = j >= r.dst && j < r.dst + r.len;
-  if (ids) ids[j] = real ? static_cast<Out>(values[r.src + j - r.dst]) : static_cast<Out>(o.pad_value);
-  if (mask) mask[j] = real ? Out(1) : Out(0);
+  const int64_t src = pad_id_source(r, j);
+  if (ids) ids[j] = src >= 0 ? static_cast<Out>(values[src]) : static_cast<Out>(o.pad_value);
+  if (mask) mask[j] = src >= 0 ? Out(1) : Out(0);
   if (out_labels) {
     const int64_t s = pad_label_source(r, j, o);
     out_labels[j] = s >= 0 ? static_cast<Out>(labels[s + label_shift])
@@ -85,11 +90,25 @@ int64_t pad_cpu(Ragged<In> ids, const In* label_values, const int64_t* label_off
                 const PadOptions& opt, Out* out_ids, Out* out_mask, Out* out_labels,
                 bool check_negative);
 
-// CUDA (all pointers on the device; offsets already checked on the host). Enqueued on `stream`.
+// What the CUDA pad kernel found wrong in its inputs, written to a device array of
+// kPadErrorSlots positions (UINT64_MAX: none) followed by the values at those positions, so the
+// host can report them without a sync right after the launch (ops.check_cuda_errors).
+enum PadErrorSlot : int {
+  kPadNegativeId = 0,  // smallest index in `values` of a kept negative id (check_negative)
+  kPadUnfitId = 1,     // smallest index in `values` of a value that does not fit Out
+  kPadUnfitLabel = 2,  // smallest index in `label_values` of a value that does not fit Out
+  kPadErrorSlots = 3,
+};
+
+// CUDA (all pointers on the device; offsets and label lengths already checked on the host).
+// Enqueued on `stream`, asynchronous. `errors` (2 * kPadErrorSlots entries, may be null) is reset
+// and then filled as PadErrorSlot says; the values-fit checks run only when Out narrows In and
+// cover every value, as the CPU path's host check does.
 template <typename In, typename Out>
-void pad_cuda(Ragged<In> ids, const In* label_values, const int64_t* label_offsets,
-              const PadOptions& opt, Out* out_ids, Out* out_mask, Out* out_labels,
-              void* stream);
+void pad_cuda(Ragged<In> ids, int64_t num_values, const In* label_values,
+              const int64_t* label_offsets, int64_t num_label_values, const PadOptions& opt,
+              Out* out_ids, Out* out_mask, Out* out_labels, bool check_negative,
+              unsigned long long* errors, void* stream);
 
 }  // namespace mixtape
 

@@ -26,8 +26,8 @@ namespace {
 // Output bytes above which stores stream past the cache. Below it the batch fits in L2/L3 and the
 // consumer (pinning, the H2D copy) reads it right away, so ordinary stores are better.
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
-// Output bytes per thread below which a second thread is not worth starting (~30 us to start and
-// join a thread; 2 MiB takes ~100-200 us to write).
+// Output bytes per thread below which a second thread is not worth waking (a pool worker takes
+// ~5-20 us to wake and report back; 2 MiB takes ~100-200 us to write).
 constexpr int64_t kBytesPerThread = int64_t{2} << 20;
 // Elements converted at a time through an L1-resident buffer when In != Out.
 constexpr int64_t kChunk = 512;
@@ -225,8 +225,9 @@ int64_t pad_cpu_impl(Ragged<In> ids, const In* label_values, const int64_t* labe
       if (elementwise) {  // the CUDA kernel's per-element path, run on the CPU for testing
         for (int64_t j = 0; j < L; ++j) {
           pad_element(r, j, ids.values, labels, shift, o, row_ids, row_mask, row_labels);
+          const int64_t src = pad_id_source(r, j);  // the kernel's negative-id check
+          negative |= src >= 0 && ids.values[src] < 0;
         }
-        for (int64_t k = 0; k < r.len; ++k) negative |= ids.values[r.src + k] < 0;
       } else {
         negative =
             pad_one_row(r, ids.values, labels, shift, o, row_ids, row_mask, row_labels, nt);

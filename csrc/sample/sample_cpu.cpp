@@ -554,7 +554,7 @@ void sample_sources_cpu(const double* weights, int64_t num_sources, const Sample
       const int64_t chunks =
           num_sources > (int64_t{1} << 16)
               ? 1
-              : std::max<int64_t>(1, std::min<int64_t>(max_threads(), skip >> 20));
+              : std::max<int64_t>(1, std::min<int64_t>(num_threads(), skip >> 20));
       std::vector<std::vector<int64_t>> hist(chunks, std::vector<int64_t>(num_sources, 0));
       const int64_t per = (skip + chunks - 1) / chunks;
       parallel_for(chunks, 1, [&](int64_t b, int64_t e) {

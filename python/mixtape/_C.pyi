@@ -5,9 +5,37 @@ import numpy as np
 import numpy.typing as npt
 
 cuda_compiled: bool
+MAX_THREADS: int
+
+class _Pybind11Type(type):
+    """pybind11's metaclass of bound classes (pybind11_builtins.pybind11_type)."""
+
+class DeviceArray(metaclass=_Pybind11Type):
+    """A device buffer for a CUDA kernel: address, element count, dtype name, device index."""
+
+    def __init__(self, *, ptr: int, size: int, dtype: str, device: int) -> None: ...
+    @property
+    def ptr(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def device(self) -> int: ...
 
 def build_info() -> dict[str, Any]: ...
 def cuda_device_count() -> int: ...
+def cuda_status() -> dict[str, Any]: ...
+def _cuda_problem(
+    *,
+    op: str,
+    error_name: str,
+    error_string: str,
+    runtime: int,
+    driver: int,
+    archs: str,
+    device_cc: int,
+) -> str: ...
 def pad(
     values: npt.NDArray[np.int32] | npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
@@ -28,25 +56,28 @@ def pad(
     elementwise: bool = False,
 ) -> int: ...
 def pad_cuda(
-    values: int,
-    offsets: int,
-    n: int,
-    label_values: int,
-    label_offsets: int,
-    in_bits: int,
-    out_bits: int,
+    *,
+    values: DeviceArray,
+    offsets: DeviceArray,
+    label_values: DeviceArray | None = None,
+    label_offsets: DeviceArray | None = None,
+    out_ids: DeviceArray | None = None,
+    out_mask: DeviceArray | None = None,
+    out_labels: DeviceArray | None = None,
+    errors: DeviceArray | None = None,
     length: int,
-    max_tokens: int,
-    pad_left: bool,
-    truncate_left: bool,
-    pad_value: int,
-    label_pad_value: int,
-    shift_labels: bool,
-    out_ids: int,
-    out_mask: int,
-    out_labels: int,
+    max_tokens: int = -1,
+    pad_left: bool = False,
+    truncate_left: bool = False,
+    pad_value: int = 0,
+    label_pad_value: int = -100,
+    shift_labels: bool = False,
+    check_negative: bool = True,
     stream: int,
 ) -> None: ...
+
+PAD_ERROR_SLOTS: int
+
 def pack_plan(
     lengths: npt.NDArray[np.int32] | npt.NDArray[np.int64],
     *,
@@ -90,30 +121,27 @@ def pack_fill(
     elementwise: bool = False,
 ) -> int: ...
 def pack_fill_cuda(
-    values: int,
-    offsets: int,
-    num_docs: int,
-    row_offsets: int,
-    doc: int,
-    start: int,
-    length: int,
-    column: int,
-    flat_offsets: int,
-    rows: int,
-    pieces: int,
-    total: int,
-    in_bits: int,
-    out_bits: int,
+    *,
+    values: DeviceArray,
+    offsets: DeviceArray,
+    row_offsets: DeviceArray,
+    doc: DeviceArray,
+    start: DeviceArray,
+    length: DeviceArray,
+    column: DeviceArray,
+    flat_offsets: DeviceArray | None = None,
+    out_ids: DeviceArray | None = None,
+    out_labels: DeviceArray | None = None,
+    out_positions: DeviceArray | None = None,
+    out_seq_idx: DeviceArray | None = None,
+    out_loss_mask: DeviceArray | None = None,
+    errors: DeviceArray | None = None,
     capacity: int,
-    flat: bool,
-    pad_value: int,
-    label_pad_value: int,
-    position_start: int,
-    out_ids: int,
-    out_labels: int,
-    out_positions: int,
-    out_seq_idx: int,
-    out_loss_mask: int,
+    tokens: int,
+    flat: bool = False,
+    pad_value: int = 0,
+    label_pad_value: int = -100,
+    position_start: int = 0,
     stream: int,
 ) -> None: ...
 def block_causal_mask(
@@ -216,3 +244,12 @@ def datainf_cuda(
 def projection_matrix_cuda(
     out: int, seed: int, layer_key: int, k: int, d: int, col_begin: int, cols: int, stream: int
 ) -> None: ...
+def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def _default_num_threads() -> int: ...
+def _affinity_cpus() -> int: ...
+def _cgroup_cpu_limit(root: str, proc_self_cgroup: str) -> int: ...
+def _pool_workers() -> int: ...
+def _parallel_probe(
+    n: int, min_per_thread: int, throw_at: int = -1
+) -> tuple[npt.NDArray[np.int32], int]: ...

@@ -47,9 +47,11 @@ from mixtape.ops import (
     PackPlan,
     block_causal_mask,
     build_info,
+    get_num_threads,
     pack_fill,
     pack_plan,
     pad,
+    set_num_threads,
 )
 from mixtape.packing import (
     PackingStats,
@@ -144,6 +146,7 @@ __all__ = [
     "dump_data_config",
     "get_collator",
     "get_loader",
+    "get_num_threads",
     "list_collators",
     "load_data_config",
     "make_generator",
@@ -154,4 +157,5 @@ __all__ = [
     "pad",
     "plan_dataset",
     "seed_worker",
+    "set_num_threads",
 ]

@@ -6,11 +6,15 @@ without a copy); CUDA tensors go to the CUDA kernels as device pointers plus the
 
 from __future__ import annotations
 
+import atexit
+import collections
 import dataclasses
 import functools
 import math
 import operator
 import os
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,13 +38,16 @@ __all__ = [
     "block_causal_mask",
     "build_info",
     "check_choice",
+    "check_cuda_errors",
     "cuda_available",
+    "get_num_threads",
     "ints_from_lists",
     "is_left",
     "pack_fill",
     "pack_plan",
     "pad",
     "padded_length",
+    "set_num_threads",
 ]
 
 # Shared type aliases of the Python layer.
@@ -54,6 +61,59 @@ INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 def cuda_available() -> bool:
     """True when the CUDA kernels were compiled and the CUDA runtime sees a GPU now."""
     return bool(_C.cuda_compiled) and _C.cuda_device_count() > 0
+
+
+# --- threads -----------------------------------------------------------------------------------
+# The kernels share one pool of threads per process (csrc/common/parallel.h). In a DataLoader
+# worker it is 1 thread unless the user asked otherwise (MIXTAPE_NUM_THREADS, or set_num_threads
+# called in that worker, e.g. from worker_init_fn): N workers each starting all cores' threads
+# oversubscribe the node, as torch's own intra-op threads would (torch sets 1 there too).
+_threads_decided = False  # this process applied its default (reset in a forked child)
+_threads_explicit = False  # set_num_threads was called in this process
+
+
+def _reset_threads_after_fork() -> None:
+    global _threads_decided, _threads_explicit
+    _threads_decided = _threads_explicit = False
+
+
+os.register_at_fork(after_in_child=_reset_threads_after_fork)
+
+
+def _decide_threads() -> None:
+    """Once per process, before its first kernel: 1 thread in a DataLoader worker."""
+    global _threads_decided
+    env = os.environ.get("MIXTAPE_NUM_THREADS")
+    if env is not None and not (env.isdigit() and int(env) >= 1):
+        raise ValueError(f"MIXTAPE_NUM_THREADS must be an integer >= 1, got {env!r}")
+    _threads_decided = True
+    if _threads_explicit or env is not None:
+        return
+    data = sys.modules.get("torch.utils.data")  # only if torch is imported already: no import
+    if data is not None and data.get_worker_info() is not None:
+        _C.set_num_threads(1)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the CPU kernels may use in this process (the caller's included; >= 1).
+
+    Overrides ``MIXTAPE_NUM_THREADS`` and the default (the CPUs of the affinity mask, capped by
+    the cgroup CPU quota; 1 in a DataLoader worker). A forked child starts from the default again:
+    call it in ``worker_init_fn`` to give DataLoader workers more than one thread.
+    """
+    global _threads_explicit, _threads_decided
+    n = operator.index(n)
+    if not 1 <= n <= _C.MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be in [1, {_C.MAX_THREADS}], got {n}")
+    _C.set_num_threads(n)
+    _threads_explicit = _threads_decided = True
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels may use in this process (see :func:`set_num_threads`)."""
+    if not _threads_decided:
+        _decide_threads()
+    return int(_C.get_num_threads())
 
 
 def build_info() -> dict[str, Any]:
@@ -163,6 +223,8 @@ def pad(
     buffers (numpy arrays or CPU tensors, e.g. pinned) to write into.
     Returns ``{"input_ids", "attention_mask"?, "labels"?}`` as numpy arrays (tensors on CUDA).
     """
+    if not _threads_decided:
+        _decide_threads()
     pad_left = is_left("padding_side", padding_side)
     truncate_left = is_left("truncation_side", truncation_side)
     if _is_cuda_tensor(values):
@@ -243,31 +305,36 @@ def pad(
 _INT32 = np.iinfo(np.int32)
 
 
+def _check_fill_fits_int32(fill: int, fill_name: str) -> None:
+    if not _INT32.min <= fill <= _INT32.max:
+        raise ValueError(f"{fill_name} = {fill} does not fit the int32 output dtype")
+
+
+def _unfit_message(name: str, example: int, value: int) -> str:
+    return (
+        f"{name}: example {example} has a value ({value}) that does not fit the int32 output "
+        "dtype; use dtype=int64"
+    )
+
+
 def _check_fits_int32(
     name: str,
-    values: Any,
+    values: npt.NDArray[Any] | None,
     offsets: npt.NDArray[np.int64] | None,
     fill: int,
     fill_name: str,
 ) -> None:
-    """Raise ValueError naming the example when int32 outputs cannot hold a value or the fill.
-
-    ``values`` (numpy or a torch tensor, any device) is checked only when it is int64; only the
-    position of the first bad value comes to the host.
-    """
-    if not _INT32.min <= fill <= _INT32.max:
-        raise ValueError(f"{fill_name} = {fill} does not fit the int32 output dtype")
-    if values is None or offsets is None or str(values.dtype) not in ("int64", "torch.int64"):
+    """Raise ValueError naming the example when int32 outputs cannot hold a value or the fill
+    (host arrays; ``values`` is checked only when it is int64)."""
+    _check_fill_fits_int32(fill, fill_name)
+    if values is None or offsets is None or values.dtype != np.int64:
         return
     bad = (values > _INT32.max) | (values < _INT32.min)
     if not bad.any():
         return
-    pos = int(bad.nonzero()[0][0]) if isinstance(bad, np.ndarray) else int(bad.nonzero()[0, 0])
+    pos = int(np.argmax(bad))
     ex = int(np.searchsorted(offsets, pos, side="right")) - 1
-    raise ValueError(
-        f"{name}: example {ex} has a value ({int(values[pos])}) that does not fit the int32 "
-        "output dtype; use dtype=int64"
-    )
+    raise ValueError(_unfit_message(name, ex, int(values[pos])))
 
 
 def _max_tokens(max_length: int | None) -> int:
@@ -290,25 +357,217 @@ def _host(x: Any) -> Any:
     return x
 
 
-def _check_kept_ids_cuda(
-    values: torch.Tensor, offs: npt.NDArray[np.int64], length: int, truncate_left: bool, name: str
-) -> None:
-    """The CPU kernel's fused check on CUDA: raise naming the first example whose kept ids include
-    a negative value (one device pass; only the few negative positions come to the host)."""
-    pos = (values < 0).nonzero().flatten().cpu().numpy()
-    if pos.size == 0:
-        return
-    ex = np.searchsorted(offs, pos, side="right") - 1
-    begin, end = offs[ex], offs[ex + 1]
-    keep = np.minimum(end - begin, length)
-    src = end - keep if truncate_left else begin
-    kept = (pos >= src) & (pos < src + keep)
-    if kept.any():
-        first = int(np.argmax(kept))
+# --- CUDA ----------------------------------------------------------------------------------------
+# The CUDA paths never wait for the GPU (given host offsets): what can be checked without reading
+# the tokens is checked on the host before anything is uploaded; what needs the tokens is checked
+# by the kernel, which records the first offender for the host to read later.
+#
+# On the host, before the launch: offsets (non-decreasing, ending at the number of values), label
+# lengths, the row length, caller-given outputs (shape, dtype, device, contiguity), a pack plan
+# against the offsets (pack_check), pad_value / label_pad_value against an int32 output; the
+# binding then checks every buffer's size, dtype and device (DeviceArray). The small host arrays
+# (offsets, plan, per-piece fields) reach the device in one copy from pinned memory, asynchronous
+# on the caller's stream (a pageable copy would wait for the stream's earlier work).
+# On the device, in the kernel: negative kept ids (pad, check_ids) and ids / labels that do not fit
+# an int32 output (every value for pad, as on the CPU; the written tokens for pack_fill). The
+# kernel records the first offender and its value in a small device array, copied back
+# asynchronously; check_cuda_errors() raises the ValueError the CPU path raises at once (and each
+# later CUDA call raises it, without waiting, once that kernel has finished; verdicts still unread
+# at exit are printed). Offsets given as CUDA tensors are read back to the host, which waits: pass
+# host offsets (numpy, CPU tensors).
+
+_CUDA_BUILD_HINT = (
+    "this build of mixtape has no CUDA kernels (built with MIXTAPE_CUDA=OFF or without nvcc; see "
+    "mixtape.build_info()): pass numpy arrays or CPU tensors, or reinstall with nvcc on PATH "
+    "(MIXTAPE_CUDA=ON pip install --no-build-isolation --force-reinstall --no-deps .)"
+)
+
+
+def _require_cuda(op: str, device: Any) -> None:
+    """Raise RuntimeError saying why the CUDA kernels cannot run here, before any launch."""
+    if not _C.cuda_compiled:
+        raise RuntimeError(f"{op}: the inputs are on {device}, but {_CUDA_BUILD_HINT}")
+    if not cuda_available():
+        status = _C.cuda_status()
+        why = status["message"] or "the CUDA runtime of mixtape sees no GPU"
+        raise RuntimeError(f"{op}: the inputs are on {device}, but {why}")
+
+
+def _device_array(
+    t: torch.Tensor | None,
+    what: str,
+    device: torch.device,
+    dtypes: Sequence[torch.dtype],
+    size: int | None = None,
+) -> Any:
+    """A tensor as the DeviceArray a CUDA binding takes (None stays None), after checking it is a
+    contiguous tensor on `device` of one of `dtypes` and (if given) `size` elements: the one place
+    tensors are taken apart into addresses for a launch."""
+    if t is None:
+        return None
+    import torch
+
+    if not (
+        isinstance(t, torch.Tensor) and t.device == device and t.dtype in dtypes
+        and t.is_contiguous() and (size is None or t.numel() == size)
+    ):  # fmt: skip
+        names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        count = "" if size is None else f" of {size} elements"
         raise ValueError(
-            f"{name}: example {int(ex[first])} has a negative token id "
-            f"({int(values[int(pos[first])])}); token ids must be >= 0"
+            f"{what} must be a contiguous {names} tensor{count} on {device}, got "
+            f"{type(t).__name__} {getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ()))} "
+            f"on {getattr(t, 'device', None)}"
         )
+    index = t.device.index
+    return _C.DeviceArray(
+        ptr=int(t.data_ptr()), size=int(t.numel()), dtype=str(t.dtype).removeprefix("torch."),
+        device=-1 if index is None else int(index),
+    )  # fmt: skip
+
+
+def _upload(arrays: Sequence[npt.NDArray[Any]], device: torch.device) -> list[torch.Tensor]:
+    """Host integer arrays as device tensors of their dtype, through one pinned staging buffer
+    and one asynchronous copy on the current stream."""
+    import torch
+
+    sizes = [int(a.size) for a in arrays]
+    staging = torch.empty(max(1, sum(sizes)), dtype=torch.int64, pin_memory=True)
+    host = staging.numpy()
+    at = 0
+    for a, size in zip(arrays, sizes, strict=True):
+        host[at : at + size] = a.reshape(-1)
+        at += size
+    # The caching host allocator keeps the staging block until this copy has run.
+    dev = staging.to(device, non_blocking=True)
+    out, at = [], 0
+    for a, size in zip(arrays, sizes, strict=True):
+        t = dev[at : at + size]
+        at += size
+        out.append(t if a.dtype == np.int64 else t.to(torch.int32))  # int64 or int32 arrays
+    return out
+
+
+def _on_device(device: torch.device) -> Any:
+    """A context in which `device` is the current CUDA device."""
+    import torch
+
+    return torch.cuda.device(device)
+
+
+def _launch_stream(device: torch.device) -> Any:
+    """The caller's current stream on `device` (a torch.cuda.Stream): kernels go there."""
+    import torch
+
+    return torch.cuda.current_stream(device)
+
+
+@dataclass
+class _DeviceCheck:
+    event: Any  # torch.cuda.Event recorded after the flags' copy
+    flags: Any  # pinned host tensor the flags are copied into
+    report: Any  # Callable[[Int64Array], str | None]
+
+
+_pending_checks: collections.deque[_DeviceCheck] = collections.deque()
+_pending_lock = threading.Lock()
+
+
+def _watch(errors: torch.Tensor, stream: Any, report: Any) -> None:
+    """Copy a kernel's error flags back asynchronously (on `stream`, the launch's current
+    stream); check_cuda_errors reads them later."""
+    import torch
+
+    flags = torch.empty(errors.numel(), dtype=torch.int64, pin_memory=True)
+    flags.copy_(errors, non_blocking=True)
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    event.record(stream)
+    global _exit_check_registered
+    with _pending_lock:
+        _pending_checks.append(_DeviceCheck(event, flags, report))
+        if not _exit_check_registered:
+            atexit.register(_check_at_exit)
+            _exit_check_registered = True
+
+
+_exit_check_registered = False
+
+
+def _check_at_exit() -> None:
+    """At exit, print the verdicts nobody read (e.g. of the last batch) instead of losing them."""
+    while True:
+        try:
+            check_cuda_errors()
+            return
+        except ValueError as e:
+            print(f"mixtape: {e}", file=sys.stderr)
+        except Exception:  # a CUDA context already torn down: nothing left to report from
+            return
+
+
+def check_cuda_errors(wait: bool = True) -> None:
+    """Raise the ValueError of the first earlier CUDA ``pad`` / ``pack_fill`` call whose kernel
+    found bad inputs (a negative kept id; an id or label that does not fit an int32 output).
+
+    The CUDA paths check those on the device without waiting for it; call this where an error
+    must surface (e.g. once per step, or before using the outputs). ``wait=False`` reads only the
+    calls whose kernels have finished (every CUDA call does that first).
+    """
+    while True:
+        with _pending_lock:
+            if not _pending_checks:
+                return
+            check = _pending_checks[0]
+            if not wait and not check.event.query():
+                return
+            _pending_checks.popleft()
+        if wait:
+            check.event.synchronize()
+        message = check.report(check.flags.numpy())
+        if message is not None:
+            raise ValueError(message)
+
+
+_PAD_ERROR_SLOTS = 3  # csrc/pad/pad.h PadErrorSlot: negative id, unfit id, unfit label
+
+
+def _found_on_device(op: str, device: Any, message: str) -> str:
+    return (
+        f"{message} (found on {device} by the kernel of an earlier mixtape {op} call, whose "
+        "outputs hold wrapped or unchecked values)"
+    )
+
+
+def _pad_device_report(
+    flags: Int64Array,
+    offsets: Int64Array,
+    label_offsets: Int64Array | None,
+    name: str,
+) -> str | None:
+    """The CPU path's error for the flags a CUDA pad kernel recorded: positions (-1: none) in
+    PadErrorSlot order, then the values at them; unfit values first, as the CPU path checks them
+    before its kernel runs."""
+    pos, val = flags[:_PAD_ERROR_SLOTS], flags[_PAD_ERROR_SLOTS:]
+
+    def example(p: int, offs: Int64Array) -> int:
+        return int(np.searchsorted(offs, p, side="right")) - 1
+
+    if pos[1] >= 0:
+        return _unfit_message(name, example(int(pos[1]), offsets), int(val[1]))
+    if pos[2] >= 0 and label_offsets is not None:
+        return _unfit_message("labels", example(int(pos[2]), label_offsets), int(val[2]))
+    if pos[0] >= 0:
+        return (
+            f"{name}: example {example(int(pos[0]), offsets)} has a negative token id "
+            f"({int(val[0])}); token ids must be >= 0"
+        )
+    return None
+
+
+def _host_offsets(offsets: Any, name: str) -> Int64Array:
+    """Offsets on the host (a CUDA tensor is copied back: the one wait of the CUDA paths)."""
+    if _is_cuda_tensor(offsets):
+        offsets = offsets.cpu()
+    return as_offsets(_host(offsets), name)
 
 
 def _pad_cuda(
@@ -333,13 +592,13 @@ def _pad_cuda(
 ) -> dict[str, Any]:
     import torch
 
-    if not _C.cuda_compiled:
-        raise RuntimeError("mixtape was built without CUDA kernels (MIXTAPE_CUDA=OFF or no nvcc)")
     dev = values.device
+    _require_cuda("pad", dev)
+    check_cuda_errors(wait=False)
     if values.dtype not in (torch.int32, torch.int64) or values.dim() != 1:
         raise TypeError(f"{name}: CUDA values must be a 1-D int32/int64 tensor, got {values.dtype}")
-    # Offsets are checked on the host: the kernel trusts them.
-    offs_host = as_offsets(torch.as_tensor(offsets).cpu().numpy(), f"{name} offsets")
+    # Host checks: the kernel trusts the offsets.
+    offs_host = _host_offsets(offsets, f"{name} offsets")
     n = offs_host.size - 1
     if n > 0 and (np.any(np.diff(offs_host) < 0) or offs_host[-1] != values.numel()):
         raise ValueError(f"{name}: offsets must be non-decreasing and end at {values.numel()}")
@@ -348,16 +607,14 @@ def _pad_cuda(
         length = padded_length(longest, max_length, pad_to_multiple_of)
     elif length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
-    if check_ids:
-        _check_kept_ids_cuda(values, offs_host, length, truncate_left, name)
-    offs = torch.from_numpy(offs_host).to(dev, non_blocking=True)
-    lab_v = lab_o = None
+    lab_v: torch.Tensor | None = None
+    lo: Int64Array | None = None
     if labels is not None:
-        lab_v = torch.as_tensor(labels, device=dev)
+        lab_v = torch.as_tensor(labels, device=dev)  # host labels: a (waiting) pageable copy
         if lab_v.dtype != values.dtype:  # the kernel reads both with one type: the wider
             values, lab_v = values.to(torch.int64), lab_v.to(torch.int64)
         lab_v = lab_v.contiguous()
-        lo = as_offsets(torch.as_tensor(label_offsets).cpu().numpy(), "labels offsets")
+        lo = _host_offsets(label_offsets, "labels offsets")
         if lo.size != offs_host.size or lo[-1] != lab_v.numel():  # the kernel trusts them
             raise ValueError(
                 f"labels: offsets have {lo.size} entries ending at {int(lo[-1])} for "
@@ -366,13 +623,11 @@ def _pad_cuda(
         if not np.array_equal(np.diff(lo), np.diff(offs_host)):
             bad = int(np.argmax(np.diff(lo) != np.diff(offs_host)))
             raise ValueError(f"labels of example {bad} differ in length from its {name}")
-        lab_o = torch.from_numpy(lo).to(dev)
     tdtype = torch.int64 if np.dtype(dtype) == np.int64 else torch.int32
-    if tdtype == torch.int32:  # the kernel's C cast would wrap wider values silently
-        _check_fits_int32(name, values, offs_host, pad_value, "pad_value")
+    if tdtype == torch.int32:  # the values are checked by the kernel
+        _check_fill_fits_int32(pad_value, "pad_value")
         if return_labels:
-            lab_offs = None if lab_v is None else lo
-            _check_fits_int32("labels", lab_v, lab_offs, label_pad_value, "label_pad_value")
+            _check_fill_fits_int32(label_pad_value, "label_pad_value")
     result: dict[str, Any] = {}
     for key, want in (("input_ids", True), ("attention_mask", return_mask),
                       ("labels", return_labels)):  # fmt: skip
@@ -390,20 +645,36 @@ def _pad_cuda(
             result[key] = given if given is not None else torch.empty(
                 (n, length), dtype=tdtype, device=dev
             )
-
-    def ptr(t: Any) -> int:
-        return int(t.data_ptr()) if t is not None else 0
-
+    # The launch: nothing below waits for the device.
+    narrows = tdtype == torch.int32 and values.dtype == torch.int64
+    watch = check_ids or narrows
     vals = values.contiguous()  # held until the launch (a temporary would be freed before)
-    with torch.cuda.device(dev):  # launch on the tensors' GPU, not the current one
+    with _on_device(dev):  # launch on the tensors' GPU, not the current one
+        uploads = _upload([offs_host] + ([lo] if lo is not None else []), dev)
+        errors = torch.empty(2 * _PAD_ERROR_SLOTS, dtype=torch.int64, device=dev) if watch else None
+        stream = _launch_stream(dev)
+        ints = (torch.int32, torch.int64)
         _C.pad_cuda(
-            ptr(vals), ptr(offs), n, ptr(lab_v), ptr(lab_o),
-            32 if vals.dtype == torch.int32 else 64, 32 if tdtype == torch.int32 else 64,
-            length, _max_tokens(max_length), pad_left, truncate_left, pad_value, label_pad_value,
-            shift_labels, ptr(result["input_ids"]), ptr(result.get("attention_mask")),
-            ptr(result.get("labels")),
-            torch.cuda.current_stream(dev).cuda_stream,
+            values=_device_array(vals, "values", dev, ints),
+            offsets=_device_array(uploads[0], "offsets", dev, (torch.int64,)),
+            label_values=_device_array(lab_v, "labels", dev, ints),
+            label_offsets=_device_array(uploads[1] if lo is not None else None,
+                                        "label offsets", dev, (torch.int64,)),
+            out_ids=_device_array(result["input_ids"], "out['input_ids']", dev, (tdtype,)),
+            out_mask=_device_array(result.get("attention_mask"), "out['attention_mask']", dev,
+                                   (tdtype,)),
+            out_labels=_device_array(result.get("labels"), "out['labels']", dev, (tdtype,)),
+            errors=_device_array(errors, "errors", dev, (torch.int64,)),
+            length=length, max_tokens=_max_tokens(max_length), pad_left=pad_left,
+            truncate_left=truncate_left, pad_value=pad_value, label_pad_value=label_pad_value,
+            shift_labels=shift_labels, check_negative=check_ids, stream=int(stream.cuda_stream),
         )  # fmt: skip
+        if errors is not None:
+            label_offs = lo if lab_v is not None else None
+            _watch(errors, stream, lambda flags: (
+                None if (m := _pad_device_report(flags, offs_host, label_offs, name)) is None
+                else _found_on_device("pad", dev, m)
+            ))  # fmt: skip
     return result
 
 
@@ -694,6 +965,8 @@ def pack_fill(
     ``out`` supplies token-field buffers to write into (host only; e.g. pinned, reused between
     batches: a fresh 240 MB output costs more in page faults than the fill itself).
     """
+    if not _threads_decided:
+        _decide_threads()
     check_choice("layout", layout, PACK_LAYOUTS)
     if isinstance(fields, str):
         raise TypeError(f"fields must be a sequence of names, got the string {fields!r}")
@@ -705,6 +978,11 @@ def pack_fill(
     if out_dtype not in INDEX_DTYPES:
         raise TypeError(f"dtype must be int32 or int64, got {out_dtype}")
     flat = layout == "flat"
+    if out_dtype == np.int32:  # the token values themselves are checked by the kernel
+        if "input_ids" in wanted:
+            _check_fill_fits_int32(pad_value, "pad_value")
+        if "labels" in wanted:
+            _check_fill_fits_int32(label_pad_value, "label_pad_value")
     if _is_cuda_tensor(values):
         if out:
             raise ValueError("pack_fill: out= buffers are supported for host (CPU) fills only")
@@ -744,7 +1022,7 @@ def pack_fill(
             )
         buf[key] = arr
         result[key] = given
-    _C.pack_fill(
+    unfit = _C.pack_fill(
         vals, offs, plan.row_offsets, plan.doc, plan.start, plan.length, plan.column,
         capacity=plan.capacity, flat=flat, pad_value=pad_value, label_pad_value=label_pad_value,
         position_start=position_start, out_ids=buf.get("input_ids"),
@@ -752,7 +1030,20 @@ def pack_fill(
         out_seq_idx=buf.get("seq_idx"), out_loss_mask=buf.get("loss_mask"),
         elementwise=_elementwise,
     )  # fmt: skip
+    if unfit >= 0:
+        raise ValueError(_pack_unfit_message(wanted, offs, unfit, int(vals[unfit])))
     return {k: result[k] for k in PACK_FIELDS if k in wanted}
+
+
+def _pack_unfit_message(wanted: set[str], offsets: Int64Array, pos: int, value: int) -> str:
+    """pack_fill's error for a token (index `pos` into the values) that an int32 output cannot
+    hold: the field, the document, the position in it and the value."""
+    doc = int(np.searchsorted(offsets, pos, side="right")) - 1
+    field = "input_ids" if "input_ids" in wanted else "labels"
+    return (
+        f"pack_fill {field}: document {doc} has a token id ({value}) at position "
+        f"{pos - int(offsets[doc])} that does not fit the int32 output dtype; use dtype=int64"
+    )
 
 
 def _pack_fill_cuda(
@@ -769,15 +1060,15 @@ def _pack_fill_cuda(
 ) -> dict[str, Any]:
     import torch
 
-    if not _C.cuda_compiled:
-        raise RuntimeError("mixtape was built without CUDA kernels (MIXTAPE_CUDA=OFF or no nvcc)")
     dev = values.device
+    _require_cuda("pack_fill", dev)
+    check_cuda_errors(wait=False)
     if values.dtype not in (torch.int32, torch.int64) or values.dim() != 1:
         raise TypeError(
             f"pack_fill: CUDA values must be a 1-D int32/int64 tensor, got {values.dtype} "
             f"with shape {tuple(values.shape)}"
         )
-    offs_host = as_offsets(torch.as_tensor(offsets).cpu().numpy(), "pack_fill offsets")
+    offs_host = _host_offsets(offsets, "pack_fill offsets")
     if offs_host.size != plan.num_docs + 1:
         raise ValueError(
             f"offsets has {offs_host.size} entries but the plan indexes {plan.num_docs} "
@@ -791,39 +1082,58 @@ def _pack_fill_cuda(
         capacity=plan.capacity,
     )  # fmt: skip
     host = _piece_fields(plan, wanted, flat, cu_seqlens_size)
-    result: dict[str, Any] = {
-        k: (torch.from_numpy(v).to(dev) if isinstance(v, np.ndarray) else v)
-        for k, v in host.items()
-    }
     shape = (1, tokens) if flat else (plan.num_rows, plan.capacity)
     tdtype = torch.int64 if out_dtype == np.int64 else torch.int32
     dtypes = {"input_ids": tdtype, "labels": tdtype, "position_ids": torch.int64,
               "seq_idx": torch.int32, "loss_mask": torch.bool}  # fmt: skip
-    buf = {k: torch.empty(shape, dtype=dtypes[k], device=dev) for k in _TOKEN_FIELDS
-           if k in wanted}  # fmt: skip
-    dev_arrays = {k: torch.from_numpy(getattr(plan, k)).to(dev) for k in _PLAN_ARRAYS}
-    flat_offsets = None
-    if flat:
-        fo = np.zeros(plan.num_pieces + 1, dtype=np.int64)
-        np.cumsum(plan.length, out=fo[1:])
-        flat_offsets = torch.from_numpy(fo).to(dev)
-    offs = torch.from_numpy(offs_host).to(dev)
-    vals = values.contiguous()
+    # The launch: nothing below waits for the device.
+    narrows = tdtype == torch.int32 and values.dtype == torch.int64
+    watch = narrows and bool(wanted & {"input_ids", "labels"})
+    vals = values.contiguous()  # held until the launch
+    with _on_device(dev):  # launch on the tensors' GPU, not the current one
+        small = [offs_host] + [getattr(plan, k) for k in _PLAN_ARRAYS]
+        if flat:
+            fo = np.zeros(plan.num_pieces + 1, dtype=np.int64)
+            np.cumsum(plan.length, out=fo[1:])
+            small.append(fo)
+        arrays = {k: v for k, v in host.items() if isinstance(v, np.ndarray)}
+        uploaded = _upload(small + list(arrays.values()), dev)
+        d_offs, d_plan = uploaded[0], dict(zip(_PLAN_ARRAYS, uploaded[1:6], strict=True))
+        d_flat = uploaded[6] if flat else None
+        result: dict[str, Any] = dict(host)
+        result.update(zip(arrays, uploaded[len(small) :], strict=True))
+        buf = {k: torch.empty(shape, dtype=dtypes[k], device=dev) for k in _TOKEN_FIELDS
+               if k in wanted}  # fmt: skip
+        errors = torch.empty(2, dtype=torch.int64, device=dev) if watch else None
+        stream = _launch_stream(dev)
+        i64 = (torch.int64,)
 
-    def ptr(t: Any) -> int:
-        return int(t.data_ptr()) if t is not None else 0
+        def arg(key: str, t: torch.Tensor | None, dtypes: Sequence[torch.dtype] = i64) -> Any:
+            return _device_array(t, key, dev, dtypes)
 
-    with torch.cuda.device(dev):  # launch on the tensors' GPU, not the current one
         _C.pack_fill_cuda(
-            ptr(vals), ptr(offs), plan.num_docs, ptr(dev_arrays["row_offsets"]),
-            ptr(dev_arrays["doc"]), ptr(dev_arrays["start"]), ptr(dev_arrays["length"]),
-            ptr(dev_arrays["column"]), ptr(flat_offsets), plan.num_rows, plan.num_pieces,
-            shape[0] * shape[1], 32 if vals.dtype == torch.int32 else 64,
-            32 if tdtype == torch.int32 else 64, plan.capacity, flat, pad_value,
-            label_pad_value, position_start, ptr(buf.get("input_ids")), ptr(buf.get("labels")),
-            ptr(buf.get("position_ids")), ptr(buf.get("seq_idx")), ptr(buf.get("loss_mask")),
-            torch.cuda.current_stream(dev).cuda_stream,
+            values=arg("values", vals, (torch.int32, torch.int64)), offsets=arg("offsets", d_offs),
+            row_offsets=arg("row_offsets", d_plan["row_offsets"]), doc=arg("doc", d_plan["doc"]),
+            start=arg("start", d_plan["start"]), length=arg("length", d_plan["length"]),
+            column=arg("column", d_plan["column"]), flat_offsets=arg("flat_offsets", d_flat),
+            out_ids=arg("input_ids", buf.get("input_ids"), (tdtype,)),
+            out_labels=arg("labels", buf.get("labels"), (tdtype,)),
+            out_positions=arg("position_ids", buf.get("position_ids")),
+            out_seq_idx=arg("seq_idx", buf.get("seq_idx"), (torch.int32,)),
+            out_loss_mask=arg("loss_mask", buf.get("loss_mask"), (torch.bool,)),
+            errors=arg("errors", errors), capacity=plan.capacity, tokens=tokens, flat=flat,
+            pad_value=pad_value, label_pad_value=label_pad_value, position_start=position_start,
+            stream=int(stream.cuda_stream),
         )  # fmt: skip
+        if errors is not None:
+
+            def report(flags: Int64Array) -> str | None:
+                if flags[0] < 0:
+                    return None
+                message = _pack_unfit_message(wanted, offs_host, int(flags[0]), int(flags[1]))
+                return _found_on_device("pack_fill", dev, message)
+
+            _watch(errors, stream, report)
     # The device copies of the plan may be freed on return: the caching allocator reuses them only
     # for work ordered after this kernel on the same stream.
     result.update(buf)
@@ -844,6 +1154,8 @@ def block_causal_mask(
     """
     import torch
 
+    if not _threads_decided:
+        _decide_threads()
     s = torch.as_tensor(seq_idx)
     if s.dim() != 2:
         raise ValueError(f"seq_idx must be [rows, C], got shape {tuple(s.shape)}")
