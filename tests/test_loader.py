@@ -273,3 +273,23 @@ def test_memory_does_not_grow_with_batches() -> None:
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kb < 50_000, f"resident memory grew by {grown_kb} KB over 10k batches"
     assert len(loader._cursors) == 0
+
+
+
+def test_schedule_counts_training_steps() -> None:
+    from mixtape import WeightScheduler
+
+    sched = WeightScheduler([(0, {"a": 1, "b": 0, "c": 0}), (5, {"a": 0, "b": 0, "c": 1})])
+
+    def scheduled(batch_size: int) -> MixedDataset:
+        return MixedDataset({"a": ds(0, 200), "b": ds(1000, 100), "c": ds(2000, 50)},
+                            schedule=sched, seed=1, batch_size=batch_size)  # fmt: skip
+
+    with pytest.raises(ValueError, match="batch_size=4"):
+        get_loader(scheduled(1), 4)  # steps of 1 example: the schedule would run 4x too fast
+    src = [set(b["source_ids"].tolist()) for b in take(get_loader(scheduled(4), 4), 10)]
+    assert src[:5] == [{0}] * 5 and src[5:] == [{2}] * 5
+    for workers in (0, 2):  # packed: the loader applies it at the batches of each step
+        got = take(get_loader(scheduled(1), 4, num_workers=workers, **PACKED), 10)
+        ids = [set(b["source_ids"][b["source_ids"] >= 0].tolist()) for b in got]
+        assert ids[:5] == [{0}] * 5 and all(s == {2} for s in ids[6:])  # batch 5 may carry a

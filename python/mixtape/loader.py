@@ -38,6 +38,7 @@ from mixtape.collate.sources import DOC_SOURCE_IDS
 from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
 from mixtape.mixing import MixedDataset, MixPlan, mixture_weights
 from mixtape.ops import Int64Array, gather_rows, normalize_weights, pack_plan
+from mixtape.schedule import WeightScheduler
 
 __all__ = ["DataLoaderFactory", "Loader", "get_loader"]
 
@@ -303,8 +304,11 @@ class Loader:
         self.rank, self.world_size, self.horizon = c.rank, c.world_size, c.horizon
         self.exact = isinstance(dataset, MixedDataset) and dataset.random_access
         self.mixed: MixedDataset = dataset if self.exact else None  # type: ignore[assignment]
+        self._schedule: WeightScheduler | None = None
+        self._schedule_every = 1
         if self.exact:
             self.source_names = list(dataset.source_names)
+            self._take_schedule(dataset)
             collate = self.config.build_collate_fn()
             if collate is None and not self.config.packing:
                 from mixtape.collate import create_causal_lm_collate
@@ -352,14 +356,51 @@ class Loader:
     def _global(self, local: int) -> int:
         return local * self.world_size + self.rank
 
+    def _take_schedule(self, mixed: MixedDataset) -> None:
+        """A weight schedule counts training steps. Unpacked, step ``t`` is positions
+        ``t * batch_size * world_size`` on, which the mixture must agree with; packed, documents
+        per step vary, so the loader applies the schedule itself, at the batches of each step."""
+        if mixed.schedule is None:
+            return
+        per_step = self.config.batch_size * self.world_size
+        if not self.config.packing:
+            if mixed.batch_size != per_step:
+                raise ValueError(
+                    f"the mixture's weight schedule counts steps of {mixed.batch_size} examples, "
+                    f"but this loader takes {per_step} per step (batch_size "
+                    f"{self.config.batch_size} x world_size {self.world_size}): build the "
+                    f"MixedDataset with batch_size={per_step}"
+                )
+            return
+        if mixed.position or len(mixed.weight_timeline) > 1:
+            raise ValueError("a packing loader applies the mixture's schedule itself: give it a "
+                             "fresh MixedDataset (no update_weights, not iterated)")  # fmt: skip
+        self._schedule = mixed.schedule
+        # Steps between weight entries: the mixture's schedule_every if given; else every step
+        # for a step schedule (its weights change only at its points), 10 for linear / cosine.
+        self._schedule_every = (mixed.schedule_every if mixed.schedule_every_given
+                                else 1 if mixed.schedule.interpolation == "step" else 10)
+        mixed.end_schedule(0)  # the mixture no longer materialises it by position
+
     def _apply_updates(self, batch: int, position: int) -> bool:
-        """Weight updates due by ``batch`` go into the mixture's timeline at ``position``."""
+        """Weight updates due by ``batch`` go into the mixture's timeline at ``position``; with
+        packing, so do the schedule's weights of this batch's step."""
+        changed = False
         due = [(e, w) for e, w in self._pending if e <= batch]
         if due:
             self._pending = [(e, w) for e, w in self._pending if e > batch]
+            self._schedule = None  # an update replaces the schedule from here on
             for _, w in due:
                 self.mixed.update_weights(w, position=position)
-        return bool(due)
+            changed = True
+        if self._schedule is not None:
+            step = batch // self.world_size // self._schedule_every * self._schedule_every
+            named = self._schedule.get_weights(step)
+            target = np.asarray([named[n] for n in self.source_names], dtype=np.float64)
+            if not np.array_equal(target, self.mixed.weights_at(position)):
+                self.mixed.update_weights(target.tolist(), position=position)
+                changed = True
+        return changed
 
     def _lengths(self, plan: MixPlan) -> Int64Array:
         """Token counts of the planned documents (lengths read once per source, from offsets)."""
@@ -382,8 +423,7 @@ class Loader:
         if planner.next_batch == k:
             return planner.cursor()
         mix = self.mixed
-        saved = (copy.deepcopy(mix._sampler), mix._scheduled_until, mix._schedule_end,
-                 list(self._pending))  # fmt: skip
+        saved = (mix.planning_state(), list(self._pending), self._schedule)
         try:
             probe = copy.copy(planner)
             probe.carry = [list(c) for c in planner.carry]
@@ -391,8 +431,8 @@ class Loader:
                 pass
             return probe.cursor()
         finally:
-            mix._sampler, mix._scheduled_until, mix._schedule_end, self._pending = saved
-            mix._version += 1
+            mix.restore_planning_state(saved[0])
+            self._pending, self._schedule = saved[1], saved[2]
 
     def _start_requests(self) -> None:
         """Plan from the first batch this rank has not consumed."""
@@ -517,7 +557,7 @@ class Loader:
             mix = self.mixed
             timeline = [[p, [w[n] for n in self.source_names]] for p, w in mix.weight_timeline]
             state["timeline"] = timeline
-            state["schedule_end"] = mix._schedule_end
+            state["schedule"] = self._schedule is not None
             if self._planner is not None:
                 position, carry = self._cursor(self._global(self._consumed))
                 state["cursor"] = {"position": position, "carry": carry}
@@ -535,11 +575,13 @@ class Loader:
             raise ValueError(f"state was saved with world_size {state['world_size']}, this "
                              f"loader has {self.world_size}")  # fmt: skip
         self._consumed = int(state["batches"])
+        if self.exact and not state.get("schedule", True):
+            self._schedule = None  # an update had replaced it
         self._pending = [(int(e), [float(x) for x in w]) for e, w in state["pending"]]
         if self.exact:
             mix = self.mixed
             for p, w in state["timeline"][1:]:
-                if int(p) >= mix._sampler.weight_timeline[-1][0]:
+                if int(p) >= mix.weight_timeline[-1][0]:
                     mix.update_weights(w, position=int(p))
             if self._planner is not None:
                 cur = state["cursor"]

@@ -195,6 +195,7 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
                 raise ValueError("give weights or schedule, not both (the schedule's first point "
                                  "is the starting mixture)")  # fmt: skip
         self.schedule = schedule
+        self.schedule_every_given = schedule_every is not None
         if schedule_every is None:
             schedule_every = max(1, self._sampler.block_size // self.batch_size)
         self.schedule_every = ops.check_int("schedule_every", schedule_every, 1, 1 << 40)
@@ -255,6 +256,26 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         """The normalised weights in force at the next position this process yields."""
         w = self._weights_at(self._position)
         return dict(zip(self.source_names, w.tolist(), strict=True))
+
+    def weights_at(self, position: int) -> npt.NDArray[np.float64]:
+        """The normalised weights in force at ``position`` (in source order)."""
+        out: npt.NDArray[np.float64] = self._weights_at(position).copy()
+        return out
+
+    def end_schedule(self, position: int) -> None:
+        """Stop materialising the schedule from ``position`` on (an owner, such as a packing
+        loader, applies it by training step instead)."""
+        self._schedule_end = position if self._schedule_end is None else min(
+            position, self._schedule_end)  # fmt: skip
+
+    def planning_state(self) -> tuple[Any, ...]:
+        """An opaque copy of what planning changes (sampler, schedule markers), to plan ahead on
+        trial and put back with :meth:`restore_planning_state`."""
+        return (copy.deepcopy(self._sampler), self._scheduled_until, self._schedule_end)
+
+    def restore_planning_state(self, state: tuple[Any, ...]) -> None:
+        self._sampler, self._scheduled_until, self._schedule_end = state
+        self._version += 1
 
     def _weights_at(self, position: int) -> npt.NDArray[np.float64]:
         self._extend_schedule(position + 1)
