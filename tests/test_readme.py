@@ -14,5 +14,6 @@ def test_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     assert blocks, "README.md has no python block"
     namespace: dict[str, object] = {}
-    exec(compile(blocks[0], str(README), "exec"), namespace)
+    for block in blocks:  # every python block, in order, as a reader would paste them
+        exec(compile(block, str(README), "exec"), namespace)
     assert "efficiency" in capsys.readouterr().out
