@@ -293,3 +293,21 @@ def test_schedule_counts_training_steps() -> None:
         got = take(get_loader(scheduled(1), 4, num_workers=workers, **PACKED), 10)
         ids = [set(b["source_ids"][b["source_ids"] >= 0].tolist()) for b in got]
         assert ids[:5] == [{0}] * 5 and all(s == {2} for s in ids[6:])  # batch 5 may carry a
+
+
+def test_overflow_policies_of_the_packing_loader() -> None:
+    long = datasets.Dataset.from_dict({"input_ids": [[5] * 40, [6] * 3] * 10})
+    mixed = lambda: MixedDataset({"long": long})  # noqa: E731
+    opts = {**PACKED, "max_length": 16}
+    split = take(get_loader(mixed(), 4, **opts), 3)
+    assert all((b["input_ids"] == 5).sum() > 0 for b in split)  # pieces of the long documents
+    trunc = take(get_loader(mixed(), 4, overflow="truncate", **opts), 2)
+    assert sum(int((b["input_ids"] == 5).sum()) for b in trunc) % 16 == 0
+    loader = get_loader(mixed(), 4, overflow="drop", **opts)
+    dropped = take(loader, 2)
+    assert all(int((b["input_ids"] == 5).sum()) == 0 for b in dropped)
+    assert loader.dropped_docs > 0 and loader.state_dict()["dropped_docs"] == loader.dropped_docs
+    with pytest.raises(ValueError, match=r"source .long. row \d+ has 40 tokens"):
+        take(get_loader(mixed(), 4, overflow="error", **opts), 1)
+    with pytest.raises(ValueError, match="overflow"):
+        get_loader(mixed(), 4, overflow="wrap", **opts)

@@ -37,7 +37,7 @@ import torch.utils.data
 from mixtape.collate.sources import DOC_SOURCE_IDS
 from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
 from mixtape.mixing import MixedDataset, MixPlan, mixture_weights
-from mixtape.ops import Int64Array, gather_rows, normalize_weights, pack_plan
+from mixtape.ops import OVERFLOW_POLICIES, Int64Array, gather_rows, normalize_weights, pack_plan
 from mixtape.schedule import WeightScheduler
 
 __all__ = ["DataLoaderFactory", "Loader", "get_loader"]
@@ -203,6 +203,20 @@ class _PackPlanner:
                 self.ended = True
                 break
             plan, doc_len = got
+            long = doc_len > cap
+            if long.any() and lo.overflow == "error":
+                i = int(np.argmax(long))
+                raise ValueError(
+                    f"source {lo.source_names[int(plan.sources[i])]!r} row {int(plan.rows[i])} "
+                    f"has {int(doc_len[i])} tokens, more than max_length={cap} "
+                    "(overflow='error'; 'split', 'truncate' or 'drop' to go on)"
+                )
+            if long.any() and lo.overflow == "drop":  # counted, never silent
+                lo.dropped_docs += int(long.sum())
+                keep = ~long
+                plan = MixPlan(plan.start, plan.sources[keep], plan.rows[keep],
+                               plan.ordinals[keep])  # fmt: skip
+                doc_len = doc_len[keep]
             if lo.overflow == "truncate":
                 doc_len = np.minimum(doc_len, cap)
             pieces = -(-doc_len // cap)  # a document longer than a row: row-sized pieces
@@ -292,7 +306,10 @@ class Loader:
                  column: str = "input_ids") -> None:  # fmt: skip
         self.dataset = dataset
         self.config = config.resolved()
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {list(OVERFLOW_POLICIES)}, got {overflow!r}")
         self.overflow = overflow
+        self.dropped_docs = 0  # documents longer than a row dropped by overflow="drop"
         self.column = column
         self.capacity = int(self.config.max_length or 0)
         self._consumed = 0  # batches this rank's trainer received
@@ -552,6 +569,7 @@ class Loader:
             "world_size": self.world_size,
             "pending": [[e, w] for e, w in self._pending],
             "epoch": self._epoch,
+            "dropped_docs": self.dropped_docs,
         }
         if self.exact:
             mix = self.mixed
@@ -588,6 +606,7 @@ class Loader:
                 carry = [[int(x) for x in c] for c in cur["carry"]]
                 self._cursors[self._global(self._consumed)] = (int(cur["position"]), carry)
         self._epoch = int(state.get("epoch", 0))
+        self.dropped_docs = int(state.get("dropped_docs", 0))
         if self._sampler is not None:
             self._sampler.epoch = self._epoch
 
