@@ -104,6 +104,12 @@ def test_builder_errors_name_the_missing_call() -> None:
         DataLoaderBuilder().with_dataset(mixed()).with_batch_size(0).build()
     with pytest.raises(ValueError, match=r"not DataLoaderConfig fields"):
         DataLoaderBuilder().with_options(batchsize=3)
+    with pytest.raises(ValueError, match=r"overflow='drop'"):
+        DataLoaderBuilder().with_packing("bfd", max_length=16, attention="sdpa", overflow="drop")
+    with pytest.raises(ValueError, match=r"causal_lm' collator does not read"):
+        DataLoaderBuilder().with_dataset(mixed()).with_batch_size(2).with_options(
+            packing="bfd", max_length=16, collate_fn="causal_lm",
+            collate_kwargs={"pad_token_id": 0}).build()
 
 
 def test_builder_distributed_ranks_interleave_the_single_process_batches() -> None:

@@ -298,3 +298,19 @@ def test_build_from_config_errors(tmp_path: Path, tok: Any) -> None:
     b = take(loader, 1)[0]
     assert b["input_ids"].shape[0] == 4 and b["input_ids"].shape[1] <= 64
     assert "cu_seq_lens_q" in b and "attention_mask" not in b  # flash: varlen kwargs
+
+
+def test_packing_given_in_the_loader_section(tmp_path: Path, tok: Any) -> None:
+    write_example_data(tmp_path)
+    extra = "  packing: bfd\n  max_length: 48\n"
+    (tmp_path / "data.yaml").write_text(YAML.replace("tokenizer: ./tok\n", "") + extra,
+                                        encoding="utf-8")  # fmt: skip
+    _, loader = build_from_config(tmp_path / "data.yaml", tokenizer=tok, attention="eager")
+    b = take(loader, 1)[0]
+    assert b["input_ids"].shape[0] == 4 and b["input_ids"].shape[1] <= 48
+    assert b["attention_mask"].dim() == 4 and b["source_ids"].shape == b["input_ids"].shape
+    (tmp_path / "bad.yaml").write_text(
+        YAML.replace("tokenizer: ./tok\n", "") + extra + "  collate_fn: causal_lm\n",
+        encoding="utf-8")  # fmt: skip
+    with pytest.raises(ValueError, match=r"collate_fn='causal_lm' with packing"):
+        build_from_config(tmp_path / "bad.yaml", tokenizer=tok)

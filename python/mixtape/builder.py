@@ -34,6 +34,14 @@ _LOADER_OWN = ("overflow", "column")  # Loader arguments that are not DataLoader
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(DataLoaderConfig))
 # Text collators whose first argument is the pad id (filled from the tokenizer when not given).
 _PAD_COLLATORS = ("padding", "causal_lm", "seq2seq", "packed")
+LOADER_OVERFLOW = ("split", "truncate")  # what the loader's per-batch packer implements
+
+
+def check_loader_overflow(where: str, overflow: object) -> None:
+    """The loader packs with ``split`` or ``truncate``; other policies would be ignored."""
+    if overflow not in LOADER_OVERFLOW:
+        raise ValueError(f"{where}={overflow!r}: the loader packs with {list(LOADER_OVERFLOW)} "
+                         f"(long documents split into row-sized pieces, or truncated)")
 
 
 def _default_shuffle(dataset: Any) -> bool:
@@ -96,6 +104,7 @@ class DataLoaderBuilder:
         """Pack documents into ``max_length``-token rows with ``strategy`` (a planner strategy),
         collated by the ``packed`` collator with ``attention`` ("flash" | "sdpa" | "eager"; or
         ``model=`` / ``config=`` in ``collate_kwargs``). Needs a :class:`MixedDataset`."""
+        check_loader_overflow("DataLoaderBuilder.with_packing: overflow", overflow)
         kw = dict(collate_kwargs)
         if attention is not None:
             kw["attention"] = attention
@@ -142,6 +151,8 @@ class DataLoaderBuilder:
     def with_options(self, **options: Any) -> DataLoaderBuilder:
         """Any other :class:`DataLoaderConfig` field, or the loader's ``overflow`` / ``column``."""
         own = {k: options.pop(k) for k in _LOADER_OWN if k in options}
+        if "overflow" in own:
+            check_loader_overflow("DataLoaderBuilder.with_options: overflow", own["overflow"])
         unknown = sorted(set(options) - _CONFIG_FIELDS)
         if unknown:
             raise ValueError(f"DataLoaderBuilder.with_options: {unknown} are not DataLoaderConfig "
@@ -155,6 +166,12 @@ class DataLoaderBuilder:
         if "batch_size" not in self.options:
             raise ValueError("DataLoaderBuilder: no batch size; call .with_batch_size(n)")
         opts = dict(self.options)
+        collate = opts.get("collate_fn")
+        if opts.get("packing") is not None and isinstance(collate, str) and collate != "packed":
+            raise ValueError(f"DataLoaderBuilder: packing={opts['packing']!r} makes packed rows, "
+                             f"which the {collate!r} collator does not read; use "
+                             f"with_packing(..., attention=...) or "
+                             f"collate_fn='packed'")  # fmt: skip
         if "shuffle" not in opts:
             opts["shuffle"] = True if self.dataset is None else _default_shuffle(self.dataset)
         return DataLoaderConfig(**opts)

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mixtape.builder import _PAD_COLLATORS, _pad_id
+from mixtape.builder import _PAD_COLLATORS, _pad_id, check_loader_overflow
 from mixtape.config import (
     DataConfig,
     MixtureConfig,
@@ -55,7 +55,6 @@ __all__ = [
 LoadStageConfig = DataLoaderConfig
 """The load stage is the loader's config itself."""
 
-_LOADER_OVERFLOW = ("split", "truncate")  # what the loader's per-batch packer implements
 # PackingConfig fields the loader's per-batch packer does not use (they belong to
 # pack_sequences / PackingStream), with their defaults: another value would be ignored.
 _UNUSED_BY_LOADER = {"max_docs_per_row": None, "align": 1, "buffer_size": 1024, "min_fill": 0.99}
@@ -320,11 +319,9 @@ def _loader_config(cfg: DataConfig, pad_id: int, attention: str | None) -> DataL
                 raise ValueError(f"packing.{key}={getattr(pk, key)!r} is not used by the "
                                  f"loader's per-batch packer (it belongs to pack_sequences / "
                                  f"PackingStream): leave it at {default!r}")  # fmt: skip
-        if pk.overflow not in _LOADER_OVERFLOW:
-            raise ValueError(f"packing.overflow={pk.overflow!r}: the loader packs with "
-                             f"{list(_LOADER_OVERFLOW)} (split long documents into row-sized "
-                             f"pieces, or truncate them)")  # fmt: skip
+        check_loader_overflow("packing.overflow", pk.overflow)
         kw.update(packing=pk.strategy, max_length=pk.max_length)
+    if pk is not None or ld.packing is not None:
         collate_kwargs = dict(ld.collate_kwargs)
         if ld.collate_fn is None or ld.collate_fn == "packed":
             if attention is not None:
@@ -334,9 +331,13 @@ def _loader_config(cfg: DataConfig, pad_id: int, attention: str | None) -> DataL
                                  "pass attention='flash' | 'sdpa' | 'eager', or set "
                                  "loader.collate_fn: packed and loader.collate_kwargs."
                                  "attention in the config")  # fmt: skip
-            collate_kwargs.setdefault("pad_token_id", pk.pad_value)
-            collate_kwargs.setdefault("label_pad_token_id", pk.label_pad_value)
+            collate_kwargs.setdefault("pad_token_id", pad_id if pk is None else pk.pad_value)
+            if pk is not None:
+                collate_kwargs.setdefault("label_pad_token_id", pk.label_pad_value)
             kw.update(collate_fn="packed", collate_kwargs=collate_kwargs)
+        elif isinstance(ld.collate_fn, str):
+            raise ValueError(f"loader.collate_fn={ld.collate_fn!r} with packing: packed rows "
+                             f"are read by the 'packed' collator (or a callable)")  # fmt: skip
     elif ld.collate_fn is None:
         kw.update(collate_fn="causal_lm", collate_kwargs={"pad_token_id": pad_id})
     elif isinstance(ld.collate_fn, str) and ld.collate_fn in _PAD_COLLATORS:
