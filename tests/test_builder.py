@@ -304,3 +304,23 @@ def test_text_is_tokenized_with_the_tokenizer() -> None:
     assert sorted(got) == sorted(tuple(tok(t)["input_ids"]) for t in texts)
     with pytest.raises(ValueError, match=r"train_data has no 'input_ids' field.*tokenizer="):
         UniversalDataModule(datasets.Dataset.from_dict({"text": texts}))
+
+
+def test_each_pass_is_the_next_epoch_and_state_resumes() -> None:
+    def module() -> UniversalDataModule:
+        return UniversalDataModule(hf(0, 40), val_split=0.25, batch_size=4, seed=6)
+
+    dm = module()
+    assert dm.train_dataloader() is dm.train_dataloader()
+    epoch0 = first_ids(take(dm.train_dataloader()))
+    epoch1 = first_ids(take(dm.train_dataloader()))  # a trainer asking again each epoch
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    part = take(dm.train_dataloader(), 3)  # epoch 2, 3 batches in
+    state = dm.state_dict()
+    rest = take(dm.train_dataloader())
+    fresh = module()
+    fresh.load_state_dict(state)
+    assert same_batches(take(fresh.train_dataloader()), rest)
+    assert len(part) + len(rest) == 8
+    with pytest.raises(ValueError, match=r"expected a state_dict"):
+        fresh.load_state_dict({})

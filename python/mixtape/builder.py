@@ -322,6 +322,8 @@ class UniversalDataModule:
         self._check_split_args()
         self.train_dataset: Any = None
         self.val_dataset: Any = None
+        self._train_loader: Loader | None = None
+        self._val_loader: Loader | None = None
 
     def _prepare(self, where: str, data: Any) -> Any:
         """``data`` as a dataset: tensors wrapped; an HF ``Dataset`` of text (no ``input_ids``)
@@ -424,10 +426,14 @@ class UniversalDataModule:
             self.val_dataset = self.val_data
 
     def train_dataloader(self) -> Loader:
-        """The training loader (shuffled with ``seed`` each epoch; a mixture keeps its order)."""
+        """The training loader, the same object on every call: each pass over it is the next
+        epoch (a fresh shuffle seeded by ``seed`` and the epoch), so a trainer that asks again
+        every epoch does not replay epoch 0; a mixture keeps its own order."""
         self.setup("fit")
-        return DataLoaderFactory().create_dataloader(self.train_dataset, self.config,
-                                                     **self.loader_own)  # fmt: skip
+        if self._train_loader is None:
+            self._train_loader = DataLoaderFactory().create_dataloader(
+                self.train_dataset, self.config, **self.loader_own)  # fmt: skip
+        return self._train_loader
 
     def val_dataloader(self) -> Loader:
         """The validation loader, unshuffled, every example (no ``drop_last``)."""
@@ -435,5 +441,19 @@ class UniversalDataModule:
         if self.val_dataset is None:
             raise ValueError("UniversalDataModule: no validation set; pass val_data or a "
                              "val_split (a fraction in (0, 1) or a count)")  # fmt: skip
-        cfg = dataclasses.replace(self.config, shuffle=False, drop_last=False)
-        return DataLoaderFactory().create_dataloader(self.val_dataset, cfg, **self.loader_own)
+        if self._val_loader is None:
+            cfg = dataclasses.replace(self.config, shuffle=False, drop_last=False)
+            self._val_loader = DataLoaderFactory().create_dataloader(self.val_dataset, cfg,
+                                                                     **self.loader_own)  # fmt: skip
+        return self._val_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (the split is a function of ``seed``)."""
+        return {"train": self.train_dataloader().state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume the training loader where :meth:`state_dict` was taken."""
+        if not isinstance(state, Mapping) or "train" not in state:
+            raise ValueError(f"UniversalDataModule.load_state_dict: expected a state_dict() "
+                             f"mapping with 'train', got {state!r:.80}")  # fmt: skip
+        self.train_dataloader().load_state_dict(state["train"])
