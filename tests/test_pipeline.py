@@ -314,3 +314,19 @@ def test_packing_given_in_the_loader_section(tmp_path: Path, tok: Any) -> None:
         encoding="utf-8")  # fmt: skip
     with pytest.raises(ValueError, match=r"collate_fn='causal_lm' with packing"):
         build_from_config(tmp_path / "bad.yaml", tokenizer=tok)
+
+
+def test_token_files_are_skipped_by_the_shared_tokenizer(tmp_path: Path, tok: Any) -> None:
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "ids.npy", np.arange(2000, 2020, dtype=np.int32))
+    np.save(tmp_path / "offsets.npy", np.array([0, 5, 12, 20], dtype=np.int64))
+    docs = {(*range(2000, 2005),), (*range(2005, 2012),), (*range(2012, 2020),)}
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts("web", 30)])
+    npy = {"path": str(tmp_path / "ids.npy"), "offsets": str(tmp_path / "offsets.npy")}
+    loader = (Pipeline().source("ids", **npy).source("web", data_files=text).tokenize(tok)
+              .mix({"ids": 1, "web": 1}).load(batch_size=6).build())  # fmt: skip
+    got = examples(take(loader, 4), loader.source_names)
+    assert {n for n, _ in got} == {"ids", "web"}
+    assert all(ids in (docs if n == "ids" else reference(tok)["web"]) for n, ids in got)
+    with pytest.raises(TypeError, match=r"'ids' opens as a NumpyTokenSource"):
+        Pipeline().source("ids", tokenizer=tok, **npy).load(batch_size=2).build()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,6 +206,11 @@ class PipelineConfig:
                                        collate_kwargs={"attention": attention})  # fmt: skip
         return DataConfig(mixture=self.mix.to_mixture(sources), packing=pack, loader=load)
 
+    def shared_tokenizer(self) -> list[str]:
+        """Datasets tokenized by the pipeline's ``tokenize`` stage rather than their own (it
+        skips those that are token ids already)."""
+        return [d.name for d in self.datasets if getattr(d, "tokenizer", None) is None]
+
     def tokenize_stages(self) -> dict[str, TokenizeStageConfig | None]:
         """Each dataset's tokenization (None: it holds token ids already)."""
         return {d.name: d.tokenize_stage(self.tokenize) if isinstance(d, DatasetConfig)
@@ -240,8 +245,9 @@ def _tokenized(name: str, source: Any, stage: TokenizeStageConfig, column: str) 
 
     data = getattr(source, "dataset", None)
     if data is None or not hasattr(data, "map"):
-        raise TypeError(f"source {name!r} is a {type(source).__name__} (token ids already); it "
-                        f"cannot be tokenized: give it no tokenizer")  # fmt: skip
+        raise TypeError(f"source {name!r} opens as a {type(source).__name__}, not a HF dataset "
+                        f"of records, so it cannot be tokenized: give it data files, a path or "
+                        f"an HF Dataset, or token ids and no tokenizer")  # fmt: skip
     if column != "input_ids":
         raise ValueError(f"source {name!r}: tokenizing writes 'input_ids', but the loader reads "
                          f"column {column!r}")  # fmt: skip
@@ -262,16 +268,19 @@ def _check_tokens(name: str, source: Any, column: str) -> None:
 
 def build_mixed_dataset(config: DataConfig | str | os.PathLike[str], tokenizer: Any = None, *,
                         tokenizers: Mapping[str, TokenizeStageConfig | None] | None = None,
-                        ) -> MixedDataset:  # fmt: skip
+                        shared: Collection[str] = ()) -> MixedDataset:  # fmt: skip
     """The :class:`~mixtape.MixedDataset` of a config: each source opened, tokenized when a
     tokenizer applies, and mixed as ``config.mixture`` says.
 
     Tokenizer of a source: ``tokenizers[name]`` when given (None: not tokenized), else
-    ``tokenizer`` (an object, a path or a name), else the config's ``tokenizer``; a source that
-    is token ids already (``.npy``) is never tokenized. The loader's ``shuffle`` is the
-    mixture's ``shuffle_rows`` (each pass of a source in a fresh seeded order), and a schedule's
-    step is ``loader.batch_size`` positions: one global batch (under ``W`` ranks an optimiser
-    step takes ``W`` of them; when packing, positions are documents, not rows).
+    ``tokenizer`` (an object, a path or a name), else the config's ``tokenizer``. A source that
+    is token ids already (``.npy``) is skipped by a shared tokenizer (``tokenizer``, the
+    config's, or a ``tokenizers`` entry whose name is in ``shared``); its own is an error.
+
+    The loader's ``shuffle`` is the mixture's ``shuffle_rows`` (each pass of a source in a fresh
+    seeded order), and a schedule's step is ``loader.batch_size`` positions: one global batch
+    (under ``W`` ranks an optimiser step takes ``W`` of them; when packing, positions are
+    documents, not rows).
     """
     cfg = load_data_config(config) if isinstance(config, (str, os.PathLike)) else config
     if not isinstance(cfg, DataConfig):
@@ -291,8 +300,8 @@ def build_mixed_dataset(config: DataConfig | str | os.PathLike[str], tokenizer: 
         else:
             stage = None
         opened = entry.load()
-        if stage is not None and getattr(opened, "dataset", None) is None and \
-                (tokenizers is None or name not in tokenizers):  # fmt: skip
+        own = tokenizers is not None and name in tokenizers and name not in shared
+        if stage is not None and getattr(opened, "dataset", None) is None and not own:
             stage = None  # token ids already (a .npy source): the shared tokenizer skips it
         if stage is None:
             _check_tokens(name, opened, column)
@@ -348,11 +357,11 @@ def _loader_config(cfg: DataConfig, pad_id: int, attention: str | None) -> DataL
 def build_from_config(config: DataConfig | str | os.PathLike[str], tokenizer: Any = None, *,
                       attention: str | None = None,
                       tokenizers: Mapping[str, TokenizeStageConfig | None] | None = None,
-                      ) -> tuple[MixedDataset, Loader]:  # fmt: skip
+                      shared: Collection[str] = ()) -> tuple[MixedDataset, Loader]:  # fmt: skip
     """A YAML file (or a :class:`~mixtape.DataConfig`) as ``(MixedDataset, Loader)`` in one
     call: :func:`build_mixed_dataset`, then :class:`~mixtape.DataLoaderFactory` with
     ``config.loader`` (packing from ``config.packing``; ``attention`` for the packed collator
-    unless the config names it)."""
+    unless the config names it; ``tokenizers`` / ``shared`` as in :func:`build_mixed_dataset`)."""
     cfg = load_data_config(config) if isinstance(config, (str, os.PathLike)) else config
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"build_from_config: config must be a DataConfig or a YAML path, got "
@@ -363,7 +372,7 @@ def build_from_config(config: DataConfig | str | os.PathLike[str], tokenizer: An
                    None)  # fmt: skip
     pad = 0 if tok is None else (_pad_id(tok) or 0)  # padding is masked by length either way
     loader_cfg = _loader_config(cfg, pad, attention)  # checked before opening any data
-    mixed = build_mixed_dataset(cfg, tok, tokenizers=tokenizers)
+    mixed = build_mixed_dataset(cfg, tok, tokenizers=tokenizers, shared=shared)
     pk = cfg.packing
     own = {} if pk is None else {"overflow": pk.overflow, "column": pk.column}
     return mixed, DataLoaderFactory().create_dataloader(mixed, loader_cfg, **own)
@@ -445,7 +454,8 @@ class Pipeline:
         pc = self.config()
         attention = getattr(pc.pack, "attention", None)
         return build_from_config(pc.to_data_config(), attention=attention,
-                                 tokenizers=pc.tokenize_stages())  # fmt: skip
+                                 tokenizers=pc.tokenize_stages(),
+                                 shared=pc.shared_tokenizer())  # fmt: skip
 
     def build(self) -> Loader:
         """The :class:`~mixtape.Loader` of training batches."""
