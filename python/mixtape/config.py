@@ -513,6 +513,20 @@ class DataConfig:
                 "mode": m.mode, "block_size": m.block_size,
                 "stop_strategy": m.stop_strategy}  # fmt: skip
 
+    def build_dataset(self, tokenizer: Any = None) -> Any:
+        """The :class:`~mixtape.MixedDataset` of this config, sources opened and tokenized
+        (see :func:`mixtape.build_mixed_dataset`)."""
+        from mixtape.pipeline import build_mixed_dataset
+
+        return build_mixed_dataset(self, tokenizer)
+
+    def build_loader(self, tokenizer: Any = None, *, attention: str | None = None) -> Any:
+        """The :class:`~mixtape.Loader` of this config (its dataset is ``loader.dataset``;
+        see :func:`mixtape.build_from_config`)."""
+        from mixtape.pipeline import build_from_config
+
+        return build_from_config(self, tokenizer, attention=attention)[1]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts (sections that are None left out); ``from_dict`` inverts it."""
         return plain_fields(self)
