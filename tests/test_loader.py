@@ -81,6 +81,8 @@ def test_packed_rows_are_documents_of_the_mixture() -> None:
     batch = take(get_loader(make(), 4, **PACKED), 1)[0]
     ids, src = batch["input_ids"].numpy(), batch["source_ids"].numpy()
     assert ids.shape == (4, 16)
+    wide = take(get_loader(make(), 4, **{**PACKED, "max_length": 64}), 3)
+    assert all(tuple(b["input_ids"].shape) == (4, 64) for b in wide)  # rows of max_length
     real = src >= 0
     assert np.array_equal(ids[real] // 1000, src[real])  # every token from its source
     cu = batch["cu_seq_lens_q"].numpy()

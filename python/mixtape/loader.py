@@ -327,6 +327,15 @@ class Loader:
             self.source_names = list(dataset.source_names)
             self._take_schedule(dataset)
             collate = self.config.build_collate_fn()
+            kw_c = dict(self.config.collate_kwargs)
+            if (self.config.packing and self.config.collate_fn == "packed"
+                    and not kw_c.get("padding_free") and "pad_to_multiple_of" not in kw_c):
+                # Rows of exactly max_length tokens (the collator pads to the longest row
+                # otherwise): a fixed [batch_size, max_length] shape, as compiled models want.
+                from mixtape.collate import CollatorRegistry
+
+                kw_c["pad_to_multiple_of"] = self.capacity
+                collate = CollatorRegistry.get_collator("packed", **kw_c)
             if collate is None and not self.config.packing:
                 from mixtape.collate import create_causal_lm_collate
 
