@@ -337,3 +337,21 @@ def test_lightning_adapter_with_a_stand_in_trainer() -> None:
     except ImportError:
         with pytest.raises(ImportError, match="InfluenceLightningCallback needs lightning"):
             mixtape.influence.InfluenceLightningCallback  # noqa: B018
+
+
+# --- experiment ----------------------------------------------------------------------------
+
+
+def test_experiment_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mixtape.cli import main
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "influence", "--seeds", "1", "--steps", "20", "--per-source",
+                 "100", "--eval-every", "5", "--out", str(out)]) == 0  # fmt: skip
+    summary = json.loads(Path(f"{out}.json").read_text())
+    assert [r["arm"] for r in summary["table"]] == ["uniform", "datainf", "grad_dot",
+                                                    "time_avg", "oracle"]  # fmt: skip
+    w = summary["datainf_time_avg_weights"]
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert "final target loss" in capsys.readouterr().out
+    assert main(["experiment", "nope"]) == 2

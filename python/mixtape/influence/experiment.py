@@ -130,7 +130,7 @@ def train_arm(arm: str, seed: int, data: dict[str, Any], args: argparse.Namespac
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         if tracker is not None:
-            tracker.on_step_end(step, float(loss))
+            tracker.on_step_end(step, float(loss.detach()))
         if step % args.eval_every == 0:
             curve.append((step, _eval(model, data["test"])))
     out: dict[str, Any] = {"curve": curve, "final": curve[-1][1],
