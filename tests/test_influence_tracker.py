@@ -64,14 +64,13 @@ def config(**kw: Any) -> InfluenceConfig:
     return InfluenceConfig(**base)
 
 
-def run(cfg: InfluenceConfig, steps: int = 20, data: Any = None) -> InfluenceTracker:
-    mixed = mixture() if data is None else data
-    model = TinyLM()
-    tr = InfluenceTracker(cfg, mixed, model, probe=chain(9, 8, 1))
-    tr.on_train_begin()
+def train(tr: InfluenceTracker, model: nn.Module, mixed: mixtape.MixedDataset, first: int,
+          last: int) -> None:  # fmt: skip
+    """Steps first..last: a batch of the mixture consumed, an SGD step on a fixed batch, the
+    tracker's hook (the model's updates depend on the step only, so runs can be compared)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     it = iter(mixed)
-    for step in range(1, steps + 1):
+    for step in range(first, last + 1):
         for _ in range(4):  # the step's batch of the mixture (moves its position)
             next(it)
         opt.zero_grad()
@@ -81,6 +80,14 @@ def run(cfg: InfluenceConfig, steps: int = 20, data: Any = None) -> InfluenceTra
         loss.backward()
         opt.step()
         tr.on_step_end(step, float(loss.detach()))
+
+
+def run(cfg: InfluenceConfig, steps: int = 20, data: Any = None) -> InfluenceTracker:
+    mixed = mixture() if data is None else data
+    model = TinyLM()
+    tr = InfluenceTracker(cfg, mixed, model, probe=chain(9, 8, 1))
+    tr.on_train_begin()
+    train(tr, model, mixed, 1, steps)
     return tr
 
 
@@ -146,16 +153,25 @@ def test_same_run_twice_same_history(method: str) -> None:
 
 
 def test_state_dict_resume_continues_the_same_history() -> None:
+    """Stop after step 10, restore tracker, mixture and model in fresh objects, continue to 18:
+    the same updates as an uninterrupted run."""
     full = run(config(), steps=18)
-    mixed = mixture()
-    model = TinyLM()
-    first = InfluenceTracker(config(), mixed, model, probe=chain(9, 8, 1))
-    first.on_train_begin()
-    state = json.loads(json.dumps(first.state_dict()))
-    again = InfluenceTracker(config(), mixed, model, probe=chain(9, 8, 1))
-    again.load_state_dict(state)
-    again.on_train_begin()
-    assert again.weights == first.weights and full.initial_weights == again.initial_weights
+    mixed, model = mixture(), TinyLM()
+    tr = InfluenceTracker(config(), mixed, model, probe=chain(9, 8, 1))
+    tr.on_train_begin()
+    train(tr, model, mixed, 1, 10)
+    assert [h["step"] for h in tr.history] == [8]
+    state = json.loads(json.dumps(tr.state_dict()))
+    mixed2, model2 = mixture(), TinyLM(seed=1)
+    mixed2.load_state_dict(mixed.state_dict())
+    model2.load_state_dict(model.state_dict())
+    tr2 = InfluenceTracker(config(), mixed2, model2, probe=chain(9, 8, 1))
+    tr2.load_state_dict(state)
+    tr2.on_train_begin()
+    assert tr2.weights == tr.weights and tr2.initial_weights == tr.initial_weights
+    train(tr2, model2, mixed2, 11, 18)
+    assert [h["step"] for h in tr2.history] == [8, 13, 18]
+    assert tr2.history == full.history
 
 
 def test_errors_change_no_weights() -> None:
