@@ -334,6 +334,37 @@ def test_trainer_callback_drives_the_tracker() -> None:
     assert [h["step"] for h in tr.history] == [8, 13] and tr.history[1]["loss"] == 1.0 / 13
 
 
+def test_transformers_trainer_runs_the_tracker(tmp_path: Path) -> None:
+    """A real Trainer (tiny GPT-2, sdpa attention) training on the mixture updates it at steps
+    3 and 6, from the position the Trainer's DataLoader had read to."""
+    tf = pytest.importorskip("transformers")
+    from mixtape.influence import InfluenceTrainerCallback
+
+    rng = np.random.default_rng(0)
+    src = {k: [{"input_ids": rng.integers(1, 64, 12).tolist()} for _ in range(50)]
+           for k in ("a", "b", "c")}  # fmt: skip
+    mixed = mixtape.MixedDataset(src, seed=0, batch_size=4)
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,
+                                             n_positions=32))  # fmt: skip
+    tr = InfluenceTracker(InfluenceConfig(update_interval=3, samples_per_source=4), mixed, model,
+                          probe=src["a"][:8])  # fmt: skip
+    collate = mixtape.create_causal_lm_collate(pad_token_id=0)
+    args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=7, report_to=[],
+                                per_device_train_batch_size=4, save_strategy="no",
+                                use_cpu=True, logging_steps=1)  # fmt: skip
+    trainer = tf.Trainer(model=model, args=args, train_dataset=mixed,
+                         data_collator=lambda rows: collate([{"input_ids": r["input_ids"]}
+                                                             for r in rows]),
+                         callbacks=[InfluenceTrainerCallback(tr)])  # fmt: skip
+    trainer.train()
+    assert [h["step"] for h in tr.history] == [3, 6]
+    timeline = mixed.weight_timeline
+    assert [p for p, _ in timeline[1:]] == [h["applied_at"] for h in tr.history]
+    assert all(h["applied_at"] >= 4 * h["step"] for h in tr.history)
+    assert timeline[-1][1] == pytest.approx(tr.history[-1]["weights"])
+
+
 def test_lightning_adapter_with_a_stand_in_trainer() -> None:
     tr = InfluenceTracker(config(), mixture(), TinyLM(), probe=chain(9, 8, 1))
     cb = LightningAdapter(tr)

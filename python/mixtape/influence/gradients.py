@@ -146,6 +146,12 @@ def _check_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch
     return ids, mask, labels
 
 
+def _right_padding(mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros (padding only after the tokens)."""
+    m = mask != 0
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 def _forward(model: nn.Module, params: Mapping[str, torch.Tensor] | None, ids: torch.Tensor,
              mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     kwargs: dict[str, torch.Tensor] = {"input_ids": ids}
@@ -216,6 +222,11 @@ def per_sample_gradients(
             lb: torch.Tensor) -> torch.Tensor:  # fmt: skip
         return loss_fn(_forward(model, p, i[None], None if m is None else m[None]), lb[None])[0]
 
+    if mask is not None and _right_padding(mask):
+        # Padding after a sample's tokens cannot change a causal model's outputs on them, and
+        # its labels are -100: the mask is dropped, which keeps transformers' mask code (data-
+        # dependent branches that vmap cannot trace, under sdpa) out of the transform.
+        mask = None
     out: dict[str, list[torch.Tensor]] = {k: [] for k in detached}
     g_one = grad(one)
     with _eval_mode(model):
@@ -228,7 +239,16 @@ def per_sample_gradients(
             batched = vmap(g_one, in_dims=(None, 0, None if mask is None else 0, 0))
             for s in range(0, ids.shape[0], chunk_size):
                 sl = slice(s, s + chunk_size)
-                g = batched(detached, ids[sl], None if mask is None else mask[sl], labels[sl])
+                try:
+                    g = batched(detached, ids[sl], None if mask is None else mask[sl], labels[sl])
+                except RuntimeError as e:
+                    if "vmap" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        "per-sample gradients: the model cannot be traced by torch.func.vmap "
+                        f"({str(e).splitlines()[0][:160]}); use backend='loop' (or 'ghost'), "
+                        "or right-padded batches"
+                    ) from e
                 for k in out:
                     out[k].append(g[k].float())
     return {k: torch.cat(v) for k, v in out.items()}

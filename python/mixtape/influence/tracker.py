@@ -372,7 +372,8 @@ class InfluenceTracker:
 
 class TrainerCallbackAdapter:
     """The HF ``TrainerCallback`` events the tracker needs (``InfluenceTrainerCallback`` is this
-    on top of transformers' base class)."""
+    on top of transformers' base class). The ``loss`` recorded is the last one logged before the
+    step ends (the Trainer logs after ``on_step_end``), None when nothing was logged."""
 
     def __init__(self, tracker: InfluenceTracker) -> None:
         self.tracker = tracker
