@@ -96,7 +96,8 @@ def test_packing_errors(kwargs: dict[str, Any], match: str) -> None:
     ("kwargs", "match"),
     [
         ({"probe": None}, r"InfluenceSection\.probe is required when influence is enabled"),
-        ({"method": "datinf"}, r"method must be one of \['datainf'\].*did you mean 'datainf'"),
+        ({"method": "datinf"},
+         r"method must be one of \['datainf', 'grad_dot', 'cosine'\].*did you mean 'datainf'"),
         ({"update_interval": 0}, r"update_interval must be >= 1"),
         ({"warmup_steps": -1}, r"warmup_steps must be >= 0"),
         ({"learning_rate": 0}, r"learning_rate must be > 0"),

@@ -41,7 +41,12 @@ from mixtape.config import (
     make_generator,
     seed_worker,
 )
-from mixtape.influence import DataInfCalculator, MixtureWeightCalculator
+from mixtape.influence import (
+    DataInfCalculator,
+    InfluenceConfig,
+    InfluenceTracker,
+    MixtureWeightCalculator,
+)
 from mixtape.loader import DataLoaderFactory, Loader, get_loader
 from mixtape.mixing import (
     MixedDataset,
@@ -121,7 +126,9 @@ __all__ = [
     "FlatteningCollator",
     "HFDatasetSource",
     "HFIterableSource",
+    "InfluenceConfig",
     "InfluenceSection",
+    "InfluenceTracker",
     "ListSource",
     "LoadStageConfig",
     "Loader",

@@ -1,4 +1,4 @@
-"""The ``mixtape`` command line: ``bench``, ``pack-stats``, ``info``.
+"""The ``mixtape`` command line: ``bench``, ``pack-stats``, ``info``, ``experiment``.
 
 Each subcommand lives with the stage it drives (``mixtape.bench``, ``mixtape.packing``, ...);
 this module only parses the first word and hands the rest over, so importing it stays cheap.
@@ -15,7 +15,25 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("mixtape.bench", "main", "side-by-side speed comparison against the usual peers"),
     "pack-stats": ("mixtape.packing", "stats_main", "packing statistics of a dataset or lengths"),
     "info": ("mixtape.cli", "info_main", "build information: compiler, flags, CUDA"),
+    "experiment": ("mixtape.cli", "experiment_main", "experiments: 'experiment influence'"),
 }
+
+# experiment name -> (module, function taking argv and returning an exit code)
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "influence": ("mixtape.influence.experiment", "main"),
+}
+
+
+def experiment_main(argv: list[str]) -> int:
+    """``mixtape experiment NAME [ARGS]``: run one of :data:`EXPERIMENTS`."""
+    if not argv or argv[0] not in EXPERIMENTS:
+        asked = argv[:1] in (["-h"], ["--help"])
+        print(f"usage: mixtape experiment {{{','.join(EXPERIMENTS)}}} [ARGS]",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
+    module, func = EXPERIMENTS[argv[0]]
+    result: int = getattr(importlib.import_module(module), func)(argv[1:])
+    return result
 
 
 def info_main(argv: list[str]) -> int:

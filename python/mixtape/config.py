@@ -70,7 +70,7 @@ __all__ = [
 
 MIXING_MODES: tuple[str, ...] = ("greedy", "random", "block")
 STOP_STRATEGIES: tuple[str, ...] = ("restart", "first_exhausted", "all_exhausted")
-INFLUENCE_METHODS: tuple[str, ...] = ("datainf",)
+INFLUENCE_METHODS: tuple[str, ...] = ("datainf", "grad_dot", "cosine")
 _LOCAL_SUFFIXES = (*FILE_BUILDERS, ".npy")
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
