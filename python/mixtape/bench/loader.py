@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -99,7 +100,7 @@ def bench_loader_e2e(quick: bool) -> list[Measurement]:
         return _drain(loader, n_batches)
 
     for w in WORKERS:
-        sec, tok = _timed(lambda w=w: ours(w), repeat, 1)
+        sec, tok = _timed(partial(ours, w), repeat, 1)
         out.append(_row(f"mixtape get_loader (num_workers={w})", True, sec, tok, n_batches,
                         "includes building the MixedDataset and the loader"))
 
@@ -140,7 +141,7 @@ def bench_loader_e2e(quick: bool) -> list[Measurement]:
     hf_warmup = 0 if quick else 1
     for label, collator in collators.items():
         for w in WORKERS:
-            sec, tok = _timed(lambda c=collator, w=w: hf(packed, c, w), repeat, hf_warmup)
+            sec, tok = _timed(partial(hf, packed, collator, w), repeat, hf_warmup)
             impl = f"HF map-style + {label} (num_workers={w})"
             out.append(_row(impl, False, sec, tok, n_batches,
                             f"steady state: without the {prep_note}"))  # fmt: skip
@@ -154,8 +155,11 @@ def bench_loader_e2e(quick: bool) -> list[Measurement]:
                                            stopping_strategy="all_exhausted")  # fmt: skip
         return trl.pack_dataset(mix, MAX_LENGTH, strategy="bfd")
 
+    def streamed(workers: int) -> int:
+        return hf(streaming(), padding_free, workers)
+
     for w in WORKERS:
-        sec, tok = _timed(lambda w=w: hf(streaming(), padding_free, w), 1, 0)
+        sec, tok = _timed(partial(streamed, w), 1, 0)
         out.append(_row(f"HF streaming: to_iterable_dataset + interleave + TRL pack_dataset + "
                         f"padding-free collator (num_workers={w})", False, sec, tok, n_batches,
                         "packing on the fly, everything included; one run"))  # fmt: skip
