@@ -1,5 +1,5 @@
 """pytest-benchmark: the ``loader-e2e`` case of ``mixtape bench``: 3 pre-tokenized HF Datasets
-(100k rows each; ``MIXTAPE_BENCH_QUICK=1``: 2k), weights .5/.3/.2 -> 200 (quick: 20) batches of 8
+(100k rows each; ``MIXTAPE_BENCH_QUICK=1``: 1k), weights .5/.3/.2 -> 200 (quick: 20) batches of 8
 packed 4096-token rows, mixtape's loader vs HF interleave + TRL pack_dataset + collator, map-style
 (prepared once per module, outside the timing) and streaming (packing on the fly, timed).
 
@@ -22,7 +22,7 @@ from mixtape.bench.loader import BATCH_ROWS, MAX_LENGTH, NAMES, WORKERS, _drain
 from mixtape.bench.mixing import WEIGHTS, mixture_datasets
 
 QUICK = bool(os.environ.get("MIXTAPE_BENCH_QUICK"))
-N_ROWS = 2_000 if QUICK else 100_000
+N_ROWS = 1_000 if QUICK else 100_000
 N_BATCHES = 20 if QUICK else 200
 IMPLS = ["mixtape", "hf-map-padding-free", "hf-map-flattening", "hf-streaming-padding-free"]
 
