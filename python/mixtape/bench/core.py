@@ -49,6 +49,7 @@ CASE_MODULES = [
     "mixtape.bench.mixing",
     "mixtape.bench.sample",
     "mixtape.bench.datainf",
+    "mixtape.bench.loader",
 ]
 
 
