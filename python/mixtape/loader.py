@@ -352,13 +352,17 @@ class Loader:
     def _global(self, local: int) -> int:
         return local * self.world_size + self.rank
 
-    def _apply_updates(self, batch: int, position: int) -> bool:
-        """Weight updates due by ``batch`` go into the mixture's timeline at ``position``."""
+    def _apply_updates(self, batch: int, position: int | None = None) -> bool:
+        """Weight updates due by ``batch`` go into the mixture's timeline at ``position``, or
+        (None) at the first position of their effect batch: a rank plans only its own batches,
+        so the first one it plans may lie past the effect batch (which another rank serves),
+        and every rank must put the change at the same position."""
         due = [(e, w) for e, w in self._pending if e <= batch]
         if due:
             self._pending = [(e, w) for e, w in self._pending if e > batch]
-            for _, w in due:
-                self.mixed.update_weights(w, position=position)
+            for e, w in due:
+                at = e * self.config.batch_size if position is None else position
+                self.mixed.update_weights(w, position=at)
         return bool(due)
 
     def _lengths(self, plan: MixPlan) -> Int64Array:
@@ -417,7 +421,7 @@ class Loader:
         n = b if stop is None else min(b, stop - pos)
         if n <= 0 or (n < b and self.config.drop_last):
             return None
-        self._apply_updates(k, pos)
+        self._apply_updates(k)
         plan = self.mixed.plan(pos, n)
         self._next_local += 1
         return _Request(k, plan.sources, plan.rows)
