@@ -69,5 +69,35 @@ def main(out: str) -> None:
     dist.destroy_process_group()
 
 
+def trainer(out: str) -> None:
+    """MixtapeTrainer under DDP (gloo): the input_ids each rank's model was fed."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from mixtape.integrations.hf import MixtapeTrainer
+
+    args = TrainingArguments(out, per_device_train_batch_size=B, max_steps=TRAINER_STEPS,
+                             use_cpu=True, ddp_backend="gloo", report_to=[], disable_tqdm=True,
+                             save_strategy="no", logging_steps=1000)  # fmt: skip
+    import torch.distributed as dist
+
+    assert dist.is_initialized()  # by the Trainer's arguments (accelerate), from torchrun's env
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=2100, n_positions=16, n_embd=16, n_layer=1,
+                                       n_head=2))  # fmt: skip
+    seen: list[Any] = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].tolist()),
+                                    with_kwargs=True)  # fmt: skip
+    loader = get_loader(make(), B, num_workers=1)
+    MixtapeTrainer(model=model, args=args, train_loader=loader).train()
+    with open(os.path.join(out, f"trainer{dist.get_rank()}.json"), "w", encoding="utf-8") as f:
+        json.dump(seen, f)
+
+
+TRAINER_STEPS = 3
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["trainer"]:
+        trainer(sys.argv[1])
+    else:
+        main(sys.argv[1])

@@ -27,17 +27,21 @@ def gloo_available() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_gloo_available()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def torchrun(out: Path, *extra: str) -> None:
     if not gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    out = tmp_path_factory.mktemp("dist")
     worker = Path(__file__).with_name("dist_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={WORLD}", str(worker), str(out)]  # fmt: skip
+           f"--nproc_per_node={WORLD}", str(worker), str(out), *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("dist")
+    torchrun(out)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -76,3 +80,11 @@ def test_update_switches_every_rank_at_the_same_global_batch(ranks: list[dict[st
     b = dist_worker.make().source_names.index("b")
     after = [s for batch in merged[effect:] for s in batch["source_ids"]]
     assert after and set(after) == {b}  # rank 0's weights on both ranks, not rank 1's ("a")
+
+
+def test_mixtape_trainer_feeds_each_rank_its_global_batches(tmp_path: Path) -> None:
+    torchrun(tmp_path, "trainer")
+    fed = [json.loads((tmp_path / f"trainer{r}.json").read_text()) for r in range(WORLD)]
+    ref = reference(WORLD * dist_worker.TRAINER_STEPS)
+    for r in range(WORLD):
+        assert fed[r] == [b["input_ids"] for b in ref[r::WORLD]]
