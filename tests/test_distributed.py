@@ -88,3 +88,19 @@ def test_mixtape_trainer_feeds_each_rank_its_global_batches(tmp_path: Path) -> N
     ref = reference(WORLD * dist_worker.TRAINER_STEPS)
     for r in range(WORLD):
         assert fed[r] == [b["input_ids"] for b in ref[r::WORLD]]
+
+
+@pytest.mark.parametrize("case", ["padded", "packed"])
+def test_every_rank_resumes_from_the_state_rank_0_saved(case: str) -> None:
+    # A trainer saves one loader state (rank 0's) and every rank loads it.
+    opts = dist_worker.PACKED if case == "packed" else {}
+    ref = reference(WORLD * 8, **opts)
+    r0 = get_loader(dist_worker.make(), dist_worker.B, rank=0, world_size=WORLD, **opts)
+    for _ in zip(range(3), r0, strict=False):
+        pass
+    saved = json.loads(json.dumps(r0.state_dict()))
+    for r in range(WORLD):
+        loader = get_loader(dist_worker.make(), dist_worker.B, rank=r, world_size=WORLD, **opts)
+        loader.load_state_dict(saved)
+        got = [dist_worker.plain(b) for _, b in zip(range(5), loader, strict=False)]
+        assert got == ref[3 * WORLD + r:: WORLD][:5]

@@ -523,8 +523,11 @@ class Loader:
             state["timeline"] = timeline
             state["schedule_end"] = mix._schedule_end
             if self._planner is not None:
-                position, carry = self._cursor(self._global(self._consumed))
-                state["cursor"] = {"position": position, "carry": carry}
+                k = self._global(self._consumed)
+                position, carry = self._cursor(k)
+                # "batch": the cursor is the state before that global batch, so a rank that
+                # loads another rank's state (a trainer saves rank 0's) plans on from there.
+                state["cursor"] = {"batch": k, "position": position, "carry": carry}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -548,7 +551,15 @@ class Loader:
             if self._planner is not None:
                 cur = state["cursor"]
                 carry = [[int(x) for x in c] for c in cur["carry"]]
-                self._cursors[self._global(self._consumed)] = (int(cur["position"]), carry)
+                k0 = self._global(self._consumed)
+                batch = int(cur.get("batch", k0))
+                if not k0 - self.world_size < batch <= k0:
+                    raise ValueError(f"loader state: packing cursor before global batch {batch}, "
+                                     f"this rank resumes at global batch {k0}")  # fmt: skip
+                self._cursors[batch] = (int(cur["position"]), carry)
+                if batch != k0:
+                    assert self._planner is not None
+                    self._planner.reset(int(cur["position"]), carry, batch)
         self._epoch = int(state.get("epoch", 0))
         if self._sampler is not None:
             self._sampler.epoch = self._epoch
