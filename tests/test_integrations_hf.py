@@ -106,25 +106,27 @@ def test_trainer_feeds_the_mixture_in_order(tmp_path: Any, workers: int) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(("workers", "accum"), [(0, 1), (2, 1), (2, 2)])
 def test_resume_continues_the_uninterrupted_batches_without_replay(
-    tmp_path: Any, workers: int
+    tmp_path: Any, workers: int, accum: int
 ) -> None:
     # An odd step count: with 2 workers the resumed DataLoader's first batch comes from worker 0
     # although it is an odd-numbered batch of the mixture.
-    full = train_dataset_run(tmp_path / "full", make(), 8, workers)
+    kw = {"gradient_accumulation_steps": accum}
+    full = train_dataset_run(tmp_path / "full", make(), 8, workers, **kw)
     first = train_dataset_run(tmp_path / "run", make(), 3, workers, save_strategy="steps",
-                              save_steps=3)  # fmt: skip
+                              save_steps=3, **kw)  # fmt: skip
     ckpt = tmp_path / "run" / "checkpoint-3"
     record = json.loads((ckpt / STATE_FILE).read_text())
-    assert record["global_step"] == 3 and record["examples"] == 3 * B
+    assert record["global_step"] == 3 and record["examples"] == 3 * accum * B
     assert (ckpt / "trainer_state.json").is_file()
 
     resumed_mixed = make(CountingMixture)
-    rest = train_dataset_run(tmp_path / "run", resumed_mixed, 8, workers,
-                             resume=str(ckpt))  # fmt: skip
-    assert same(first, full[:3])
-    assert same(rest, full[3:])
+    rest = train_dataset_run(tmp_path / "run", resumed_mixed, 8, workers, resume=str(ckpt),
+                             **kw)  # fmt: skip
+    assert len(full) == 8 * accum
+    assert same(first, full[: 3 * accum])
+    assert same(rest, full[3 * accum :])
     if workers == 0:
         # Replaying would draw the 3 trained batches again before the 5 new ones (>= 8 B);
         # what is drawn beyond the 5 batches is the DataLoader's read-ahead.
