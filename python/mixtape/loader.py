@@ -437,18 +437,22 @@ class Loader:
                                 else 1 if mixed.schedule.interpolation == "step" else 10)
         mixed.end_schedule(0)  # the mixture no longer materialises it by position
 
-    def _apply_updates(self, batch: int, position: int) -> bool:
-        """Weight updates due by ``batch`` go into the mixture's timeline at ``position``; with
-        packing, so do the schedule's weights of this batch's step."""
+    def _apply_updates(self, batch: int, position: int | None = None) -> bool:
+        """Weight updates due by ``batch`` go into the mixture's timeline at ``position``, or
+        (None, unpacked) at the first position of their effect batch: a rank plans only its own
+        batches, so the first one it plans may lie past the effect batch (which another rank
+        serves), and every rank must put the change at the same position. With packing, the
+        schedule's weights of this batch's step go in too."""
         changed = False
         due = [(e, w) for e, w in self._pending if e <= batch]
         if due:
             self._pending = [(e, w) for e, w in self._pending if e > batch]
             self._schedule = None  # an update replaces the schedule from here on
-            for _, w in due:
-                self.mixed.update_weights(w, position=position)
+            for e, w in due:
+                at = e * self.config.batch_size if position is None else position
+                self.mixed.update_weights(w, position=at)
             changed = True
-        if self._schedule is not None:
+        if self._schedule is not None and position is not None:
             step = batch // self.world_size // self._schedule_every * self._schedule_every
             named = self._schedule.get_weights(step)
             target = np.asarray([named[n] for n in self.source_names], dtype=np.float64)
@@ -512,7 +516,7 @@ class Loader:
         n = b if stop is None else min(b, stop - pos)
         if n <= 0 or (n < b and self.config.drop_last):
             return None
-        self._apply_updates(k, pos)
+        self._apply_updates(k)
         plan = self.mixed.plan(pos, n)
         self._next_local += 1
         return _Request(k, plan.sources, plan.rows)
@@ -615,8 +619,11 @@ class Loader:
             state["timeline"] = timeline
             state["schedule"] = self._schedule is not None
             if self._planner is not None:
-                position, carry = self._cursor(self._global(self._consumed))
-                state["cursor"] = {"position": position, "carry": carry}
+                k = self._global(self._consumed)
+                position, carry = self._cursor(k)
+                # "batch": the cursor is the state before that global batch, so a rank that
+                # loads another rank's state (a trainer saves rank 0's) plans on from there.
+                state["cursor"] = {"batch": k, "position": position, "carry": carry}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -642,7 +649,15 @@ class Loader:
             if self._planner is not None:
                 cur = state["cursor"]
                 carry = [[int(x) for x in c] for c in cur["carry"]]
-                self._cursors[self._global(self._consumed)] = (int(cur["position"]), carry)
+                k0 = self._global(self._consumed)
+                batch = int(cur.get("batch", k0))
+                if not k0 - self.world_size < batch <= k0:
+                    raise ValueError(f"loader state: packing cursor before global batch {batch}, "
+                                     f"this rank resumes at global batch {k0}")  # fmt: skip
+                self._cursors[batch] = (int(cur["position"]), carry)
+                if batch != k0:
+                    assert self._planner is not None
+                    self._planner.reset(int(cur["position"]), carry, batch)
         self._epoch = int(state.get("epoch", 0))
         self.dropped_docs = int(state.get("dropped_docs", 0))
         if self._sampler is not None:

@@ -556,13 +556,16 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         b = self.batch_size
         streams: dict[int, tuple[int, Iterator[dict[str, Any]]]] = {}
         pos = self._position
+        # Batches are dealt from the first one this iteration yields: a DataLoader asks worker 0
+        # for its first batch whatever the position it resumes from.
+        first = pos // b
         stop = self.stop_position() if self.random_access else None
         while stop is None or pos < stop:
             n = _CHUNK if stop is None else min(_CHUNK, stop - pos)
             version = self._version
             sources, ordinals = self._sample(pos, n)
             rows = self._rows(sources, ordinals)
-            mine = ((pos + np.arange(n)) // b) % shards == shard if shards > 1 else None
+            mine = ((pos + np.arange(n)) // b - first) % shards == shard if shards > 1 else None
             by_source: dict[int, list[dict[str, Any]]] = {}
             num_rows = self._num_rows()
             for k in np.unique(sources).tolist():
@@ -653,8 +656,16 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         probe.seek(p)
         return dict(zip(self.source_names, probe.counts.tolist(), strict=True))
 
-    def state_dict(self) -> dict[str, Any]:
-        """Position, weight timeline and what streaming sources revealed (json-able)."""
+    def state_dict(self, position: int | None = None) -> dict[str, Any]:
+        """Position, weight timeline and what streaming sources revealed (json-able).
+
+        ``position``: the state after that many examples instead of this process's position
+        (a trainer counts them as steps x batch while DataLoader workers do the iterating).
+        """
+        if position is not None:
+            p = ops.check_int("position", position, 0, ops.MAX_POSITION)
+            self._extend_schedule(p)  # the schedule's entries before p are part of that state
+            return self._state_at(p)
         owner = int(self._iterated_by.value)
         if owner and owner != os.getpid():
             raise ValueError(
@@ -663,12 +674,15 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
                 "Use mixtape.get_loader (it counts the batches the trainer received) or "
                 "num_workers=0"
             )
+        return self._state_at(self._position)
+
+    def _state_at(self, position: int) -> dict[str, Any]:
         probe = copy.deepcopy(self._sampler)
-        probe.seek(self._position)
+        probe.seek(position)
         return {
             "version": STATE_VERSION,
             "source_names": list(self.source_names),
-            "position": self._position,
+            "position": position,
             "sampler": probe.state_dict(),
             "scheduled_until": self._scheduled_until,
             "schedule_end": self._schedule_end,
