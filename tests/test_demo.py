@@ -121,7 +121,7 @@ def test_config_sources_must_be_embedded(tmp_path: Path) -> None:
     cfg_path.write_text(text)
     cfg = run.load_config(run.DemoOptions(config=str(cfg_path)))
     with pytest.raises(ValueError, match=r"sources\[1\] \('prose'\).*embedded"):
-        run.embedded_sources(cfg, {"code": None, "prose": None, "arithmetic": None})
+        run.embedded_sources(cfg, {"code": object(), "prose": object(), "arithmetic": object()})
 
 
 def test_overrides_reach_the_config() -> None:
@@ -185,3 +185,26 @@ def test_bad_options_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--steps must be >= 2" in capsys.readouterr().err
     assert cli.main(["demo", "--steps", "10", "--checkpoint-step", "10"]) == 2
     assert "--checkpoint-step" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_check_fails_on_a_wrong_checkpoint(quick_run: tuple[int, Path],
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    """The check can fail: a checkpoint whose dropout RNG is not the run's gives other losses."""
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+
+    _, out = quick_run
+    report = json.loads((out / "report.json").read_text())
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(out / "checkpoint", ckpt)
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state["rng"] = torch.Generator().manual_seed(12345).get_state()
+    torch.save(state, ckpt / "state.pt")
+    opts = run.DemoOptions(steps=12, quick=True).finished()
+    records = [SimpleNamespace(loss=x) for x in report["series"]["loss"]]
+    result = run.check_resume(ckpt, opts, SimpleNamespace(records=records), workers=1)  # type: ignore[arg-type]
+    assert result["checked"] and not result["passed"]
+    assert "differ" in result["detail"]
