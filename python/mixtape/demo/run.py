@@ -104,8 +104,9 @@ class DemoOptions:
 def default_threads(workers: int | None) -> int:
     """Torch threads: the CPUs left after the loader's workers (at least one each), 1 to 8.
 
-    On 2 shared CPUs this is 1: a second OpenMP thread competing with the worker and other
-    processes spins at every barrier and made steps ~10x slower on this project's machine.
+    On 2 CPUs this is 1. Measured on this project's shared 2-core machine: with other jobs
+    running (load ~9) a second OpenMP thread made steps ~10x slower (0.37 s -> 3.8 s); on a
+    quieter machine (load ~2.5) ``--threads 2`` gave 16.1k tokens/s against 9.7k with 1.
     """
     return max(1, min(8, _usable_cpus() - max(1, workers or 0)))
 
@@ -687,7 +688,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per packed row (default: the config's packing.max_length)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: usable CPUs minus loader workers, at least 1)")
+                   help="torch threads (default: usable CPUs minus loader workers, at least 1; "
+                        "on an idle 2-core machine --threads 2 is faster)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--checkpoint-step", type=int, default=None,
                    help="step S of the resume checkpoint (default: steps // 2)")
