@@ -1,4 +1,4 @@
-"""The ``mixtape`` command line: ``bench``, ``pack-stats``, ``info``, ``experiment``.
+"""The ``mixtape`` command line: ``demo``, ``bench``, ``pack-stats``, ``info``, ``experiment``.
 
 Each subcommand lives with the stage it drives (``mixtape.bench``, ``mixtape.packing``, ...);
 this module only parses the first word and hands the rest over, so importing it stays cheap.
@@ -12,6 +12,7 @@ import sys
 
 # subcommand -> (module, function taking argv and returning an exit code, help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("mixtape.demo.run", "main", "train a tiny GPT-2 from a scheduled packed mixture"),
     "bench": ("mixtape.bench", "main", "side-by-side speed comparison against the usual peers"),
     "pack-stats": ("mixtape.packing", "stats_main", "packing statistics of a dataset or lengths"),
     "info": ("mixtape.cli", "info_main", "build information: compiler, flags, CUDA"),

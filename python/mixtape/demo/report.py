@@ -1,0 +1,188 @@
+"""The demo's report: speed, realised mixture against the weights in force, per-source loss (JSON),
+and a plot of them over steps (PNG, matplotlib's Agg backend)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["build_report", "write_plot"]
+
+REPORT_VERSION = 1
+
+
+def _share(counts: npt.NDArray[np.float64]) -> list[float]:
+    total = float(counts.sum())
+    return [float(c) / total if total else 0.0 for c in counts]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+def build_report(opts: Any, cfg: Any, trainer: Any, names: Sequence[str],
+                 timings: Mapping[str, float], mask_diff: float,
+                 resume: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The JSON report of a finished run (per-step series and their summaries)."""
+    import torch
+    import transformers
+
+    import mixtape
+
+    recs = trainer.records
+    steps = len(recs)
+    lc = cfg.resolved().loader
+    tokens = np.asarray([r.source_tokens for r in recs], dtype=np.float64)  # [steps, sources]
+    docs = np.asarray([r.source_docs for r in recs], dtype=np.float64)
+    lsum = np.asarray([r.source_loss_sum for r in recs], dtype=np.float64)
+    lcnt = np.asarray([r.source_loss_tokens for r in recs], dtype=np.float64)
+    wait = np.asarray([r.wait_s for r in recs])
+    compute = np.asarray([r.compute_s for r in recs])
+    weights = np.asarray([trainer.driver.weights_at(s) for s in range(steps)])
+    capacity = int(lc.batch_size) * int(lc.max_length)
+    # Speed: the first batch includes worker start-up and the first plans; reported apart.
+    steady = slice(1, None) if steps > 1 else slice(0, None)
+    step_time = float((wait[steady] + compute[steady]).sum())
+    trained = float(tokens[steady].sum())
+    speed = {
+        "tokens_per_s": trained / step_time if step_time else float("nan"),
+        "steps_per_s": (steps - (1 if steps > 1 else 0)) / step_time if step_time else 0.0,
+        "loader_share": float(wait[steady].sum()) / step_time if step_time else float("nan"),
+        "first_batch_wait_s": float(wait[0]) if steps else float("nan"),
+        "mean_wait_ms": 1e3 * float(wait[steady].mean()) if steps else float("nan"),
+        "mean_compute_ms": 1e3 * float(compute[steady].mean()) if steps else float("nan"),
+        "padding_fraction": 1.0 - float(tokens.sum()) / (capacity * steps) if steps else 0.0,
+        "note": "tokens/s counts non-padding tokens over wait + compute of steps 1.. (step 0 "
+                "includes worker start-up); loader_share = time waiting for the next batch / "
+                "(that + forward, backward, optimizer)",
+    }  # fmt: skip
+    # Mixture: windows of constant weights in force (updates land at exact batches).
+    windows = []
+    bounds = [e for e, _ in trainer.driver.in_force if e < steps] + [steps]
+    for a, b in itertools.pairwise(bounds):
+        if b <= a:
+            continue
+        windows.append({"start": a, "end": b, "weights": weights[a].tolist(),
+                        "documents": int(docs[a:b].sum()),
+                        "doc_share": _share(docs[a:b].sum(0)),
+                        "token_share": _share(tokens[a:b].sum(0))})  # fmt: skip
+    losses = [r.loss for r in recs]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        src_loss = np.where(lcnt > 0, lsum / np.maximum(lcnt, 1), np.nan)
+    k = min(10, steps)
+
+    def window_loss(rows: slice) -> list[float]:
+        c = lcnt[rows].sum(0)
+        return [float(s / n) if n else float("nan") for s, n in zip(lsum[rows].sum(0), c,
+                                                                        strict=True)]
+
+    opts_d = dataclasses.asdict(opts)
+    return {
+        "version": REPORT_VERSION,
+        "sources": list(names),
+        "steps": steps,
+        "options": opts_d,
+        "config": {"batch_size": int(lc.batch_size), "max_length": int(lc.max_length),
+                   "num_workers": int(lc.num_workers), "horizon": int(lc.horizon),
+                   "seed": int(lc.seed), "packing": lc.packing,
+                   "attention": dict(lc.collate_kwargs).get("attention"),
+                   "mixture_mode": cfg.mixture.mode,
+                   "schedule_type": cfg.mixture.weight_schedule_type},
+        "model": {"type": "GPT2LMHeadModel", "n_layer": opts.n_layer, "n_embd": opts.n_embd,
+                  "n_head": opts.n_head, "vocab_size": int(trainer.model.config.vocab_size),
+                  "parameters": sum(p.numel() for p in trainer.model.parameters()),
+                  "attn_implementation": trainer.model.config._attn_implementation},
+        "timings": dict(timings),
+        "speed": speed,
+        "packed_mask_max_abs_diff": mask_diff,
+        "resume": dict(resume),
+        "loss": {"first10": _mean(losses[:k]), "last10": _mean(losses[-k:]),
+                 "source_first10": window_loss(slice(0, k)),
+                 "source_last10": window_loss(slice(steps - k, steps))},
+        "mixture": {"windows": windows,
+                    "weight_updates": [[e, list(w)] for e, w in trainer.driver.in_force],
+                    "note": "weights are per document (mixture position); doc_share counts "
+                            "documents starting in each step's rows; token_share counts their "
+                            "tokens (long documents weigh more)"},
+        "series": {"loss": losses, "weights": weights.tolist(),
+                   "source_loss": [[None if np.isnan(x) else float(x) for x in row]
+                                   for row in src_loss],
+                   "source_tokens": tokens.astype(np.int64).tolist(),
+                   "source_docs": docs.astype(np.int64).tolist(),
+                   "wait_s": wait.tolist(), "compute_s": compute.tolist()},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__,
+                        "mixtape": mixtape.__version__ if hasattr(mixtape, "__version__")
+                        else None, "torch_threads": torch.get_num_threads()},
+    }  # fmt: skip
+
+
+def _rolling(x: npt.NDArray[np.float64], n: int) -> npt.NDArray[np.float64]:
+    """Trailing mean over ``n`` rows (fewer at the start), per column."""
+    c = np.cumsum(np.vstack([np.zeros((1, *x.shape[1:])), x]), axis=0)
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(idx - n, 0)
+    width = (idx - lo).reshape(-1, *([1] * (x.ndim - 1)))
+    out: npt.NDArray[np.float64] = (c[idx] - c[lo]) / width
+    return out
+
+
+def write_plot(report: Mapping[str, Any], path: str | Path) -> None:
+    """Weights in force, realised document and token shares, and per-source loss over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = report["sources"]
+    s = report["series"]
+    steps = np.arange(report["steps"])
+    w = np.asarray(s["weights"], dtype=np.float64)
+    n = max(1, min(20, len(steps) // 10))
+    docs = _rolling(np.asarray(s["source_docs"], dtype=np.float64), n)
+    toks = _rolling(np.asarray(s["source_tokens"], dtype=np.float64), n)
+    doc_share = docs / np.maximum(docs.sum(1, keepdims=True), 1e-12)
+    tok_share = toks / np.maximum(toks.sum(1, keepdims=True), 1e-12)
+    sl = np.asarray([[np.nan if x is None else x for x in row] for row in s["source_loss"]],
+                    dtype=np.float64).reshape(len(steps), len(names))  # fmt: skip
+    fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ax = axes[0]
+    for i, name in enumerate(names):
+        c = colors[i % len(colors)]
+        ax.plot(steps, w[:, i], color=c, lw=2, label=f"{name} weight")
+        ax.plot(steps, doc_share[:, i], color=c, ls="--", label=f"{name} documents")
+    ax.set_ylabel("share of documents")
+    ax.set_title(f"mixture: weights in force (solid) vs realised ({n}-step mean, dashed)")
+    ax.legend(ncol=3, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax = axes[1]
+    for i, name in enumerate(names):
+        ax.plot(steps, tok_share[:, i], color=colors[i % len(colors)], label=name)
+    ax.set_ylabel("share of tokens")
+    ax.set_title(f"trained tokens per source ({n}-step mean)")
+    ax.legend(ncol=3, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax = axes[2]
+    ax.plot(steps, s["loss"], color="0.5", lw=1, label="all")
+    for i, name in enumerate(names):
+        col = sl[:, i]
+        ok = ~np.isnan(col)
+        if ok.any():
+            sm = _rolling(np.where(ok, col, 0.0)[:, None], n)[:, 0] / np.maximum(
+                _rolling(ok.astype(np.float64)[:, None], n)[:, 0], 1e-12)
+            ax.plot(steps, sm, color=colors[i % len(colors)], label=name)
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_xlabel("optimizer step")
+    ax.set_title("per-source loss")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
