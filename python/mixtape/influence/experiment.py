@@ -218,10 +218,10 @@ def _print(summary: dict[str, Any]) -> None:
 
 def _plot(summary: dict[str, Any], path: Path) -> str:
     try:
-        import matplotlib  # type: ignore[import-not-found]
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+        import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no PNG written"
     fig, ax = plt.subplots(figsize=(7, 4.5))
