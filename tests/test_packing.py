@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packing_fixtures import as_dataset, make_docs, tiny_model
 
 from mixtape.ops import PackPlan, block_causal_mask, pack_fill, pack_plan
 from mixtape.packing import (
@@ -29,18 +30,8 @@ from mixtape.packing import (
 datasets = pytest.importorskip("datasets")
 
 
-def make_docs(lengths: list[int], seed: int = 0, vocab: int = 50_000) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, vocab, n, dtype=np.int64) for n in lengths]
 
 
-def as_dataset(docs: list[np.ndarray], dtype: Any = None, **extra: Any) -> Any:
-    offsets = np.concatenate([[0], np.cumsum([d.size for d in docs])]).astype(np.int32)
-    flat = np.concatenate(docs) if docs else np.zeros(0, np.int64)
-    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype or pa.int32()))
-    cols = {"input_ids": ids}
-    cols.update(extra)
-    return datasets.Dataset(pa.table(cols))
 
 
 def ragged(docs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -535,23 +526,6 @@ def test_pack_stats_cli(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-def tiny_model(kind: str, attn: str) -> Any:
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if kind == "gpt2":  # learned absolute positions: position_ids must restart per document
-        config = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64,
-                               bos_token_id=1, eos_token_id=2)  # fmt: skip
-        model = tf.GPT2LMHeadModel(config)
-    else:  # RoPE, grouped-query attention
-        config = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-                                pad_token_id=0)  # fmt: skip
-        model = tf.LlamaForCausalLM(config)
-    model.set_attn_implementation(attn)
-    return model.eval()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
