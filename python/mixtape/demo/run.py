@@ -523,8 +523,8 @@ class Trainer:
             rec = train_step(self.model, self.optimizer, self.lr_schedule, batch, n, wait)
             self.records.append(rec)
             self.step += 1
-            if self.tracker is not None:
-                self._influence(self.step, rec.loss)
+            if self.tracker is not None and self.step < self.opts.steps:
+                self._influence(self.step, rec.loss)  # (an update after the last step: unused)
             if progress is not None:
                 tokens = sum(rec.source_tokens)
                 progress.update(1)
