@@ -29,7 +29,7 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 0
     out = capsys.readouterr().out
     for opt in ("--steps", "--workers", "--config", "--out", "--seed", "--batch-size",
-                "--max-length", "--quick"):  # fmt: skip
+                "--max-length", "--quick", "--influence", "--influence-interval"):  # fmt: skip
         assert opt in out
 
 
@@ -70,6 +70,49 @@ def test_quick_run_reports_and_resumes(quick_run: tuple[int, Path]) -> None:
     assert windows[0]["start"] == 0 and windows[-1]["end"] == 12
     assert sum(w["documents"] for w in windows) == sum(map(sum, s["source_docs"]))
     assert set(report["timings"]) >= {"train_s", "total_s", "tokenizer_s", "resume_check_s"}
+    assert report["influence"] is None  # the default demo follows the schedule
+
+
+@pytest.mark.slow
+def test_influence_run_moves_the_weights_and_resumes(tmp_path: Path) -> None:
+    code = cli.main(["demo", "--quick", "--steps", "16", "--no-progress", "--influence",
+                     "--influence-interval", "4", "--influence-warmup", "4",
+                     "--out", str(tmp_path)])  # fmt: skip
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0
+    infl = report["influence"]
+    assert infl["method"] == "datainf" and infl["update_interval"] == 4
+    hist = infl["history"]
+    assert [h["step"] for h in hist] == [8, 12]  # warmup 4 + k * 4, none at the last step
+    start = [infl["initial_weights"][n] for n in report["sources"]]
+    assert start == pytest.approx([0.7, 0.15, 0.15])  # the schedule's step-0 mixture
+    first = [hist[0]["weights"][n] for n in report["sources"]]
+    assert max(abs(a - b) for a, b in zip(first, start, strict=True)) > 1e-3
+    # The weights in force are the tracker's, from the batch each update landed at (not the
+    # schedule's, which would stay code-heavy until step 120 * 16 / 300).
+    w = report["series"]["weights"]
+    at = hist[0]["applied_at"]
+    assert hist[0]["step"] <= at < 16
+    assert w[at - 1] == pytest.approx(start) and w[at] == pytest.approx(first)
+    assert 0 < infl["overhead_share"] < 1 and infl["overhead_s"] > 0
+    resume = report["resume"]
+    assert resume["checked"] and resume["passed"], resume["detail"]
+    assert "tracker" in resume["detail"]
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_probe_is_held_out_of_training() -> None:
+    import datasets
+
+    docs = {"prose": datasets.Dataset.from_dict({"input_ids": [[i, 0] for i in range(100)]}),
+            "code": datasets.Dataset.from_dict({"input_ids": [[1, 0]] * 5})}  # fmt: skip
+    train, probe = run.split_probe(docs)
+    assert len(probe) == run.PROBE_DOCS == 32
+    assert [p["input_ids"][0] for p in probe] == list(range(68, 100))
+    assert [r[0] for r in train["prose"]["input_ids"]] == list(range(68))
+    assert train["code"] is docs["code"]
+    with pytest.raises(ValueError, match="too few"):
+        run.split_probe({"prose": docs["prose"].select(range(40))})
 
 
 @pytest.mark.slow

@@ -84,7 +84,26 @@ def build_report(opts: Any, cfg: Any, trainer: Any, names: Sequence[str],
                                                                         strict=True)]
 
     opts_d = dataclasses.asdict(opts)
+    influence: dict[str, Any] | None = None
+    tracker = getattr(trainer, "tracker", None)
+    if tracker is not None:
+        from mixtape.demo.run import PROBE_DOCS, PROBE_SOURCE
+
+        train_s = float(timings.get("train_s", float("nan")))
+        influence = {
+            "method": tracker.config.method, "parameters": "last transformer block",
+            "update_interval": tracker.config.update_interval,
+            "warmup_steps": tracker.config.warmup_steps,
+            "samples_per_source": tracker.config.samples_per_source,
+            "probe": f"the last {PROBE_DOCS} {PROBE_SOURCE!r} documents, held out of training",
+            "initial_weights": tracker.initial_weights, "history": tracker.history,
+            "overhead_s": float(trainer.influence_s),
+            "overhead_share": float(trainer.influence_s) / train_s if train_s else float("nan"),
+            "note": "overhead_share: time inside the tracker (on_train_begin + on_step_end) / "
+                    "training loop time; history[i].applied_at is the batch its weights land at",
+        }  # fmt: skip
     return {
+        "influence": influence,
         "version": REPORT_VERSION,
         "sources": list(names),
         "steps": steps,
@@ -160,7 +179,15 @@ def write_plot(report: Mapping[str, Any], path: str | Path) -> None:
         ax.plot(steps, w[:, i], color=c, lw=2, label=f"{name} weight")
         ax.plot(steps, doc_share[:, i], color=c, ls="--", label=f"{name} documents")
     ax.set_ylabel("share of documents")
-    ax.set_title(f"mixture: weights in force (solid) vs realised ({n}-step mean, dashed)")
+    title = f"mixture: weights in force (solid) vs realised ({n}-step mean, dashed)"
+    infl = report.get("influence")
+    if infl is not None:
+        for h in infl["history"]:
+            ax.axvline(h["applied_at"], color="0.6", lw=0.8, ls=":")
+        title = (f"weights chosen by the influence tracker ({infl['method']}, every "
+                 f"{infl['update_interval']} steps; dotted: where updates land) vs realised "
+                 f"({n}-step mean, dashed)")  # fmt: skip
+    ax.set_title(title, fontsize=9 if infl is not None else None)
     ax.legend(ncol=3, fontsize=8)
     ax.set_ylim(0, 1)
     ax = axes[1]

@@ -15,6 +15,13 @@ Resume check: at step ``S`` the model, optimizer, LR schedule, RNG and ``loader.
 are saved; the run continues to ``S + K``; then a fresh Python process loads the checkpoint,
 resumes (with another worker count) and runs the same ``K`` steps: the losses must be equal bit
 for bit.
+
+``--influence``: the schedule is not driven; an :class:`~mixtape.influence.InfluenceTracker`
+(DataInf on the last transformer block) scores every source against a held-out probe (the last
+``PROBE_DOCS`` prose documents, removed from the prose source before training) every
+``--influence-interval`` steps after ``--influence-warmup`` and sends its weights with
+``loader.update_weights`` (landing ``horizon`` batches later). The tracker's state goes into the
+checkpoint, so the resume check covers this mode too.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ __all__ = ["DemoOptions", "ScheduleDriver", "main", "run_demo"]
 DEFAULT_STEPS = 300  # the default run length, which the demo config's schedule step numbers count
 EMBEDDED = "embedded:"
 _CONFIG_NAME = "demo.yaml"
+PROBE_SOURCE = "prose"  # --influence: the probe is this source's last PROBE_DOCS documents
+PROBE_DOCS = 32
 
 
 def default_config_path() -> Path:
@@ -74,6 +83,9 @@ class DemoOptions:
     resume_check: bool = True
     progress: bool = True
     quick: bool = False
+    influence: bool = False
+    influence_interval: int = 50
+    influence_warmup: int = 50
 
     def finished(self) -> DemoOptions:
         """A copy with the ``--quick`` sizes applied (where not given) and S, K chosen."""
@@ -98,6 +110,9 @@ class DemoOptions:
                              f"(steps after the checkpoint), got {o.resume_steps}")  # fmt: skip
         if o.threads is None:
             o.threads = default_threads(o.workers)
+        if o.influence_interval < 1 or o.influence_warmup < 0:
+            raise ValueError(f"--influence-interval must be >= 1 and --influence-warmup >= 0, "
+                             f"got {o.influence_interval} and {o.influence_warmup}")  # fmt: skip
         return o
 
 
@@ -204,6 +219,34 @@ def make_datasets(opts: DemoOptions, max_length: int, seed: int,
     return datasets, tok
 
 
+def split_probe(datasets: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(datasets with the probe documents removed, the probe): the last ``PROBE_DOCS``
+    documents of ``PROBE_SOURCE``, never trained on."""
+    if PROBE_SOURCE not in datasets:
+        raise ValueError(f"--influence: the probe source {PROBE_SOURCE!r} is not among the "
+                         f"demo's sources {sorted(datasets)}")  # fmt: skip
+    src = datasets[PROBE_SOURCE]
+    n = len(src)
+    if n <= 2 * PROBE_DOCS:
+        raise ValueError(f"--influence: source {PROBE_SOURCE!r} has {n} documents, too few to "
+                         f"hold {PROBE_DOCS} out as the probe")  # fmt: skip
+    probe = [{"input_ids": list(r)} for r in src.select(range(n - PROBE_DOCS, n))["input_ids"]]
+    out = dict(datasets)
+    out[PROBE_SOURCE] = src.select(range(n - PROBE_DOCS))
+    return out, probe
+
+
+def make_tracker(opts: DemoOptions, loader: Any, model: Any, probe: Sequence[Any],
+                 max_length: int, seed: int) -> Any:  # fmt: skip
+    """The DataInf tracker of ``--influence`` (last transformer block, probe held out)."""
+    from mixtape.influence import InfluenceConfig, InfluenceTracker
+
+    config = InfluenceConfig(method="datainf", update_interval=opts.influence_interval,
+                             warmup_steps=opts.influence_warmup, last_k_blocks=1,
+                             max_length=max_length, seed=seed)  # fmt: skip
+    return InfluenceTracker(config, loader, model, probe=list(probe))
+
+
 # --------------------------------------------------------------------------------------------
 # The weight schedule, per optimizer step
 # --------------------------------------------------------------------------------------------
@@ -230,6 +273,14 @@ class ScheduleDriver:
             total = sum(w.values())
             self.in_force = [(0, [w[n] / total for n in self.names])]
         self.next = 1  # entries[0] is the starting mixture
+
+    def record(self, effect: int, weights: Sequence[float]) -> None:
+        """Note an update sent by someone else (the influence tracker) landing at ``effect``."""
+        w = [float(x) for x in weights]
+        if self.in_force[-1][0] == effect:
+            self.in_force[-1] = (effect, w)
+        else:
+            self.in_force.append((effect, w))
 
     def after_batch(self) -> None:
         """Send the entries due now (call right after each batch is received)."""
@@ -423,8 +474,30 @@ class Trainer:
     lr_schedule: Any
     loader: Any
     driver: ScheduleDriver
+    tracker: Any = None  # --influence: the InfluenceTracker
     step: int = 0
     records: list[StepStats] = field(default_factory=list)
+    influence_s: float = 0.0  # time inside the tracker (on_train_begin + on_step_end)
+    _tracker_started: bool = False
+
+    def _influence(self, step: int | None, loss: float | None) -> None:
+        """Run the tracker in eval mode (no dropout: scores are deterministic and the dropout
+        RNG stream is the same with or without it); record where its update lands."""
+        t = time.perf_counter()
+        self.model.eval()
+        try:
+            if step is None:
+                self.tracker.on_train_begin()
+                self._tracker_started = True
+            else:
+                upd = self.tracker.on_step_end(step, loss)
+                if upd is not None:
+                    h = self.tracker.history[-1]
+                    self.driver.record(int(h["applied_at"]),
+                                       [h["weights"][n] for n in self.driver.names])
+        finally:
+            self.model.train()
+            self.influence_s += time.perf_counter() - t
 
     def batches(self) -> Iterator[tuple[Any, float]]:
         """(batch, seconds waited for it), sending due weight updates after each."""
@@ -444,10 +517,14 @@ class Trainer:
         n = len(self.loader.source_names)
         if self.step >= until:
             return
+        if self.tracker is not None and not self._tracker_started:
+            self._influence(None, None)
         for batch, wait in self.batches():
             rec = train_step(self.model, self.optimizer, self.lr_schedule, batch, n, wait)
             self.records.append(rec)
             self.step += 1
+            if self.tracker is not None and self.step < self.opts.steps:
+                self._influence(self.step, rec.loss)  # (an update after the last step: unused)
             if progress is not None:
                 tokens = sum(rec.source_tokens)
                 progress.update(1)
@@ -466,7 +543,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "rng": torch.get_rng_state(), "loader": self.loader.state_dict(),
-                "driver": self.driver.state_dict()}  # fmt: skip
+                "driver": self.driver.state_dict(),
+                "tracker": None if self.tracker is None else self.tracker.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         import torch
@@ -478,11 +556,17 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.loader.load_state_dict(state["loader"])
         self.driver.load_state_dict(state["driver"])
+        if self.tracker is not None:
+            if state.get("tracker") is None:
+                raise ValueError("--influence resume: the checkpoint has no tracker state")
+            self.tracker.load_state_dict(state["tracker"])
+            self._tracker_started = False  # on_train_begin again, from the restored state
 
 
 def make_trainer(opts: DemoOptions, cfg: Any, datasets: Mapping[str, Any],
-                 vocab_size: int) -> Trainer:  # fmt: skip
-    """A trainer at step 0 (model initialised from the loader's seed)."""
+                 vocab_size: int, probe: Sequence[Any] | None = None) -> Trainer:  # fmt: skip
+    """A trainer at step 0 (model initialised from the loader's seed); with ``opts.influence``
+    the tracker (scoring against ``probe``) drives the weights instead of the schedule."""
     _, loader, schedule = build_loader(cfg, datasets)
     lc = cfg.resolved().loader
     model = build_model(opts, vocab_size, int(lc.max_length), int(lc.seed))
@@ -490,12 +574,18 @@ def make_trainer(opts: DemoOptions, cfg: Any, datasets: Mapping[str, Any],
     optimizer, lr_schedule = make_optimizer(model, opts)
     scale = opts.steps / DEFAULT_STEPS
     every = max(1, round(10 * scale))
+    tracker = None
+    if opts.influence:
+        if probe is None:
+            raise ValueError("--influence needs the held-out probe")
+        schedule = None  # the tracker moves the weights, from the schedule's starting mixture
+        tracker = make_tracker(opts, loader, model, probe, int(lc.max_length), int(lc.seed))
     driver = ScheduleDriver(schedule, loader, opts.steps, scale, every)
-    return Trainer(opts, model, optimizer, lr_schedule, loader, driver)
+    return Trainer(opts, model, optimizer, lr_schedule, loader, driver, tracker)
 
 
 def _save_checkpoint(trainer: Trainer, cfg: Any, datasets: Mapping[str, Any], tokenizer: Any,
-                     path: Path) -> None:  # fmt: skip
+                     path: Path, probe: Sequence[Any] | None = None) -> None:  # fmt: skip
     """Everything a fresh process needs to continue: states, data, config, tokenizer, options."""
     import torch
 
@@ -505,6 +595,11 @@ def _save_checkpoint(trainer: Trainer, cfg: Any, datasets: Mapping[str, Any], to
         shutil.rmtree(path)
     path.mkdir(parents=True)
     torch.save(trainer.state_dict(), path / "state.pt")
+    if trainer.tracker is not None:
+        # The tracker's updates land at b + horizon, and the default horizon depends on the
+        # worker count: the resumed process (other worker count) must use this run's horizon.
+        cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
+            cfg.loader, horizon=int(trainer.loader.horizon)))  # fmt: skip
     dump_data_config(cfg, path / "config.yaml")
     tokenizer.save(str(path / "tokenizer.json"))
     from datasets.utils import logging as hf_logging
@@ -518,6 +613,9 @@ def _save_checkpoint(trainer: Trainer, cfg: Any, datasets: Mapping[str, Any], to
         if was_enabled:
             hf_logging.enable_progress_bar()
     (path / "options.json").write_text(json.dumps(dataclasses.asdict(trainer.opts), indent=1))
+    if probe is not None:
+        (path / "probe.json").write_text(json.dumps([list(map(int, p["input_ids"]))
+                                                     for p in probe]))  # fmt: skip
 
 
 def resume_main(ckpt: Path, steps: int, workers: int, out: Path) -> int:
@@ -533,19 +631,23 @@ def resume_main(ckpt: Path, steps: int, workers: int, out: Path) -> int:
     torch.set_num_threads(int(opts.threads or 1))
     cfg = load_data_config(ckpt / "config.yaml")
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
-        cfg.loader, num_workers=workers, horizon=None,
+        cfg.loader, num_workers=workers, horizon=cfg.loader.horizon if opts.influence else None,
         persistent_workers=True if workers else None,
         prefetch_factor=cfg.loader.prefetch_factor if workers else None))  # fmt: skip
     names = [str(s.path).removeprefix(EMBEDDED) for s in cfg.mixture.sources]
     data = {n: hf.load_from_disk(str(ckpt / "data" / n)) for n in names}
     vocab = Tokenizer.from_file(str(ckpt / "tokenizer.json")).get_vocab_size()
-    trainer = make_trainer(opts, cfg, data, vocab)
+    probe = None
+    if opts.influence:
+        probe = [{"input_ids": ids} for ids in json.loads((ckpt / "probe.json").read_text())]
+    trainer = make_trainer(opts, cfg, data, vocab, probe)
     state = torch.load(ckpt / "state.pt", weights_only=False)
     trainer.load_state_dict(state)
     start = trainer.step
     trainer.train(start + steps)
+    history = None if trainer.tracker is None else trainer.tracker.history
     out.write_text(json.dumps({"start": start, "losses": [r.loss for r in trainer.records],
-                               "workers": workers}))  # fmt: skip
+                               "workers": workers, "influence_history": history}))  # fmt: skip
     return 0
 
 
@@ -568,8 +670,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     seed, max_length = int(lc.seed), int(lc.max_length)
     timings: dict[str, float] = {}
     datasets, tokenizer = make_datasets(opts, max_length, seed, timings)
+    probe = None
+    if opts.influence:
+        datasets, probe = split_probe(datasets)
     t = time.perf_counter()
-    trainer = make_trainer(opts, cfg, datasets, tokenizer.get_vocab_size())
+    trainer = make_trainer(opts, cfg, datasets, tokenizer.get_vocab_size(), probe)
     mask_diff = packed_mask_check(trainer.model, max_length, seed)
     torch.manual_seed(seed)  # the dropout stream starts from the seed whatever ran before
     timings["setup_s"] = time.perf_counter() - t
@@ -581,7 +686,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     def on_step(tr: Trainer) -> None:
         if tr.step == opts.checkpoint_step:
-            _save_checkpoint(tr, cfg, datasets, tokenizer, ckpt)
+            _save_checkpoint(tr, cfg, datasets, tokenizer, ckpt, probe)
 
     t = time.perf_counter()
     bar = tqdm(total=opts.steps, desc="train", unit="step", disable=not opts.progress,
@@ -591,6 +696,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     finally:
         bar.close()
     timings["train_s"] = time.perf_counter() - t
+    if trainer.tracker is not None:
+        timings["influence_s"] = trainer.influence_s
+        print(f"influence tracker: {len(trainer.tracker.history)} update(s), overhead "
+              f"{trainer.influence_s:.1f} s = {trainer.influence_s / timings['train_s']:.1%} of "
+              f"training time (time inside the tracker / training loop)")
 
     resume: dict[str, Any] = {"checked": False}
     if opts.resume_check:
@@ -633,6 +743,15 @@ def check_resume(ckpt: Path, opts: DemoOptions, trainer: Trainer, workers: int) 
         i = diff[0]
         return {**base, "detail": f"{len(diff)} of {k} losses differ, first at step {s + i}: "
                                   f"{expected[i].hex()} vs {losses[i].hex()}"}  # fmt: skip
+    if trainer.tracker is not None:
+        # The tracker's updates up to S + K (restored history, then the ones made after resume).
+        want = [h for h in trainer.tracker.history if h["step"] <= s + k]
+        have = got.get("influence_history")
+        if have != json.loads(json.dumps(want)):
+            return {**base, "detail": "the resumed influence tracker's weight history differs "
+                                      "from the uninterrupted run's"}  # fmt: skip
+        return {**base, "passed": True, "detail": f"{k} losses identical bit for bit, and the "
+                f"tracker's {len(want)} update(s) to step {s + k}"}  # fmt: skip
     return {**base, "passed": True, "detail": f"{k} losses identical bit for bit"}
 
 
@@ -698,6 +817,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume-check", action="store_true",
                    help="skip the fresh-process resume check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--influence", action="store_true",
+                   help=f"let an InfluenceTracker (DataInf, last transformer block) set the "
+                        f"weights instead of the schedule, scoring against a held-out probe "
+                        f"(the last {PROBE_DOCS} {PROBE_SOURCE} documents, not trained on)")
+    p.add_argument("--influence-interval", type=int, default=50,
+                   help="steps between tracker updates (default 50)")
+    p.add_argument("--influence-warmup", type=int, default=50,
+                   help="steps before the tracker's first interval starts (default 50)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run: 4 x 64 tokens per step, small tokenizer and corpus "
                         "(combine with --steps, e.g. --steps 16)")  # fmt: skip
@@ -721,7 +848,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
                        threads=args.threads, lr=args.lr, checkpoint_step=args.checkpoint_step,
                        resume_steps=args.resume_steps, resume_check=not args.no_resume_check,
-                       progress=not args.no_progress, quick=args.quick)  # fmt: skip
+                       progress=not args.no_progress, quick=args.quick,
+                       influence=args.influence, influence_interval=args.influence_interval,
+                       influence_warmup=args.influence_warmup)  # fmt: skip
     try:
         report = run_demo(opts)
     except ValueError as e:
