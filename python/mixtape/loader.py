@@ -3,8 +3,8 @@
 For a :class:`~mixtape.MixedDataset` of map-style sources, batch ``k`` is a pure function of
 (config, seed, weight timeline, k). The main process turns ``k`` into a plan (which source and
 row every example, or every packed piece, comes from: the compiled sampler, then the pack
-planner over a fixed window of documents) inside the DataLoader's sampler; workers only fetch the
-planned rows and collate them. Hence:
+planner over the documents drawn for each batch) inside the DataLoader's sampler; workers only
+fetch the planned rows and collate them. Hence:
 
 - the same config and seed give the same batches for any ``num_workers`` (persistent or not);
 - the state is the number of batches the trainer received plus the weight timeline, so
@@ -43,7 +43,6 @@ from mixtape.schedule import WeightScheduler
 __all__ = ["DataLoaderFactory", "Loader", "get_loader"]
 
 STATE_VERSION = 1
-WINDOW_DOCS = 4096  # documents planned together when packing (a window's rows are fixed by it)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,8 +324,9 @@ class Loader:
     Iterate it like a ``DataLoader`` (it wraps one: ``loader.dataloader``). For a
     :class:`~mixtape.MixedDataset` of map-style sources, see the module docstring for the
     guarantees. ``packing`` (a planner strategy) with ``max_length=N``: each batch is
-    ``batch_size`` rows of ``N`` tokens packed from the mixture's documents (windows of
-    ``WINDOW_DOCS`` documents planned together), collated by the ``packed`` collator (give its
+    ``batch_size`` rows of ``N`` tokens packed from the mixture's documents (each batch planned
+    from the pieces the previous one carried plus new documents), collated by the ``packed``
+    collator (give its
     ``attention`` in ``collate_kwargs``); ``source_ids`` per example, or per token when packed
     (-1 on padding), say which source each came from (names in ``source_names``).
     """
