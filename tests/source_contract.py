@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import re
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from mixtape import Source
+from mixtape.sources import take_ragged
 
 
 def make_docs(n: int = 37, seed: int = 0) -> list[dict[str, Any]]:
@@ -49,6 +51,12 @@ def check_map_source(src: Source, ref: list[dict[str, Any]], seed: int = 0) -> N
     assert all(c.num_chunks == 1 for c in table.columns)
     assert table.to_pylist() == expected
     assert plain(src.take(rows.tolist())) == expected  # a Python list of rows
+    lists = [k for k, v in ref[0].items() if isinstance(v, list)]
+    for column in lists[:1]:  # the packing loader's read of a token column
+        values, offsets = take_ragged(src, rows, column)
+        assert offsets[0] == 0 and offsets.size == rows.size + 1
+        assert [values[a:b].tolist() for a, b in itertools.pairwise(offsets)] == [
+            ref[i][column] for i in rows]
     assert src.take(np.zeros(0, np.int64)) == [] and src.take_arrow([]).num_rows == 0
     name = re.escape(src.name)
     with pytest.raises(ValueError, match=rf"source '{name}': row {n} \(position 1\) is out"):

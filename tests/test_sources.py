@@ -28,6 +28,7 @@ from mixtape import (
     TorchMapSource,
     as_source,
 )
+from mixtape.sources import take_ragged
 
 datasets.disable_progress_bars()
 
@@ -405,3 +406,54 @@ def test_torch_map_getitems_must_give_one_item_per_row() -> None:
     assert isinstance(src, TorchMapSource)
     with pytest.raises(ValueError, match="'short': __getitems__ gave 1 items for 2 rows"):
         src.take([0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# take_ragged: one token column, the packing loader's read
+# --------------------------------------------------------------------------------------------
+
+
+class ForeignSource:
+    """A Source by protocol only (not a BaseSource): take_ragged goes through take_arrow."""
+
+    name = "foreign"
+    num_rows = 3
+    fingerprint = None
+
+    def take(self, rows: Any) -> list[dict[str, Any]]:
+        return [{"input_ids": [int(r)] * (int(r) + 1)} for r in np.asarray(rows)]
+
+    def take_arrow(self, rows: Any) -> pa.Table:
+        return pa.Table.from_pylist(self.take(rows))
+
+    def stream(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        return iter(self.take(np.arange(start, 3)))
+
+
+def test_take_ragged_of_a_foreign_source_reads_take_arrow() -> None:
+    values, offsets = take_ragged(ForeignSource(), np.array([2, 0, 2]), "input_ids")
+    assert values.tolist() == [2, 2, 2, 0, 2, 2, 2] and offsets.tolist() == [0, 3, 4, 7]
+
+
+@pytest.mark.parametrize("kind", ["hf", "arrow-table", "list-of-dicts"])
+def test_take_ragged_names_the_source_column_and_row(kind: str, tmp_path: Path) -> None:
+    docs = [{"input_ids": [1, 2], "text": "a", "n": 1}, {"input_ids": None, "text": "b", "n": 2}]
+    obj = (datasets.Dataset.from_list(docs) if kind == "hf" else pa.Table.from_pylist(docs)
+           if kind == "arrow-table" else docs)  # fmt: skip
+    src = as_source(obj, "web")
+    assert take_ragged(src, np.array([0, 0]), "input_ids")[0].tolist() == [1, 2, 1, 2]
+    with pytest.raises(ValueError, match=r"source 'web': row 1 has 'input_ids' = None"):
+        take_ragged(src, np.array([0, 1]), "input_ids")
+    with pytest.raises(ValueError, match=r"source 'web': no column 'ids' \(columns: "):
+        take_ragged(src, np.array([0]), "ids")
+    with pytest.raises(TypeError, match=r"source 'web': column 'n' must hold token lists"):
+        take_ragged(src, np.array([0]), "n")
+    with pytest.raises(ValueError, match=r"source 'web': row 2 \(position 0\) is out"):
+        take_ragged(src, np.array([2]), "input_ids")
+
+
+def test_take_ragged_with_a_text_field_keeps_its_check() -> None:
+    src = as_source(datasets.Dataset.from_list([{"input_ids": [1], "text": None}]), "web",
+                    text_field="text")  # fmt: skip
+    with pytest.raises(ValueError, match=r"source 'web': row 0 has 'text' = None"):
+        take_ragged(src, np.array([0]), "input_ids")

@@ -115,13 +115,55 @@ class ArrowRows:
         starts, columns = self._columns()
         if rows.size == 0 or not columns or not columns[0].chunks:
             return self.table.schema.empty_table()
-        batch_of = np.searchsorted(starts, rows, side="right") - 1
-        local = rows - starts[batch_of]
-        order = np.argsort(batch_of, kind="stable")
-        cuts = np.flatnonzero(np.diff(batch_of[order])) + 1
-        groups = [(int(batch_of[g[0]]), g) for g in np.split(order, cuts)]  # (batch, positions)
+        groups, local = _groups(starts, rows)
         arrays = [_gather_column(c, groups, local, rows.size) for c in columns]
         return pa.Table.from_arrays(arrays, schema=self.table.schema)
+
+    def gather_ragged(self, rows: Int64Array,
+                      column: str) -> tuple[npt.NDArray[Any], Int64Array] | None:  # fmt: skip
+        """Rows ``rows`` of one list-of-numbers ``column`` as (values, offsets), copying only that
+        column; None when the column is missing, has nulls or is not a list of numbers."""
+        if column not in self.table.column_names:
+            return None
+        if self.mapping is not None:
+            rows = np.asarray(self.mapping.gather(rows).column(0).to_numpy(), dtype=np.int64)
+        starts, columns = self._columns()
+        col = columns[self.table.column_names.index(column)]
+        if col.kind != "list":
+            return None
+        if rows.size == 0:
+            return np.zeros(0, dtype=col.views[0][0].dtype), np.zeros(1, dtype=np.int64)
+        groups, local = _groups(starts, rows)
+        return _gather_list(col, groups, local, rows.size)
+
+
+def _groups(starts: Int64Array, rows: Int64Array) -> tuple[list[tuple[int, npt.NDArray[np.intp]]],
+                                                           Int64Array]:  # fmt: skip
+    """Rows grouped by the record batch holding them: [(batch, output positions)], local rows."""
+    batch_of = np.searchsorted(starts, rows, side="right") - 1
+    local = rows - starts[batch_of]
+    if starts.size == 2:  # one record batch: no grouping to do
+        return [(0, np.arange(rows.size))], local
+    order = np.argsort(batch_of, kind="stable")
+    cuts = np.flatnonzero(np.diff(batch_of[order])) + 1
+    return [(int(batch_of[g[0]]), g) for g in np.split(order, cuts)], local
+
+
+def _gather_list(col: _Column, groups: list[tuple[int, npt.NDArray[np.intp]]],
+                 local: Int64Array, n: int) -> tuple[npt.NDArray[Any], Int64Array]:  # fmt: skip
+    """The rows of a list-of-numbers column as (values, offsets): one memcpy per row, in C++."""
+    starts = np.empty(n, dtype=np.int64)
+    lengths = np.empty(n, dtype=np.int64)
+    for b, pos in groups:
+        offsets = col.views[b][1]
+        starts[pos] = offsets[local[pos]]
+        lengths[pos] = offsets[local[pos] + 1] - starts[pos]
+    out_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out_offsets[1:])
+    values = np.empty(int(out_offsets[-1]), dtype=col.views[0][0].dtype)
+    for b, pos in groups:
+        gather_rows(col.views[b][0], starts[pos], lengths[pos], out_offsets[pos], values)
+    return values, out_offsets
 
 
 def _gather_column(col: _Column, groups: list[tuple[int, npt.NDArray[np.intp]]],
@@ -133,17 +175,7 @@ def _gather_column(col: _Column, groups: list[tuple[int, npt.NDArray[np.intp]]],
             out[pos] = col.flat[b][local[pos]]
         return pa.array(out, type=col.type)
     if col.kind == "list":
-        starts = np.empty(n, dtype=np.int64)
-        lengths = np.empty(n, dtype=np.int64)
-        for b, pos in groups:
-            offsets = col.views[b][1]
-            starts[pos] = offsets[local[pos]]
-            lengths[pos] = offsets[local[pos] + 1] - starts[pos]
-        out_offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=out_offsets[1:])
-        values = np.empty(int(out_offsets[-1]), dtype=col.views[0][0].dtype)
-        for b, pos in groups:  # one memcpy per row, in C++
-            gather_rows(col.views[b][0], starts[pos], lengths[pos], out_offsets[pos], values)
+        values, out_offsets = _gather_list(col, groups, local, n)
         return list_array(out_offsets, values, col.type)
     parts = [col.chunks[b].take(pa.array(local[pos])) for b, pos in groups]
     positions = np.concatenate([pos for _, pos in groups])

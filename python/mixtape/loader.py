@@ -39,6 +39,7 @@ from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
 from mixtape.mixing import MixedDataset, MixPlan, mixture_weights
 from mixtape.ops import OVERFLOW_POLICIES, Int64Array, gather_rows, normalize_weights, pack_plan
 from mixtape.schedule import WeightScheduler
+from mixtape.sources import take_ragged
 
 __all__ = ["DataLoaderFactory", "Loader", "get_loader"]
 
@@ -60,6 +61,34 @@ class _Request:
     starts: Int64Array | None = None  # packed: piece start within its document
     lengths: Int64Array | None = None  # packed: piece length
     row_offsets: Int64Array | None = None  # packed: pieces of each row (CSR)
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """A packed batch as a worker returns it: the pieces' tokens back to back (``flat``), the
+    pieces of each row (``row_offsets``, CSR), their lengths and sources. The main process
+    collates it: 8 x 4096 int32 tokens cross the process boundary as 128 KB, not as the 1 MB of
+    int64 training tensors (fresh shared memory costs a page fault per 4 KB at both ends)."""
+
+    flat: npt.NDArray[Any]
+    row_offsets: Int64Array
+    lengths: Int64Array
+    sources: npt.NDArray[np.int32]
+
+    def table(self, column: str) -> pa.Table:
+        """The rows as the packed collator reads them (one list of tokens per row)."""
+        offsets = np.zeros(self.lengths.size + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        row_tok = offsets[self.row_offsets]
+        by_row = pa.array(self.row_offsets.astype(np.int32))
+        return pa.table({
+            column: pa.ListArray.from_arrays(pa.array(row_tok.astype(np.int32)),
+                                             pa.array(self.flat)),
+            "seq_lengths": pa.ListArray.from_arrays(by_row,
+                                                    pa.array(self.lengths.astype(np.int32))),
+            # the packed collator turns these into per-token source_ids (-1 on padding)
+            DOC_SOURCE_IDS: pa.ListArray.from_arrays(by_row, pa.array(self.sources)),
+        })  # fmt: skip
 
 
 def _identity(x: Any) -> Any:
@@ -97,33 +126,22 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
 
     def _packed(self, req: _Request) -> Any:
         assert req.starts is not None and req.lengths is not None and req.row_offsets is not None
-        # One read per distinct document, then the pieces as rows of their used length.
-        docs = np.stack([req.sources.astype(np.int64), req.rows], axis=1)
-        uniq, inverse = np.unique(docs, axis=0, return_inverse=True)
-        plan = MixPlan(req.index, uniq[:, 0].astype(np.int32), uniq[:, 1], uniq[:, 1])
-        column = self.mixed.take_arrow(plan).column(self.column).combine_chunks()
-        doc_offsets = column.offsets.to_numpy().astype(np.int64)
-        values = np.asarray(column.values.to_numpy(zero_copy_only=False))
-        values = values[doc_offsets[0]: doc_offsets[-1]]
-        doc_offsets -= doc_offsets[0]
-        inverse = inverse.reshape(-1)
-        pieces = req.lengths.size
-        out_offsets = np.zeros(pieces + 1, dtype=np.int64)
+        # One read per source of its distinct documents (only the token column), then the
+        # pieces copied straight to their place in the batch's flat tokens.
+        out_offsets = np.zeros(req.lengths.size + 1, dtype=np.int64)
         np.cumsum(req.lengths, out=out_offsets[1:])
-        flat = np.empty(int(out_offsets[-1]), dtype=values.dtype)
-        gather_rows(values, doc_offsets[inverse] + req.starts, req.lengths, out_offsets[:-1], flat)
-        row_tok = out_offsets[req.row_offsets]
-        rows = pa.table({
-            self.column: pa.ListArray.from_arrays(pa.array(row_tok.astype(np.int32)),
-                                                  pa.array(flat)),
-            "seq_lengths": pa.ListArray.from_arrays(pa.array(req.row_offsets.astype(np.int32)),
-                                                    pa.array(req.lengths.astype(np.int32))),
-            # the packed collator turns these into per-token source_ids (-1 on padding)
-            DOC_SOURCE_IDS: pa.ListArray.from_arrays(pa.array(req.row_offsets.astype(np.int32)),
-                                                     pa.array(req.sources.astype(np.int32))),
-        })  # fmt: skip
-        batch = self.collate(rows) if self.collate is not None else rows
-        return batch
+        reads = []
+        for k in np.unique(req.sources).tolist():
+            sel = np.flatnonzero(req.sources == k)
+            uniq, inverse = np.unique(req.rows[sel], return_inverse=True)
+            values, doc_offsets = take_ragged(self.mixed.source(k), uniq, self.column)
+            reads.append((sel, values, doc_offsets[inverse.reshape(-1)] + req.starts[sel]))
+        dtype = np.result_type(*(v.dtype for _, v, _ in reads)) if reads else np.int64
+        flat = np.empty(int(out_offsets[-1]), dtype=dtype)
+        for sel, values, starts in reads:
+            gather_rows(values.astype(dtype, copy=False), starts, req.lengths[sel],
+                        out_offsets[sel], flat)  # fmt: skip
+        return _Pieces(flat, req.row_offsets, req.lengths, req.sources.astype(np.int32))
 
 
 def _one_segment(batch: dict[str, Any]) -> dict[str, Any]:
@@ -352,6 +370,7 @@ class Loader:
         self.mixed: MixedDataset = dataset if self.exact else None  # type: ignore[assignment]
         self._schedule: WeightScheduler | None = None
         self._schedule_every = 1
+        self._collate: Callable[[Any], Any] | None = None  # packed: collates fetched _Pieces
         if self.exact:
             self.source_names = list(dataset.source_names)
             self._take_schedule(dataset)
@@ -364,6 +383,7 @@ class Loader:
                 from mixtape.collate import CollatorRegistry
 
                 kw_c["pad_to_multiple_of"] = self.capacity
+                kw_c.setdefault("pin_memory", bool(c.pin_memory))  # collated in this process
                 collate = CollatorRegistry.get_collator("packed", **kw_c)
             if collate is None and not self.config.packing:
                 from mixtape.collate import create_causal_lm_collate
@@ -375,7 +395,11 @@ class Loader:
                                  "collate_fn='packed', collate_kwargs={'attention': 'flash' | "
                                  "'sdpa' | 'eager' (or model=...)}")  # fmt: skip
             self._planner = _PackPlanner(self) if self.config.packing else None
-            fetch = _Fetcher(dataset, collate, bool(self.config.packing), self.capacity, column)
+            # Packed batches are collated here, in the main process, from the pieces a worker
+            # fetched (see _Pieces); unpacked ones in the workers.
+            self._collate = collate if self.config.packing else None
+            fetch = _Fetcher(dataset, None if self.config.packing else collate,
+                             bool(self.config.packing), self.capacity, column)  # fmt: skip
             kw: dict[str, Any] = {"batch_size": None, "sampler": _PlanSampler(self),
                                   "collate_fn": _identity, "num_workers": c.num_workers,
                                   "pin_memory": c.pin_memory,
@@ -528,10 +552,23 @@ class Loader:
         if self._sampler is not None:
             self._sampler.skip = self._consumed * self.config.batch_size
         for batch in self.dataloader:
+            if isinstance(batch, _Pieces):
+                batch = self._collate_pieces(batch)
             self._cursors.pop(self._global(self._consumed) - self.world_size, None)  # bounded
             self._consumed += 1
             yield batch
         self._ended = True
+
+    def _collate_pieces(self, pieces: _Pieces) -> Any:
+        """A fetched packed batch collated (and pinned when the config asks) for the trainer."""
+        rows = pieces.table(self.column)
+        if self._collate is None:
+            return rows
+        batch = self._collate(rows)
+        if self.config.pin_memory and isinstance(batch, dict):
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v
+                     for k, v in batch.items()}  # fmt: skip
+        return batch
 
     def _restart_if_ended(self) -> None:
         """A loader iterated to its end starts again from the first batch (a new epoch over the

@@ -195,6 +195,31 @@ def _records_to_arrow(records: list[dict[str, Any]], where: str) -> pa.Table:
 # --------------------------------------------------------------------------------------------
 
 
+def ragged_column(table: pa.Table, column: str, where: str,
+                  rows: Int64Array) -> tuple[npt.NDArray[Any], Int64Array]:  # fmt: skip
+    """The list-of-numbers ``column`` of ``table`` (the source's ``rows``) as (values, offsets
+    from 0); ValueError / TypeError naming the source, column and row when it is not one."""
+    if column not in table.column_names:
+        raise ValueError(f"{where}: no column {column!r} (columns: {table.column_names})")
+    col = table.column(column).combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        raise TypeError(f"{where}: column {column!r} must hold token lists, got {col.type}")
+    if col.null_count:
+        valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False))
+        raise ValueError(f"{where}: row {int(rows[int(np.argmin(valid))])} has {column!r} = None")
+    offsets = np.asarray(col.offsets.to_numpy(), dtype=np.int64)
+    values = np.asarray(col.values.to_numpy(zero_copy_only=False))[offsets[0]: offsets[-1]]
+    return values, offsets - offsets[0]
+
+
+def take_ragged(source: Source, rows: Int64Array,
+                column: str) -> tuple[npt.NDArray[Any], Int64Array]:  # fmt: skip
+    """``source.take_ragged`` for built-in sources; through ``take_arrow`` for foreign ones."""
+    if isinstance(source, BaseSource):
+        return source.take_ragged(rows, column)
+    return ragged_column(source.take_arrow(rows), column, f"source {source.name!r}", rows)
+
+
 class BaseSource(abc.ABC):
     """Shared behaviour of the built-in sources; subclasses implement ``_take`` and ``_stream``
     (``_take_arrow`` when they have a faster path than converting ``_take``'s records).
@@ -274,6 +299,21 @@ class BaseSource(abc.ABC):
                 raise ValueError(f"{self._where}: row {row} has {self.text_field!r} = None")
         return table
 
+    def take_ragged(self, rows: npt.ArrayLike,
+                    column: str) -> tuple[npt.NDArray[Any], Int64Array]:  # fmt: skip
+        """One list-of-numbers ``column`` of ``rows`` as (values, offsets), offsets starting at 0:
+        the packing loader's read (only that column is copied where the source allows)."""
+        r = self._rows(rows)
+        fast = self._take_ragged(r, column)
+        if fast is not None:
+            return fast
+        return ragged_column(self.take_arrow(r), column, self._where, r)
+
+    def _take_ragged(self, rows: Int64Array,
+                     column: str) -> tuple[npt.NDArray[Any], Int64Array] | None:  # fmt: skip
+        """A faster :meth:`take_ragged` where the source has one, else None."""
+        return None
+
     def stream(self, start: int = 0) -> Iterator[dict[str, Any]]:
         """One pass in the source's own order from ordinal ``start`` (past the end: nothing)."""
         if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
@@ -341,6 +381,10 @@ class ArrowTableSource(BaseSource):
     def _take_arrow(self, rows: Int64Array) -> pa.Table:
         return self._arrow.gather(rows)
 
+    def _take_ragged(self, rows: Int64Array,
+                     column: str) -> tuple[npt.NDArray[Any], Int64Array] | None:  # fmt: skip
+        return None if self.text_field is not None else self._arrow.gather_ragged(rows, column)
+
     def _take(self, rows: Int64Array) -> list[dict[str, Any]]:
         return list(self._arrow.gather(rows).to_pylist())
 
@@ -400,6 +444,12 @@ class HFDatasetSource(BaseSource):
         if self._custom:
             return _records_to_arrow(self._take(rows), self._where)
         return self._arrow.gather(rows)
+
+    def _take_ragged(self, rows: Int64Array,
+                     column: str) -> tuple[npt.NDArray[Any], Int64Array] | None:  # fmt: skip
+        if self._custom or self.text_field is not None:  # the transform / checks of take_arrow
+            return None
+        return self._arrow.gather_ragged(rows, column)
 
     def _take(self, rows: Int64Array) -> list[dict[str, Any]]:
         if self._custom:
