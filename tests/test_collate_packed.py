@@ -619,3 +619,62 @@ def test_device_mask_hook_equals_host_mask(attn: str, padding_free: bool) -> Non
     with pytest.raises(ValueError, match="both seq_idx and attention_mask"):
         model(**dev, attention_mask=host["attention_mask"])
     handle.remove()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(1, 40), min_size=0, max_size=5), min_size=1, max_size=5),
+    attention=st.sampled_from(PACKED_ATTENTIONS),
+    multiple=st.sampled_from([None, 8, 64]),
+    padding_free=st.booleans(),
+    names=st.booleans(),
+)
+def test_collate_pieces_equals_the_collator_on_the_rows(
+    rows: list[list[int]], attention: str, multiple: int | None, padding_free: bool, names: bool,
+) -> None:
+    """The packing loader's path (pieces, no parsing) gives the batch of the rows it stands for."""
+    from mixtape import create_packed_collate
+
+    rng = np.random.default_rng(len(rows))
+    lengths = np.asarray([n for r in rows for n in r], dtype=np.int64)
+    row_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=row_offsets[1:])
+    values = rng.integers(0, 1000, int(lengths.sum())).astype(np.int32)
+    sources = rng.integers(0, 3, lengths.size).astype(np.int32)
+    source_names = ["a", "b", "c"] if names else None
+    collate = create_packed_collate(attention=attention, pad_to_multiple_of=multiple,
+                                    padding_free=padding_free, source_names=source_names)
+    tok = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=tok[1:])
+    rows_of = itertools.pairwise(row_offsets)
+    table = pa.table({
+        "input_ids": pa.array([values[tok[a]: tok[b]].tolist() for a, b in rows_of],
+                              pa.list_(pa.int32())),
+        "seq_lengths": pa.array([lengths[a:b].tolist() for a, b in itertools.pairwise(row_offsets)],
+                                pa.list_(pa.int32())),
+        "doc_source_ids": pa.array([sources[a:b].tolist()
+                                    for a, b in itertools.pairwise(row_offsets)],
+                                   pa.list_(pa.int32())),
+    })  # fmt: skip
+    want = collate(table)
+    got = collate.collate_pieces(values, lengths, row_offsets, sources)
+    assert list(got) == list(want)
+    for key, value in want.items():
+        if hasattr(value, "numpy"):
+            assert got[key].dtype == value.dtype, key
+            np.testing.assert_array_equal(got[key].numpy(), value.numpy(), err_msg=key)
+        else:
+            assert got[key] == value, key
+
+
+def test_collate_pieces_refuses_bad_pieces() -> None:
+    from mixtape import create_packed_collate
+
+    collate = create_packed_collate(attention="sdpa", source_names=["a", "b"])
+    one = np.array([0, 1], dtype=np.int64)
+    with pytest.raises(ValueError, match="3 values for pieces of 2 tokens"):
+        collate.collate_pieces(np.array([1, 2, 3]), np.array([2]), one)
+    with pytest.raises(ValueError, match=r"input_ids: piece 0 has a negative token id \(-4\)"):
+        collate.collate_pieces(np.array([1, -4]), np.array([2]), one)
+    with pytest.raises(ValueError, match="doc_source_ids"):
+        collate.collate_pieces(np.array([1, 2]), np.array([2]), one, np.array([2]))

@@ -561,10 +561,16 @@ class Loader:
 
     def _collate_pieces(self, pieces: _Pieces) -> Any:
         """A fetched packed batch collated (and pinned when the config asks) for the trainer."""
-        rows = pieces.table(self.column)
-        if self._collate is None:
-            return rows
-        batch = self._collate(rows)
+        from mixtape.collate.packed import PackedCollator
+
+        if isinstance(self._collate, PackedCollator) and self._collate.input_key == self.column:
+            batch = self._collate.collate_pieces(pieces.flat, pieces.lengths, pieces.row_offsets,
+                                                 pieces.sources)  # fmt: skip
+        else:  # a user's collate_fn: the rows as an Arrow table (or the table itself)
+            rows = pieces.table(self.column)
+            if self._collate is None:
+                return rows
+            batch = self._collate(rows)
         if self.config.pin_memory and isinstance(batch, dict):
             batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v
                      for k, v in batch.items()}  # fmt: skip

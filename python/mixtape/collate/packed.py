@@ -383,18 +383,57 @@ class PackedCollator:
         c = batch_columns(batch, self.input_key)
         plan, ids, entry = self._plan(c)
         piece_src = self._piece_sources(c, plan, entry)
-        if self.padding_free:  # documents back to back, then padding to the multiple (as TRL)
-            used = plan.packed_tokens
-            shape = (1, padded_length(used, None, self.pad_to_multiple_of))
-        else:
-            used = plan.capacity
-            shape = (plan.num_rows, plan.capacity)
         labels = None
         if "labels" in c.cols:
             labels = as_ragged(c.cols["labels"], "labels")
             check_same_lengths(labels, ids, "labels", self.input_key)
         tokens, rest = split_fields(c, ids.offsets, (self.input_key, *_PACKING_COLUMNS),
                                     self.pad_values, self.input_key)  # fmt: skip
+        return self._collate(plan, ids, piece_src, labels, tokens, rest)
+
+    def collate_pieces(self, values: Any, lengths: Int64Array, row_offsets: Int64Array,
+                       sources: Any = None) -> dict[str, Any]:  # fmt: skip
+        """The batch of rows given as pieces: ``values`` holds the pieces' tokens back to back,
+        piece ``i`` has ``lengths[i]`` tokens, row ``r`` holds pieces ``row_offsets[r]:
+        row_offsets[r + 1]`` (``sources``: each piece's source id). The same result as calling
+        the collator on those rows with ``seq_lengths`` (and ``doc_source_ids``), without the
+        parsing: the packing loader's path."""
+        ids = Ragged(np.asarray(values), np.zeros(lengths.size + 1, dtype=np.int64))
+        np.cumsum(lengths, out=ids.offsets[1:])
+        if ids.values.size != ids.offsets[-1]:
+            raise ValueError(f"collate_pieces: {ids.values.size} values for pieces of "
+                             f"{int(ids.offsets[-1])} tokens")  # fmt: skip
+        if ids.values.size and int(ids.values.min()) < 0:
+            pos = int(np.argmax(ids.values < 0))
+            raise ValueError(f"{self.input_key}: piece {example_of(ids.offsets, pos)} has a "
+                             f"negative token id ({int(ids.values[pos])}); token ids must be >= 0")
+        row_tok = ids.offsets[row_offsets]
+        piece_row = np.repeat(np.arange(row_offsets.size - 1, dtype=np.int64),
+                              np.diff(row_offsets))  # fmt: skip
+        column = ids.offsets[:-1] - row_tok[piece_row]
+        longest = int(np.diff(row_tok).max()) if row_offsets.size > 1 else 0
+        plan = PackPlan(
+            capacity=padded_length(longest, None, self.pad_to_multiple_of),
+            strategy="packed_rows", row_offsets=np.asarray(row_offsets, dtype=np.int64),
+            doc=np.arange(lengths.size, dtype=np.int64), start=np.zeros(lengths.size, np.int64),
+            length=np.asarray(lengths, dtype=np.int64), column=column, num_docs=lengths.size,
+            num_tokens=int(ids.values.size),
+        )  # fmt: skip
+        piece_src = None
+        if sources is not None:
+            piece_src = self._sources.check_ids(np.asarray(sources), DOC_SOURCE_IDS)
+        return self._collate(plan, ids, piece_src, None, [], {})
+
+    def _collate(self, plan: PackPlan, ids: Ragged, piece_src: Int64Array | None,
+                 labels: Ragged | None, tokens: Sequence[TokenColumn],
+                 rest: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+        """The batch of ``plan`` over ``ids`` (+ labels, other token and per-example fields)."""
+        if self.padding_free:  # documents back to back, then padding to the multiple (as TRL)
+            used = plan.packed_tokens
+            shape = (1, padded_length(used, None, self.pad_to_multiple_of))
+        else:
+            used = plan.capacity
+            shape = (plan.num_rows, plan.capacity)
         arena = self._out.arena(3 + (piece_src is not None), shape)
         full = {"input_ids": arena.take(), "labels": arena.take(), "position_ids": arena.take()}
         fields = ["input_ids", "position_ids"] + (["labels"] if labels is None else [])
