@@ -1,10 +1,11 @@
-"""The loader: batches planned in the main process, fetched and collated in workers.
+"""The loader: batches planned in the main process, fetched in workers.
 
 For a :class:`~mixtape.MixedDataset` of map-style sources, batch ``k`` is a pure function of
 (config, seed, weight timeline, k). The main process turns ``k`` into a plan (which source and
 row every example, or every packed piece, comes from: the compiled sampler, then the pack
 planner over the documents drawn for each batch) inside the DataLoader's sampler; workers only
-fetch the planned rows and collate them. Hence:
+fetch the planned rows (and collate unpacked batches; a packed batch crosses as its pieces'
+int32 tokens and is collated in the main process, see :class:`_Pieces`). Hence:
 
 - the same config and seed give the same batches for any ``num_workers`` (persistent or not);
 - the state is the number of batches the trainer received plus the weight timeline, so
