@@ -89,6 +89,37 @@ def test_packed_rows_are_documents_of_the_mixture() -> None:
     assert cu[-1] == ids.size
 
 
+def test_packed_rows_reach_a_users_collate_fn_as_the_packed_collator_reads_them() -> None:
+    """A packing loader with a callable collate_fn gives it the rows (Arrow: input_ids,
+    seq_lengths, doc_source_ids; in the workers when there are some); mixtape's packed collator
+    on those rows is the default batch."""
+    from mixtape import create_packed_collate
+
+    seen: list[Any] = []
+
+    def mine(rows: Any) -> Any:
+        seen.append(rows)
+        return {"n": rows.num_rows}
+
+    opts = {"packing": "bfd", "max_length": 16, "collate_fn": mine}
+    assert [b["n"] for b in take(get_loader(make(), 4, **opts), 3)] == [4, 4, 4]
+    assert seen[0].column_names == ["input_ids", "seq_lengths", "doc_source_ids"]
+    rows = list(seen)
+    seen.clear()
+    assert [b["n"] for b in take(get_loader(make(), 4, num_workers=2, **opts), 3)] == [4, 4, 4]
+    assert not seen  # collated in the workers
+    want = take(get_loader(make(), 4, **PACKED), 3)
+    collate = create_packed_collate(attention="flash", pad_to_multiple_of=16)
+    assert same_batches([host(collate(t)) for t in rows], want)
+
+
+def test_pin_memory_without_cuda_still_gives_the_batches() -> None:
+    want = take(get_loader(make(), 4, **PACKED), 3)
+    with pytest.warns(UserWarning):
+        got = take(get_loader(make(), 4, pin_memory=True, **PACKED), 3)
+    assert same_batches(want, got)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_update_lands_at_b_plus_horizon_for_any_worker_count(packed: bool) -> None:
     opts = PACKED if packed else {}

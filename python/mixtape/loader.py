@@ -35,6 +35,7 @@ import pyarrow as pa
 import torch
 import torch.utils.data
 
+from mixtape.collate.packed import PackedCollator
 from mixtape.collate.sources import DOC_SOURCE_IDS
 from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
 from mixtape.mixing import MixedDataset, MixPlan, mixture_weights
@@ -111,7 +112,13 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
         raise TypeError("batches are addressed by plan, not by position")
 
     def __getitem__(self, req: _Request) -> Any:
-        batch = self._packed(req) if self.packed else self._examples(req)
+        if self.packed:
+            pieces = self._packed(req)
+            if self.collate is None:  # collated in the main process
+                return pieces
+            batch = self.collate(pieces.table(self.column))
+        else:
+            batch = self._examples(req)
         if isinstance(batch, dict) and torch.utils.data.get_worker_info() is not None:
             return _one_segment(batch)
         return batch
@@ -125,7 +132,7 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
             batch["source_ids"] = torch.from_numpy(ids) if _has_tensors(batch) else ids
         return batch
 
-    def _packed(self, req: _Request) -> Any:
+    def _packed(self, req: _Request) -> _Pieces:
         assert req.starts is not None and req.lengths is not None and req.row_offsets is not None
         # One read per source of its distinct documents (only the token column), then the
         # pieces copied straight to their place in the batch's flat tokens.
@@ -371,7 +378,7 @@ class Loader:
         self.mixed: MixedDataset = dataset if self.exact else None  # type: ignore[assignment]
         self._schedule: WeightScheduler | None = None
         self._schedule_every = 1
-        self._collate: Callable[[Any], Any] | None = None  # packed: collates fetched _Pieces
+        self._collate: PackedCollator | None = None  # packed: collates fetched _Pieces
         if self.exact:
             self.source_names = list(dataset.source_names)
             self._take_schedule(dataset)
@@ -396,11 +403,12 @@ class Loader:
                                  "collate_fn='packed', collate_kwargs={'attention': 'flash' | "
                                  "'sdpa' | 'eager' (or model=...)}")  # fmt: skip
             self._planner = _PackPlanner(self) if self.config.packing else None
-            # Packed batches are collated here, in the main process, from the pieces a worker
-            # fetched (see _Pieces); unpacked ones in the workers.
-            self._collate = collate if self.config.packing else None
-            fetch = _Fetcher(dataset, None if self.config.packing else collate,
-                             bool(self.config.packing), self.capacity, column)  # fmt: skip
+            # mixtape's packed collator runs here, in the main process, on the pieces a worker
+            # fetched (see _Pieces); any other collate_fn runs in the workers.
+            if (self.config.packing and isinstance(collate, PackedCollator)
+                    and collate.input_key == column):  # fmt: skip
+                self._collate, collate = collate, None
+            fetch = _Fetcher(dataset, collate, bool(self.config.packing), self.capacity, column)
             kw: dict[str, Any] = {"batch_size": None, "sampler": _PlanSampler(self),
                                   "collate_fn": _identity, "num_workers": c.num_workers,
                                   "pin_memory": c.pin_memory,
@@ -562,17 +570,11 @@ class Loader:
 
     def _collate_pieces(self, pieces: _Pieces) -> Any:
         """A fetched packed batch collated (and pinned when the config asks) for the trainer."""
-        from mixtape.collate.packed import PackedCollator
-
-        if isinstance(self._collate, PackedCollator) and self._collate.input_key == self.column:
-            batch = self._collate.collate_pieces(pieces.flat, pieces.lengths, pieces.row_offsets,
-                                                 pieces.sources)  # fmt: skip
-        else:  # a user's collate_fn: the rows as an Arrow table (or the table itself)
-            rows = pieces.table(self.column)
-            if self._collate is None:
-                return rows
-            batch = self._collate(rows)
-        if self.config.pin_memory and isinstance(batch, dict):
+        if self._collate is None:  # packing without a collator: the rows as an Arrow table
+            return pieces.table(self.column)
+        batch = self._collate.collate_pieces(pieces.flat, pieces.lengths, pieces.row_offsets,
+                                             pieces.sources)  # fmt: skip
+        if self.config.pin_memory and isinstance(batch, dict) and torch.cuda.is_available():
             batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v
                      for k, v in batch.items()}  # fmt: skip
         return batch
