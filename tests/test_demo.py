@@ -172,7 +172,10 @@ def test_overrides_reach_the_config() -> None:
     lc = cfg.resolved().loader
     assert (lc.seed, lc.num_workers, lc.batch_size, lc.max_length) == (7, 0, 3, 32)
     assert cfg.resolved().mixture.seed == 7
-    assert lc.horizon == 1
+    # one horizon for this run (0 workers) and its resume check (1 worker: 1 x 2 in flight + 1),
+    # so schedule updates land at the same batches in both processes
+    assert lc.horizon == 3
+    assert run.load_config(run.DemoOptions(workers=2)).resolved().loader.horizon == 5
 
 
 class _FakeLoader:

@@ -138,6 +138,13 @@ def _usable_cpus() -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _auto_horizon(loader: Any, workers: int) -> int:
+    """The loader's automatic horizon (batches in flight + 1) with ``workers`` workers."""
+    return int(dataclasses.replace(
+        loader, num_workers=workers, horizon=None, persistent_workers=None,
+        prefetch_factor=loader.prefetch_factor if workers else None).resolved().horizon)
+
+
 def load_config(opts: DemoOptions) -> Any:
     """The data config with the command line's overrides (seed, workers, batch size, length)."""
     from mixtape.config import load_data_config
@@ -153,6 +160,13 @@ def load_config(opts: DemoOptions) -> Any:
         prefetch = loader.prefetch_factor if opts.workers else None
         loader = dataclasses.replace(loader, num_workers=opts.workers, horizon=None,
                                      persistent_workers=persistent, prefetch_factor=prefetch)
+    if loader.horizon is None:
+        # The resume check continues in a fresh process with another worker count (1 if this
+        # run has none, else 0); weight updates land at b + horizon, so both processes must use
+        # one horizon, enough for what either worker count can have in flight.
+        loader = dataclasses.replace(loader, horizon=max(
+            _auto_horizon(loader, loader.num_workers),
+            _auto_horizon(loader, 0 if loader.num_workers else 1)))  # fmt: skip
     if opts.batch_size is not None:
         loader = dataclasses.replace(loader, batch_size=opts.batch_size)
     if opts.max_length is not None:
@@ -595,11 +609,10 @@ def _save_checkpoint(trainer: Trainer, cfg: Any, datasets: Mapping[str, Any], to
         shutil.rmtree(path)
     path.mkdir(parents=True)
     torch.save(trainer.state_dict(), path / "state.pt")
-    if trainer.tracker is not None:
-        # The tracker's updates land at b + horizon, and the default horizon depends on the
-        # worker count: the resumed process (other worker count) must use this run's horizon.
-        cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
-            cfg.loader, horizon=int(trainer.loader.horizon)))  # fmt: skip
+    # Weight updates (schedule, tracker) land at b + horizon, and the default horizon depends on
+    # the worker count: the resumed process (other worker count) must use this run's horizon.
+    cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
+        cfg.loader, horizon=int(trainer.loader.horizon)))  # fmt: skip
     dump_data_config(cfg, path / "config.yaml")
     tokenizer.save(str(path / "tokenizer.json"))
     from datasets.utils import logging as hf_logging
@@ -631,7 +644,7 @@ def resume_main(ckpt: Path, steps: int, workers: int, out: Path) -> int:
     torch.set_num_threads(int(opts.threads or 1))
     cfg = load_data_config(ckpt / "config.yaml")
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
-        cfg.loader, num_workers=workers, horizon=cfg.loader.horizon if opts.influence else None,
+        cfg.loader, num_workers=workers, horizon=cfg.loader.horizon,
         persistent_workers=True if workers else None,
         prefetch_factor=cfg.loader.prefetch_factor if workers else None))  # fmt: skip
     names = [str(s.path).removeprefix(EMBEDDED) for s in cfg.mixture.sources]
