@@ -220,7 +220,7 @@ class _PackPlanner:
         lo = self.loader
         stop = lo.mixed.stop_position()
         if self._buf is None or self._buf[0] != self.position:
-            n = 256 if stop is None else min(256, stop - self.position)
+            n = 1024 if stop is None else min(1024, stop - self.position)
             if n <= 0:
                 return None
             plan = lo.mixed.plan(self.position, n)
