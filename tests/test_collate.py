@@ -707,6 +707,9 @@ def test_registry_builtins_and_selection() -> None:
     assert isinstance(get_collator(modality="text", pad_token_id=0), collate.PaddingCollator)
     assert isinstance(get_collator(modality="vision"), VisionCollator)
     assert [c.name for c in list_collators("vision")] == ["vision"]
+    assert CollatorRegistry.default_name("text") == "padding"
+    with pytest.raises(ValueError, match="no collator for modality 'audio'"):
+        CollatorRegistry.default_name("audio")
     with pytest.raises(ValueError, match="no collator named 'nope'"):
         get_collator("nope")
     with pytest.raises(ValueError, match="no collator for modality 'audio'"):

@@ -356,13 +356,12 @@ class UniversalDataModule:
                 name = "causal_lm"
             else:
                 known = sorted({c.modality for c in CollatorRegistry.list_collators()})
-                defaults = [c.name for c in CollatorRegistry.list_collators(self.modality)]
-                if not defaults:
+                if self.modality not in known:
                     raise ValueError(f"UniversalDataModule: no collator for modality "
                                      f"{self.modality!r}; modalities: {known}, or pass "
                                      f"collator=...")  # fmt: skip
                 # The registry's default for the modality (what get_collator(modality=) builds).
-                name = CollatorRegistry._defaults[self.modality]
+                name = CollatorRegistry.default_name(self.modality)
         else:
             name = collator
         if name in _PAD_COLLATORS:

@@ -99,11 +99,7 @@ class CollatorRegistry:
             raise ValueError("get_collator needs name=... or modality=...")
         if name is None:
             assert modality is not None
-            if modality not in cls._defaults:
-                raise ValueError(
-                    f"no collator for modality {modality!r}; modalities: {sorted(cls._defaults)}"
-                )
-            name = cls._defaults[modality]
+            name = cls.default_name(modality)
         info = cls._entries.get(name)
         if info is None:
             raise ValueError(f"no collator named {name!r}; registered: {sorted(cls._entries)}")
@@ -112,6 +108,15 @@ class CollatorRegistry:
                 f"collator {name!r} is for modality {info.modality!r}, not {modality!r}"
             )
         return info.factory(**kwargs)
+
+    @classmethod
+    def default_name(cls, modality: str) -> str:
+        """The name of the collator ``get_collator(modality=...)`` builds for ``modality``."""
+        if modality not in cls._defaults:
+            raise ValueError(
+                f"no collator for modality {modality!r}; modalities: {sorted(cls._defaults)}"
+            )
+        return cls._defaults[modality]
 
     @classmethod
     def list_collators(cls, modality: str | None = None) -> list[CollatorInfo]:
