@@ -1030,3 +1030,72 @@ def test_doc_source_errors() -> None:
     with pytest.raises(ValueError, match="row 1 has source 'wiki' \\(a ClassLabel\\)"):
         labelled = ints.add_column("sid", ["web", "wiki", "code"]).class_encode_column("sid")
         pack_sequences(labelled, 8, source_column="sid", source_names=SOURCE_NAMES)
+
+
+def _source_docs(n: int, with_labels: bool) -> list[dict[str, Any]]:
+    """Documents whose tokens name their source: source k's tokens are 1000 * (k + 1) + ..."""
+    rng = np.random.default_rng(9)
+    names = ["web", "code", "math"]
+    out = []
+    for i in range(n):
+        k = int(rng.integers(0, 3))
+        ids = 1000 * (k + 1) + rng.integers(0, 999, int(rng.integers(1, 150)))
+        doc: dict[str, Any] = {"input_ids": ids, "__source__": names[k] if i % 2 else k}
+        if with_labels:
+            doc["labels"] = np.where(np.arange(ids.size) < 2, -100, ids)
+        out.append(doc)
+    return out
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_packing_stream_source_ids_follow_every_token(with_labels: bool) -> None:
+    """Examples with __source__ (name or id) get per-token source_ids, -1 on padding; they
+    survive carried rows, split documents and a state round trip."""
+    docs = _source_docs(300, with_labels)
+    kw: dict[str, Any] = {"batch_size": 2, "buffer_size": 40,
+                          "source_names": ["web", "code", "math"]}  # fmt: skip
+    batches = list(PackingStream(docs, 96, **kw))
+    for b in batches:
+        src, ids = b["source_ids"], b["input_ids"]
+        assert src.shape == ids.shape
+        real = src >= 0
+        assert np.array_equal(ids[real] // 1000 - 1, src[real])
+        assert np.all(src[~real] == -1) and np.all(ids[~real] == 0)
+    first = PackingStream(docs, 96, **kw)
+    it = iter(first)
+    head = [next(it) for _ in range(11)]
+    resumed = PackingStream(docs, 96, **kw)
+    resumed.load_state_dict(first.state_dict())
+    assert batches_equal(head + list(resumed), batches)
+    other = PackingStream(docs, 96, **{**kw, "source_names": ["code", "web", "math"]})
+    with pytest.raises(ValueError, match="the source ids would mean other sources"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_packing_stream_of_a_mixture_numbers_sources_by_its_names() -> None:
+    from mixtape import MixedDataset
+
+    mixed = MixedDataset({"a": [{"input_ids": [1000 + i] * 5} for i in range(30)],
+                          "b": [{"input_ids": [2000 + i] * 9} for i in range(30)]},
+                         {"a": 0.5, "b": 0.5}, seed=0, stop_strategy="first_exhausted")
+    batches = list(PackingStream(mixed, 32, batch_size=2))
+    src = np.concatenate([b["source_ids"].ravel() for b in batches])
+    ids = np.concatenate([b["input_ids"].ravel() for b in batches])
+    assert np.array_equal(ids[src >= 0] // 1000 - 1, src[src >= 0])
+    assert set(src.tolist()) == {-1, 0, 1}
+
+
+def test_packing_stream_bad_sources() -> None:
+    with pytest.raises(ValueError, match=r"example 0: '__source__' is the name 'web' but the "
+                                         r"stream has no source_names"):
+        list(PackingStream([{"input_ids": [1], "__source__": "web"}], 8))
+    with pytest.raises(ValueError, match=r"example 0: '__source__' = 'x' is not one of"):
+        list(PackingStream([{"input_ids": [1], "__source__": "x"}], 8, source_names=["web"]))
+    with pytest.raises(ValueError, match=r"example 0: '__source__' = 3 is not a source id"):
+        list(PackingStream([{"input_ids": [1], "__source__": 3}], 8, source_names=["web"]))
+    with pytest.raises(TypeError, match=r"'__source__' must be a source name or an int id"):
+        list(PackingStream([{"input_ids": [1], "__source__": 1.5}], 8))
+    with pytest.raises(ValueError, match=r"example 1: has no '__source__' field but the earlier"):
+        list(PackingStream([{"input_ids": [1], "__source__": 0}, {"input_ids": [2]}], 8))
+    plain = list(PackingStream([{"input_ids": [1], "__source__": 0}], 8, source_key=None))
+    assert "source_ids" not in plain[0]

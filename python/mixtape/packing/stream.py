@@ -71,8 +71,11 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
     ``[rows, capacity]`` (``fields``). When the examples are mappings holding ``label_column``
     (e.g. prompt tokens masked with -100), those labels are packed with the ids (still
     ``label_pad_value`` at each document start and on padding) instead of being made from the
-    ids. ``state_dict()`` / ``load_state_dict()`` hold the buffer, the rows not yet emitted and
-    the counters; a resumed stream yields exactly the batches the uninterrupted one would. The
+    ids. Examples holding ``source_key`` (a :class:`~mixtape.MixedDataset`'s ``__source__``: a
+    source name, or an int id) add ``source_ids`` ``[rows, capacity]``: each token's source id
+    (its index in ``source_names``, by default the source's own ``source_names``), -1 on
+    padding, as the packing loader gives. ``state_dict()`` / ``load_state_dict()`` hold the
+    buffer, the rows not yet emitted and the counters; a resumed stream yields exactly the batches the uninterrupted one would. The
     source is fast-forwarded by the number of examples consumed, or restored with its own
     ``state_dict`` when it has one.
 
@@ -104,6 +107,8 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         drop_last: bool = False,
         dtype: npt.DTypeLike = np.int64,
         label_column: str | None = "labels",
+        source_key: str | None = "__source__",
+        source_names: Sequence[str] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -131,6 +136,10 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         self.drop_last = bool(drop_last)
         self.dtype = np.dtype(dtype)
         self.label_column = label_column
+        self.source_key = source_key
+        names = source_names if source_names is not None else getattr(source, "source_names",
+                                                                       None)  # fmt: skip
+        self.source_names: list[str] | None = None if names is None else [str(n) for n in names]
         # The process that last iterated the stream, shared with DataLoader workers (inherited
         # by fork, passed to spawn while spawning): a state_dict() elsewhere is stale.
         self._iterated_by = IterationOwner()
@@ -141,6 +150,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         self._carry: list[npt.NDArray[Any]] = []  # pieces of carried rows, planned again
         self._pending: PackPlan | None = None  # rows planned, not yet emitted
         self._labels: bool | None = None  # examples carry label_column (set by the first)
+        self._sources: bool | None = None  # examples carry source_key (set by the first)
         self._finished = False  # a pass ended: the next iter() starts a new one
         self._pending_values: npt.NDArray[Any] = np.zeros((1, 0), self.dtype)
         self._pending_offsets: Int64Array = np.zeros(1, np.int64)
@@ -180,8 +190,9 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
                 f"{where}: {'has' if has else 'has no'} {lab_key!r} column but the earlier "
                 "examples of the stream do" + ("n't" if has else "")
             )
+        src = self._source_row(example, where, arr.size)
         if not has:
-            return arr.reshape(1, -1)
+            return arr.reshape(1, -1) if src is None else np.stack([arr.astype(np.int64), src])
         lab = example[lab_key]
         if hasattr(lab, "numpy") and hasattr(lab, "is_cuda"):
             lab = lab.cpu().numpy()
@@ -191,7 +202,43 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
                 f"{where}: {lab_key!r} must be integers of the shape of {self.column!r} "
                 f"{arr.shape}, got {lab.dtype} {lab.shape}"
             )
-        return np.stack([arr.astype(np.int64), lab.astype(np.int64)])
+        rows = [arr.astype(np.int64), lab.astype(np.int64)]
+        return np.stack(rows if src is None else [*rows, src])
+
+    def _source_row(self, example: Any, where: str, n: int) -> Int64Array | None:
+        """The document's source id repeated over its ``n`` tokens (None without source_key)."""
+        key = self.source_key
+        has = key is not None and isinstance(example, Mapping) and key in example
+        if self._sources is None:
+            self._sources = has
+        elif has != self._sources:
+            raise ValueError(f"{where}: {'has' if has else 'has no'} {key!r} field but the "
+                             "earlier examples of the stream do" + ("n't" if has else ""))
+        if not has:
+            return None
+        value = example[key]
+        if isinstance(value, str):
+            if self.source_names is None:
+                raise ValueError(f"{where}: {key!r} is the name {value!r} but the stream has no "
+                                 "source_names to number it (pass source_names=...)")
+            if value not in self.source_names:
+                raise ValueError(f"{where}: {key!r} = {value!r} is not one of source_names "
+                                 f"{self.source_names}")  # fmt: skip
+            sid = self.source_names.index(value)
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            sid = int(value)
+            top = None if self.source_names is None else len(self.source_names)
+            if sid < 0 or (top is not None and sid >= top):
+                raise ValueError(f"{where}: {key!r} = {sid} is not a source id (0 <= id < "
+                                 f"{top if top is not None else 'inf'})")  # fmt: skip
+        else:
+            raise TypeError(f"{where}: {key!r} must be a source name or an int id, got "
+                            f"{type(value).__name__}")  # fmt: skip
+        return np.full(n, sid, dtype=np.int64)
+
+    def _width(self) -> int:
+        """Rows of the document buffer: ids, then labels and source ids when carried."""
+        return 1 + bool(self._labels) + bool(self._sources)
 
     def _read(self, it: Iterator[Any], count: int) -> list[npt.NDArray[Any]]:
         docs: list[npt.NDArray[Any]] = []
@@ -209,7 +256,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
 
     def _plan(self, segments: list[npt.NDArray[Any]]) -> None:
         """Plan the buffer; keep the rows to emit in _pending and carry the rest."""
-        values, offsets = _concat_ragged(segments, self.dtype, 2 if self._labels else 1)
+        values, offsets = _concat_ragged(segments, self.dtype, self._width())
         plan = pack_plan(
             np.diff(offsets), self.capacity, strategy=self.strategy, overflow=self.overflow,
             max_docs_per_row=self.max_docs_per_row, align=self.align,
@@ -252,7 +299,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
                 self._cursor = plan.num_rows
             return None
         rows = plan.select_rows(self._cursor, stop)
-        carried = self._pending_values.shape[0] == 2 and "labels" in self.fields
+        carried = bool(self._labels) and "labels" in self.fields
         fields = [f for f in self.fields if f != "labels"] if carried else self.fields
         batch = pack_fill(
             rows, self._pending_values[0], self._pending_offsets, layout="padded",
@@ -267,6 +314,11 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
             if "loss_mask" in batch:  # follows the examples' labels, prompt masking included
                 batch["loss_mask"] = batch["labels"] != self.label_pad_value
             batch = {f: batch[f] for f in self.fields}
+        if self._sources:  # each token its document's source id, -1 on padding
+            batch["source_ids"] = pack_fill(
+                rows, self._pending_values[-1], self._pending_offsets, layout="padded",
+                pad_value=-1, fields=("input_ids",), dtype=self.dtype,
+            )["input_ids"]  # fmt: skip
         self.counters["rows"] += stop - self._cursor
         self.counters["batches"] += 1
         self._cursor = stop
@@ -323,7 +375,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
                 "DataLoader(stream, batch_size=None, num_workers=0) to checkpoint the stream "
                 "(mixtape's loader will make workers resumable)"
             )
-        width = self._pending_values.shape[0] if self._labels is None else 1 + self._labels
+        width = self._pending_values.shape[0] if self._labels is None else self._width()
         carry_values, carry_offsets = _concat_ragged(self._carry, self.dtype, width)
         state: dict[str, Any] = {
             "capacity": self.capacity, "strategy": self.strategy,
@@ -333,6 +385,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
             "pending_values": self._pending_values.copy(),
             "pending_offsets": self._pending_offsets.copy(), "cursor": self._cursor,
             "counters": dict(self.counters), "labels": self._labels,
+            "sources": self._sources, "source_names": self.source_names,
         }  # fmt: skip
         state_fn: Callable[[], Any] | None = getattr(self.source, "state_dict", None)
         if state_fn is not None:
@@ -351,6 +404,10 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         self._consumed = int(state["consumed"])
         self._exhausted = bool(state["exhausted"])
         self._labels = state.get("labels")
+        self._sources = state.get("sources")
+        if self._sources and state.get("source_names") != self.source_names:
+            raise ValueError(f"state numbers the sources {state.get('source_names')}, this stream "
+                             f"{self.source_names}: the source ids would mean other sources")
         cv = np.asarray(state["carry_values"], dtype=self.dtype)
         cv = cv.reshape(1, -1) if cv.ndim == 1 else cv  # states of 1-D (ids only) buffers
         co = np.asarray(state["carry_offsets"], dtype=np.int64)
