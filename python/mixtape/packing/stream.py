@@ -75,9 +75,9 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
     source name, or an int id) add ``source_ids`` ``[rows, capacity]``: each token's source id
     (its index in ``source_names``, by default the source's own ``source_names``), -1 on
     padding, as the packing loader gives. ``state_dict()`` / ``load_state_dict()`` hold the
-    buffer, the rows not yet emitted and the counters; a resumed stream yields exactly the batches the uninterrupted one would. The
-    source is fast-forwarded by the number of examples consumed, or restored with its own
-    ``state_dict`` when it has one.
+    buffer, the rows not yet emitted and the counters; a resumed stream yields exactly the
+    batches the uninterrupted one would. The source is fast-forwarded by the number of examples
+    consumed, or restored with its own ``state_dict`` when it has one.
 
     It is a torch ``IterableDataset`` yielding whole batches: use ``DataLoader(stream,
     batch_size=None)`` (numpy arrays become tensors) with ``num_workers`` 0 or 1; more workers
