@@ -24,11 +24,11 @@ CONFIGS = [
     {"mode": "greedy", "shuffle": True, "block_size": 1},
     {"mode": "random"},
     {"mode": "block", "block_size": 10},
-    {"mode": "block", "block_size": 1},
+    {"mode": "block", "block_size": 20},
     {"mode": "block", "block_size": 9, "shuffle": False},
 ]
 IDS = [
-    "greedy", "greedy-shuffle", "greedy-shuffle-b1", "random", "block", "block-b1", "block-smooth"
+    "greedy", "greedy-shuffle", "greedy-shuffle-b1", "random", "block", "block-b20", "block-smooth"
 ]
 
 
@@ -60,6 +60,19 @@ def test_defaults() -> None:
     assert np.allclose(s.weights, [0.25, 0.5, 0.25])
     tl = s.weight_timeline
     assert len(tl) == 1 and tl[0][0] == 0 and np.allclose(tl[0][1], [0.25, 0.5, 0.25])
+
+
+def test_block_mode_refuses_a_source_no_block_reads() -> None:
+    """Every block holds the same counts: a positive weight below one pick per block would never
+    be read (block_size 1 always serves the heaviest source), so it is an error, also later."""
+    with pytest.raises(ValueError, match=r"source 1 has weight 0.3 but gets no position in a "
+                                         r"block of 1 .* use block_size >= 10 or mode='greedy'"):
+        SourceSampler([0.45, 0.3, 0.0, 0.15, 0.1], mode="block", block_size=1)
+    s = SourceSampler([0.5, 0.5], mode="block", block_size=10, names=["web", "code"])
+    with pytest.raises(ValueError, match=r"source 'code' has weight 0.02 .* block_size >= 50"):
+        s.set_weights([0.98, 0.02], position=20)
+    assert len(s.weight_timeline) == 1  # nothing changed
+    SourceSampler([0.45, 0.3, 0.0, 0.15, 0.1], mode="greedy", block_size=1)  # greedy: fine
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
@@ -334,12 +347,12 @@ def test_failed_load_leaves_the_sampler_usable() -> None:
 
 @pytest.mark.parametrize("mode,shuffle", MODES)
 def test_many_sources(mode: str, shuffle: bool) -> None:
-    w = np.random.default_rng(1).dirichlet(np.ones(300))
-    w[::7] = 0
-    s = SourceSampler(w, mode=mode, shuffle=shuffle, block_size=500, seed=1)
+    w = np.maximum(np.random.default_rng(1).dirichlet(np.ones(300)), 1 / 1200)  # block mode:
+    w[::7] = 0  # every positive weight at least one pick per block of 2000
+    s = SourceSampler(w, mode=mode, shuffle=shuffle, block_size=2000, seed=1)
     got = draw(s, [999, 1, 2000])
     assert got[0].max() < 300 and not np.any(np.isin(got[0], np.arange(0, 300, 7)))
-    want = reference(SourceSampler(w, mode=mode, shuffle=shuffle, block_size=500, seed=1), 3000)
+    want = reference(SourceSampler(w, mode=mode, shuffle=shuffle, block_size=2000, seed=1), 3000)
     assert got[0].tolist() == want[0] and got[1].tolist() == want[1]
 
 

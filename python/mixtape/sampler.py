@@ -126,6 +126,7 @@ class SourceSampler:
         if self._names is not None and len(self._names) != w.size:
             raise ValueError(f"names has {len(self._names)} entries for {w.size} sources")
         self._num_sources = int(w.size)
+        self._check_block_counts(w)
         self._timeline: list[tuple[int, npt.NDArray[np.float64]]] = [(0, w)]
         zeros = np.zeros(self._num_sources, dtype=np.int64)
         self._state = _Anchor(0, 0, zeros, zeros.copy())
@@ -134,6 +135,25 @@ class SourceSampler:
         self._block: _Block | None = None
         # Global counts at the start of each segment reached: states to seek from.
         self._checkpoints: dict[int, Int64Array] = {0: zeros.copy()}
+
+    def _check_block_counts(self, w: npt.NDArray[np.float64]) -> None:
+        """Block mode gives every block the same counts: a source with positive weight that gets
+        none would never be read (a silently different mixture), so it is an error."""
+        if self._mode != "block":
+            return
+        counts = ops.block_counts(w, self._block_size)
+        starved = np.flatnonzero((w > 0) & (counts == 0))
+        if starved.size:
+            i = int(starved[0])
+            name = repr(self._names[i]) if self._names is not None else f"{i}"
+            need = int(np.ceil(1.0 / float(w[w > 0].min())))
+            while np.any((w > 0) & (ops.block_counts(w, need) == 0)):  # float rounding at 1/w
+                need += 1
+            raise ValueError(
+                f"mode 'block': source {name} has weight {float(w[i]):.4g} but gets no position "
+                f"in a block of {self._block_size} (every block holds the same largest-remainder "
+                f"counts), so it would never be read; use block_size >= {need} or mode='greedy'"
+            )
 
     # --- properties ---------------------------------------------------------------------------
 
@@ -280,6 +300,7 @@ class SourceSampler:
         counts and the block alignment for nothing.
         """
         w = ops.normalize_weights(weights, self._names, self._num_sources)
+        self._check_block_counts(w)
         p = self._position if position is None else ops.check_int(
             "position", position, 0, MAX_POSITION
         )
