@@ -87,20 +87,25 @@ def build_report(opts: Any, cfg: Any, trainer: Any, names: Sequence[str],
     influence: dict[str, Any] | None = None
     tracker = getattr(trainer, "tracker", None)
     if tracker is not None:
-        from mixtape.demo.run import PROBE_DOCS, PROBE_SOURCE
+        from mixtape.demo.run import PROBE_DOCS, probe_source
 
         train_s = float(timings.get("train_s", float("nan")))
+        hist = tracker.history
         influence = {
-            "method": tracker.config.method, "parameters": "last transformer block",
+            "method": tracker.config.method, "parameters": list(tracker.params),
+            "backend": tracker.backend,
             "update_interval": tracker.config.update_interval,
             "warmup_steps": tracker.config.warmup_steps,
             "samples_per_source": tracker.config.samples_per_source,
-            "probe": f"the last {PROBE_DOCS} {PROBE_SOURCE!r} documents, held out of training",
-            "initial_weights": tracker.initial_weights, "history": tracker.history,
+            "probe": f"the last {PROBE_DOCS} {probe_source(cfg)!r} documents, held out of "
+                     f"training",
+            "schedule_until": int(hist[0]["applied_at"]) if hist else None,
+            "initial_weights": tracker.initial_weights, "history": hist,
             "overhead_s": float(trainer.influence_s),
             "overhead_share": float(trainer.influence_s) / train_s if train_s else float("nan"),
             "note": "overhead_share: time inside the tracker (on_train_begin + on_step_end) / "
-                    "training loop time; history[i].applied_at is the batch its weights land at",
+                    "training loop time; history[i].applied_at is the batch its weights land at; "
+                    "the schedule drives the weights before schedule_until (the first update)",
         }  # fmt: skip
     return {
         "influence": influence,
@@ -184,9 +189,13 @@ def write_plot(report: Mapping[str, Any], path: str | Path) -> None:
     if infl is not None:
         for h in infl["history"]:
             ax.axvline(h["applied_at"], color="0.6", lw=0.8, ls=":")
-        title = (f"weights chosen by the influence tracker ({infl['method']}, every "
-                 f"{infl['update_interval']} steps; dotted: where updates land) vs realised "
-                 f"({n}-step mean, dashed)")  # fmt: skip
+        title = (f"weights in force (solid): the schedule, then from each dotted line the "
+                 f"influence tracker's choice ({infl['method']}, every "
+                 f"{infl['update_interval']} steps) vs realised ({n}-step mean, "
+                 f"dashed)")  # fmt: skip
+        for h in infl["history"]:
+            ax.annotate("tracker", (h["applied_at"], 0.97), fontsize=7, color="0.4",
+                        ha="left", va="top")
     ax.set_title(title, fontsize=9 if infl is not None else None)
     ax.legend(ncol=3, fontsize=8)
     ax.set_ylim(0, 1)

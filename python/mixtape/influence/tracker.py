@@ -23,6 +23,8 @@ from mixtape.influence.datainf import DataInfCalculator
 from mixtape.influence.gradients import (
     GhostGradientExtractor,
     ghost_modules,
+    hook_owners,
+    hooks_supported,
     mean_gradient,
     per_sample_gradients,
     select_parameters,
@@ -136,6 +138,12 @@ class InfluenceTracker:
         self.names = list(self.mixed.source_names)
         self.params = select_parameters(self.model, config.params, config.last_k_blocks,
                                         config.lora)  # fmt: skip
+        # "auto" is decided once, so every update (and every rank) takes the same path.
+        self.backend = config.backend
+        if self.backend == "auto":
+            self.backend = "hooks" if hooks_supported(self.model, self.params) else "vmap"
+        elif self.backend == "hooks":
+            hook_owners(self.model, self.params)  # an unsupported layer: an error now
         self._ghost: GhostGradientExtractor | None = None
         if config.backend == "ghost":
             mods = ghost_modules(self.model, self.params)
@@ -336,7 +344,7 @@ class InfluenceTracker:
             train: Any = self._ghost(batch, chunk_size=self.config.batch_size, **self._kw())
         else:
             train = per_sample_gradients(self.model, batch, self.params,
-                                         backend=self.config.backend,
+                                         backend=self.backend,
                                          chunk_size=self.config.batch_size,
                                          **self._kw())  # fmt: skip
         assert self.probe_grads is not None
