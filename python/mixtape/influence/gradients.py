@@ -39,13 +39,14 @@ Batch = Mapping[str, torch.Tensor]
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample mean next-token loss [n] of logits [n, T, V] and labels [n, T] (-100 ignored)."""
-    lg = logits[:, :-1].float()
-    lb = labels[:, 1:]
-    mask = lb != -100
+    # The labels move one position left (the last position predicts nothing) rather than the
+    # logits: slicing them would copy [n, T - 1, V] before the loss.
+    lb = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    lg = logits.float()
     ce = nn.functional.cross_entropy(
-        lg.reshape(-1, lg.shape[-1]), lb.clamp_min(0).reshape(-1), reduction="none"
+        lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="none"
     ).reshape(lb.shape)
-    return (ce * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    return ce.sum(dim=1) / (lb != -100).sum(dim=1).clamp_min(1)
 
 
 def model_logits(output: Any) -> torch.Tensor:
@@ -174,12 +175,15 @@ HOOK_MODULES = ("Linear", "Conv1D", "LayerNorm", "RMSNorm")
 
 
 def _hook_kind(module: nn.Module) -> str | None:
-    """"linear" (y = x W^T + b), "conv1d" (transformers' y = x W + b), "local" (a norm layer
-    scored by re-running it alone), or None (not supported by the hooks path)."""
+    """"linear" (y = x W^T + b), "conv1d" (transformers' y = x W + b), "layernorm"
+    (``nn.LayerNorm``, in closed form), "local" (another norm layer, scored by re-running it
+    alone), or None (not supported by the hooks path)."""
     if isinstance(module, nn.Linear):
         return "linear"
     if _is_conv1d(module):
         return "conv1d"
+    if isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
+        return "layernorm"
     name = type(module).__name__
     if isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm")):
         return "local"
@@ -349,6 +353,15 @@ def _hooks_chunk(
             if kind == "local":
                 for lname, g_own in _module_per_sample(module, local, x, dy).items():
                     add(local[lname], g_own.float())
+                continue
+            if kind == "layernorm":  # y = x_hat * w + b: per sample sum(dy * x_hat), sum(dy)
+                assert isinstance(module, nn.LayerNorm)
+                shape = tuple(module.normalized_shape)
+                xh = nn.functional.layer_norm(x.float(), shape, eps=module.eps)
+                dims = (x.shape[0], -1, *shape)
+                for lname, full in local.items():
+                    part = dy.float() if lname == "bias" else dy.float() * xh
+                    add(full, part.reshape(dims).sum(dim=1))
                 continue
             x3 = x.float().reshape(x.shape[0], -1, x.shape[-1])
             d3 = dy.float().reshape(dy.shape[0], -1, dy.shape[-1])
