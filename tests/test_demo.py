@@ -119,6 +119,8 @@ def test_default_run_hands_the_weights_from_schedule_to_tracker(tmp_path: Path) 
     assert w[hist[1]["applied_at"]] == pytest.approx(second) and w[-1] == pytest.approx(second)
     assert 0 < infl["overhead_share"] < 1 and infl["overhead_s"] > 0
     assert report["timings"]["influence_s"] == infl["overhead_s"]
+    assert len(infl["update_s"]) == 2 and 0 < sum(infl["update_s"]) < infl["overhead_s"]
+    assert 0 < infl["per_interval_share"] < 1
     resume = report["resume"]
     assert resume["checked"] and resume["passed"], resume["detail"]
     assert "tracker" in resume["detail"]

@@ -523,12 +523,14 @@ class Trainer:
     step: int = 0
     records: list[StepStats] = field(default_factory=list)
     influence_s: float = 0.0  # time inside the tracker (on_train_begin + on_step_end)
+    influence_update_s: list[float] = field(default_factory=list)  # each update's time
     _tracker_started: bool = False
 
     def _influence(self, step: int | None, loss: float | None) -> None:
         """Run the tracker in eval mode (no dropout: scores are deterministic and the dropout
         RNG stream is the same with or without it); record where its update lands."""
         t = time.perf_counter()
+        upd = None
         self.model.eval()
         try:
             if step is None:
@@ -547,7 +549,10 @@ class Trainer:
                                        [h["weights"][n] for n in self.driver.names])
         finally:
             self.model.train()
-            self.influence_s += time.perf_counter() - t
+            spent = time.perf_counter() - t
+            self.influence_s += spent
+            if upd is not None:
+                self.influence_update_s.append(spent)
 
     def batches(self) -> Iterator[tuple[Any, float]]:
         """(batch, seconds waited for it), sending due weight updates after each."""
@@ -761,6 +766,15 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         print(f"influence tracker: {len(trainer.tracker.history)} update(s), overhead "
               f"{trainer.influence_s:.1f} s = {trainer.influence_s / timings['train_s']:.1%} of "
               f"training time (time inside the tracker / training loop)")
+        ups = trainer.influence_update_s
+        if ups:
+            steady = trainer.records[1:] or trainer.records
+            step_s = sum(r.wait_s + r.compute_s for r in steady) / len(steady)
+            interval = trainer.tracker.config.update_interval
+            mean = sum(ups) / len(ups)
+            print(f"  per update {mean:.2f} s = {mean / (mean + interval * step_s):.1%} of "
+                  f"the time from one update to the next ({interval} steps of "
+                  f"{step_s * 1e3:.0f} ms + the update)")
 
     resume: dict[str, Any] = {"checked": False}
     if opts.resume_check:
