@@ -98,9 +98,10 @@ class InfluenceTracker:
     ``data``: a :class:`mixtape.Loader` over a MixedDataset of map-style sources, or the
     :class:`mixtape.MixedDataset` itself (updates then start at its next position). ``probe``
     overrides ``config.probe``. ``prior`` (default: the mixture's weights when training begins) is
-    what ``smoothing`` pulls toward; the weights the tracker steps from are its own last update
-    (restored by :meth:`load_state_dict`). ``loss_fn(logits, labels) -> [n]`` defaults to the
-    per-sample mean causal-LM loss.
+    what ``smoothing`` pulls toward; the weights the tracker steps from are ``self.weights``, its
+    own last update (restored by :meth:`load_state_dict`; a caller that changed the mixture by
+    other means, such as a schedule it hands over from, sets them to the weights in force).
+    ``loss_fn(logits, labels) -> [n]`` defaults to the per-sample mean causal-LM loss.
     """
 
     def __init__(self, config: InfluenceConfig, data: Any, model: nn.Module, tokenizer: Any = None,
