@@ -1,5 +1,6 @@
-"""``mixtape demo``: the CLI end to end (--quick), its report and plot, the fresh-process resume
-check, determinism, the packed sdpa mask against per-document loss, and the schedule driver."""
+"""``mixtape demo``: the CLI end to end (--quick; the influence tracker on, as configured, and
+--no-influence), its report and plot, the fresh-process resume check, determinism, the packed sdpa
+mask against per-document loss, and the schedule driver."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from mixtape import cli
@@ -18,8 +20,9 @@ QUICK = ["--quick", "--steps", "12", "--no-progress"]
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    """The schedule alone (--no-influence)."""
     out = tmp_path_factory.mktemp("demo")
-    code = cli.main(["demo", *QUICK, "--out", str(out)])
+    code = cli.main(["demo", *QUICK, "--no-influence", "--out", str(out)])
     return code, out
 
 
@@ -29,7 +32,8 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 0
     out = capsys.readouterr().out
     for opt in ("--steps", "--workers", "--config", "--out", "--seed", "--batch-size",
-                "--max-length", "--quick", "--influence", "--influence-interval"):  # fmt: skip
+                "--max-length", "--quick", "--influence", "--no-influence",
+                "--influence-interval", "--influence-warmup"):  # fmt: skip
         assert opt in out
 
 
@@ -70,35 +74,71 @@ def test_quick_run_reports_and_resumes(quick_run: tuple[int, Path]) -> None:
     assert windows[0]["start"] == 0 and windows[-1]["end"] == 12
     assert sum(w["documents"] for w in windows) == sum(map(sum, s["source_docs"]))
     assert set(report["timings"]) >= {"train_s", "total_s", "tokenizer_s", "resume_check_s"}
-    assert report["influence"] is None  # the default demo follows the schedule
+    assert report["influence"] is None  # --no-influence: the schedule alone, to the end
 
 
 @pytest.mark.slow
-def test_influence_run_moves_the_weights_and_resumes(tmp_path: Path) -> None:
-    code = cli.main(["demo", "--quick", "--steps", "16", "--no-progress", "--influence",
-                     "--influence-interval", "4", "--influence-warmup", "4",
+def test_default_run_hands_the_weights_from_schedule_to_tracker(tmp_path: Path) -> None:
+    """By default (the config's influence section, its steps scaled by 16 / 300: warmup 3,
+    interval 5) the schedule moves the mixture first, then the tracker's updates take over; the
+    fresh-process resume covers the tracker's history."""
+    code = cli.main(["demo", "--quick", "--steps", "16", "--no-progress",
                      "--out", str(tmp_path)])  # fmt: skip
     report = json.loads((tmp_path / "report.json").read_text())
     assert code == 0
     infl = report["influence"]
-    assert infl["method"] == "datainf" and infl["update_interval"] == 4
+    assert infl["method"] == "datainf" and infl["backend"] == "hooks"
+    assert (infl["warmup_steps"], infl["update_interval"]) == (3, 5)
+    assert infl["parameters"] and all(".h.1." in p for p in infl["parameters"])
     hist = infl["history"]
-    assert [h["step"] for h in hist] == [8, 12]  # warmup 4 + k * 4, none at the last step
+    assert [h["step"] for h in hist] == [8, 13]  # 3 + k * 5, none at the last step
     start = [infl["initial_weights"][n] for n in report["sources"]]
     assert start == pytest.approx([0.7, 0.15, 0.15])  # the schedule's step-0 mixture
-    first = [hist[0]["weights"][n] for n in report["sources"]]
-    assert max(abs(a - b) for a, b in zip(first, start, strict=True)) > 1e-3
-    # The weights in force are the tracker's, from the batch each update landed at (not the
-    # schedule's, which would stay code-heavy until step 120 * 16 / 300).
     w = report["series"]["weights"]
     at = hist[0]["applied_at"]
-    assert hist[0]["step"] <= at < 16
-    assert w[at - 1] == pytest.approx(start) and w[at] == pytest.approx(first)
+    assert infl["schedule_until"] == at and hist[0]["step"] <= at < 16
+    # Before the tracker: the schedule's code-heavy start and its move to prose-heavy (steps
+    # 40 -> 120 of 300, i.e. 2 -> 6 here), all before the first update lands.
+    assert w[0] == pytest.approx(start)
+    assert w[at - 1] == pytest.approx([0.15, 0.7, 0.15])
+    # From the landing batch on, the weights in force are the tracker's.
+    first = [hist[0]["weights"][n] for n in report["sources"]]
+    assert w[at] == pytest.approx(first)
+    assert max(abs(a - b) for a, b in zip(first, w[at - 1], strict=True)) > 1e-3
+    # The first update steps from the schedule's weights (not the starting mixture).
+    from mixtape.influence import MixtureWeightCalculator
+
+    names = report["sources"]
+    calc = MixtureWeightCalculator(dict(zip(names, start, strict=True)), smoothing=0.0)
+    base = dict(zip(names, w[at - 1], strict=True))
+    helpful = np.asarray([hist[0]["scores"][n] for n in names])
+    again = calc.get_weight_update(base, -helpful, np.arange(len(names))).weights
+    assert isinstance(again, dict)
+    assert [again[n] for n in names] == pytest.approx(first)
+    second = [hist[1]["weights"][n] for n in report["sources"]]
+    assert w[hist[1]["applied_at"]] == pytest.approx(second) and w[-1] == pytest.approx(second)
     assert 0 < infl["overhead_share"] < 1 and infl["overhead_s"] > 0
+    assert report["timings"]["influence_s"] == infl["overhead_s"]
+    assert len(infl["update_s"]) == 2 and 0 < sum(infl["update_s"]) < infl["overhead_s"]
+    assert 0 < infl["per_interval_share"] < 1
     resume = report["resume"]
     assert resume["checked"] and resume["passed"], resume["detail"]
     assert "tracker" in resume["detail"]
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_influence_settings_come_from_the_config_or_the_command_line() -> None:
+    cfg = run.load_config(run.DemoOptions())
+    assert cfg.influence is not None and cfg.influence.enabled and cfg.influence.probe == "prose"
+    o = run.resolve_influence(run.DemoOptions(), cfg)
+    assert (o.influence, o.influence_interval, o.influence_warmup) == (True, 100, 60)
+    o = run.resolve_influence(run.DemoOptions(steps=30), cfg)  # scaled by 30 / 300
+    assert (o.influence_interval, o.influence_warmup) == (10, 6)
+    o = run.resolve_influence(run.DemoOptions(steps=30, influence_interval=7,
+                                              influence_warmup=0), cfg)  # fmt: skip
+    assert (o.influence_interval, o.influence_warmup) == (7, 0)
+    assert run.resolve_influence(run.DemoOptions(influence=False), cfg).influence is False
+    assert run.probe_source(cfg) == "prose"
 
 
 def test_probe_is_held_out_of_training() -> None:
@@ -108,6 +148,7 @@ def test_probe_is_held_out_of_training() -> None:
             "code": datasets.Dataset.from_dict({"input_ids": [[1, 0]] * 5})}  # fmt: skip
     train, probe = run.split_probe(docs)
     assert len(probe) == run.PROBE_DOCS == 32
+    assert run.split_probe(docs, "prose")[1] == probe
     assert [p["input_ids"][0] for p in probe] == list(range(68, 100))
     assert [r[0] for r in train["prose"]["input_ids"]] == list(range(68))
     assert train["code"] is docs["code"]
@@ -120,10 +161,12 @@ def test_same_seed_same_losses(quick_run: tuple[int, Path], tmp_path: Path) -> N
     _, out = quick_run
     first = json.loads((out / "report.json").read_text())
     again = run.run_demo(run.DemoOptions(steps=12, quick=True, out=str(tmp_path),
-                                         resume_check=False, progress=False))  # fmt: skip
+                                         resume_check=False, progress=False,
+                                         influence=False))  # fmt: skip
     assert again["series"]["loss"] == first["series"]["loss"]
     other = run.run_demo(run.DemoOptions(steps=4, quick=True, out=str(tmp_path), seed=1,
-                                         resume_check=False, progress=False))  # fmt: skip
+                                         resume_check=False, progress=False,
+                                         influence=False))  # fmt: skip
     assert other["series"]["loss"] != first["series"]["loss"][:4]
 
 

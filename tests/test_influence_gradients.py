@@ -66,7 +66,8 @@ def reference(model: Any, batch: dict[str, torch.Tensor], names: list[str]) -> d
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize(("backend", "attn"), [("vmap", "eager"), ("vmap", "sdpa"),
-                                               ("loop", "eager")])  # fmt: skip
+                                               ("loop", "eager"), ("hooks", "sdpa"),
+                                               ("hooks", "eager")])  # fmt: skip
 def test_per_sample_gradients_match_autograd_loop(kind: str, backend: str, attn: str) -> None:
     """sdpa: transformers' mask code branches on data, so the right-padding mask is dropped."""
     model = tiny_model(kind, attn)
@@ -179,5 +180,43 @@ def test_batch_errors() -> None:
     bad = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2, 3)}
     with pytest.raises(ValueError, match=r"labels has shape \(2, 3\), input_ids \(2, 4\)"):
         per_sample_gradients(model, bad, params)
-    with pytest.raises(ValueError, match="backend must be 'vmap' or 'loop'"):
+    with pytest.raises(ValueError, match="backend must be 'auto', 'hooks', 'vmap' or 'loop'"):
         per_sample_gradients(model, bad, params, backend="ghost")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hooks_and_vmap_give_the_same_datainf_scores(kind: str) -> None:
+    """The tracker's default path (hooks: batched pass, rows sorted by length and chunks cut to
+    their longest row) scores the last block exactly as the vmap path does, layer by layer."""
+    model = tiny_model(kind, "sdpa")
+    batch = ragged_batch(4, [9, 3, 12, 7, 5, 11, 4])
+    probe = ragged_batch(5, [8, 12, 6])
+    params = select_parameters(model)
+    probe_grads, _ = mean_gradient(model, probe, params, chunk_size=2)
+    calc = DataInfCalculator()
+    want_total, want = calc.compute_influence(
+        per_sample_gradients(model, batch, params, backend="vmap", chunk_size=3), probe_grads,
+        per_layer=True)
+    got_total, got = calc.compute_influence(
+        per_sample_gradients(model, batch, params, backend="hooks", chunk_size=3), probe_grads,
+        per_layer=True)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(got_total, want_total, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(want_total, torch.zeros_like(want_total))
+
+
+def test_hooks_backend_handles_tied_and_untied_weights() -> None:
+    """GPT-2's lm_head shares the embedding matrix: the hooks path reads the tied weight's
+    gradient where it is used as a linear layer (lm_head) and refuses the embedding use."""
+    model = tiny_model("gpt2")
+    batch = ragged_batch(6, [6, 4, 8])
+    params = select_parameters(model, ["transformer.ln_f.*"])
+    got = per_sample_gradients(model, batch, params, backend="hooks", chunk_size=2)
+    want = reference(model, batch, list(params))
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    tied = select_parameters(model, ["transformer.wte.weight"])
+    with pytest.raises(ValueError, match="hooks backend scores parameters of"):
+        per_sample_gradients(model, batch, tied, backend="hooks")
+    assert per_sample_gradients(model, batch, tied, backend="auto")[
+        "transformer.wte.weight"].shape == (3, 64, 32)

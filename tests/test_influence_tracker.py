@@ -241,14 +241,30 @@ def test_loader_update_lands_at_b_plus_horizon() -> None:
 
 @pytest.mark.parametrize(("backend", "params"), [
     ("loop", ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]),
+    ("hooks", ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]),
+    ("auto", ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]),
     ("ghost", ["hidden.weight", "out.weight"]),  # each layer one block on both paths
 ])  # fmt: skip
 def test_backends_agree_with_vmap(backend: str, params: list[str]) -> None:
-    ref = run(config(params=params), steps=8)
+    ref = run(config(params=params, backend="vmap"), steps=8)
     got = run(config(params=params, backend=backend), steps=8)
     for key in ("target", "other", "noise"):
         assert got.history[0]["scores"][key] == pytest.approx(ref.history[0]["scores"][key],
                                                               rel=1e-3, abs=1e-6)  # fmt: skip
+
+
+def test_auto_backend_takes_hooks_where_it_applies() -> None:
+    """``auto`` (the default): hooks for linear (and norm) layers, vmap when an embedding is
+    among the chosen parameters; decided once, when the tracker is built."""
+    mixed = mixture()
+    linear = InfluenceTracker(config(params=["hidden.*", "out.*"]), mixed, TinyLM(),
+                              probe=chain(9, 4, 1))  # fmt: skip
+    assert InfluenceConfig().backend == "auto" and linear.backend == "hooks"
+    every = InfluenceTracker(config(), mixed, TinyLM(), probe=chain(9, 4, 1))
+    assert "emb.weight" in every.params and every.backend == "vmap"
+    with pytest.raises(ValueError, match=r"hooks backend scores parameters of .*; 'emb' "
+                                         r"\(Embedding\) is not"):  # fmt: skip
+        InfluenceTracker(config(backend="hooks"), mixed, TinyLM(), probe=chain(9, 4, 1))
 
 
 # --- distributed -----------------------------------------------------------------------------

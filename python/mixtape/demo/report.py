@@ -87,20 +87,29 @@ def build_report(opts: Any, cfg: Any, trainer: Any, names: Sequence[str],
     influence: dict[str, Any] | None = None
     tracker = getattr(trainer, "tracker", None)
     if tracker is not None:
-        from mixtape.demo.run import PROBE_DOCS, PROBE_SOURCE
+        from mixtape.demo.run import PROBE_DOCS, probe_source
 
         train_s = float(timings.get("train_s", float("nan")))
+        hist = tracker.history
         influence = {
-            "method": tracker.config.method, "parameters": "last transformer block",
+            "method": tracker.config.method, "parameters": list(tracker.params),
+            "backend": tracker.backend,
             "update_interval": tracker.config.update_interval,
             "warmup_steps": tracker.config.warmup_steps,
             "samples_per_source": tracker.config.samples_per_source,
-            "probe": f"the last {PROBE_DOCS} {PROBE_SOURCE!r} documents, held out of training",
-            "initial_weights": tracker.initial_weights, "history": tracker.history,
+            "probe": f"the last {PROBE_DOCS} {probe_source(cfg)!r} documents, held out of "
+                     f"training",
+            "schedule_until": int(hist[0]["applied_at"]) if hist else None,
+            "initial_weights": tracker.initial_weights, "history": hist,
             "overhead_s": float(trainer.influence_s),
+            "update_s": [float(x) for x in getattr(trainer, "influence_update_s", [])],
+            "per_interval_share": _interval_share(trainer, speed),
             "overhead_share": float(trainer.influence_s) / train_s if train_s else float("nan"),
             "note": "overhead_share: time inside the tracker (on_train_begin + on_step_end) / "
-                    "training loop time; history[i].applied_at is the batch its weights land at",
+                    "training loop time; per_interval_share: mean update time / (that + "
+                    "update_interval mean steps); history[i].applied_at is the batch its "
+                    "weights land at; the schedule drives the weights before schedule_until "
+                    "(the first update)",
         }  # fmt: skip
     return {
         "influence": influence,
@@ -141,6 +150,16 @@ def build_report(opts: Any, cfg: Any, trainer: Any, names: Sequence[str],
                         "mixtape": mixtape.__version__ if hasattr(mixtape, "__version__")
                         else None, "torch_threads": torch.get_num_threads()},
     }  # fmt: skip
+
+
+def _interval_share(trainer: Any, speed: Mapping[str, Any]) -> float | None:
+    """Mean update time / (that + update_interval mean steps): the tracker's steady share."""
+    ups = list(getattr(trainer, "influence_update_s", []))
+    sps = float(speed.get("steps_per_s") or 0.0)
+    if not ups or sps <= 0:
+        return None
+    mean = sum(ups) / len(ups)
+    return float(mean / (mean + trainer.tracker.config.update_interval / sps))
 
 
 def _rolling(x: npt.NDArray[np.float64], n: int) -> npt.NDArray[np.float64]:
@@ -184,11 +203,18 @@ def write_plot(report: Mapping[str, Any], path: str | Path) -> None:
     if infl is not None:
         for h in infl["history"]:
             ax.axvline(h["applied_at"], color="0.6", lw=0.8, ls=":")
-        title = (f"weights chosen by the influence tracker ({infl['method']}, every "
-                 f"{infl['update_interval']} steps; dotted: where updates land) vs realised "
-                 f"({n}-step mean, dashed)")  # fmt: skip
+        title = (f"weights in force (solid): the schedule, then the influence tracker's choice "
+                 f"({infl['method']}, every {infl['update_interval']} steps)\nfrom each dotted "
+                 f"line, vs realised ({n}-step mean, dashed)")  # fmt: skip
+        for h in infl["history"]:
+            ax.annotate(f"tracker, step {h['step']}", (h["applied_at"], 0.25),
+                        xytext=(-3, 0), textcoords="offset points", rotation=90, fontsize=7,
+                        color="0.4", ha="right", va="center")  # fmt: skip
     ax.set_title(title, fontsize=9 if infl is not None else None)
-    ax.legend(ncol=3, fontsize=8)
+    if infl is not None:  # where the tracker's weights leave room
+        ax.legend(ncol=3, fontsize=8, loc="center right", bbox_to_anchor=(1.0, 0.58))
+    else:
+        ax.legend(ncol=3, fontsize=8)
     ax.set_ylim(0, 1)
     ax = axes[1]
     for i, name in enumerate(names):

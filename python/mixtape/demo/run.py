@@ -16,12 +16,15 @@ are saved; the run continues to ``S + K``; then a fresh Python process loads the
 resumes (with another worker count) and runs the same ``K`` steps: the losses must be equal bit
 for bit.
 
-``--influence``: the schedule is not driven; an :class:`~mixtape.influence.InfluenceTracker`
-(DataInf on the last transformer block) scores every source against a held-out probe (the last
-``PROBE_DOCS`` prose documents, removed from the prose source before training) every
-``--influence-interval`` steps after ``--influence-warmup`` and sends its weights with
-``loader.update_weights`` (landing ``horizon`` batches later). The tracker's state goes into the
-checkpoint, so the resume check covers this mode too.
+Influence (on by default: the config's ``influence:`` section; ``--no-influence`` runs the
+schedule alone): an :class:`~mixtape.influence.InfluenceTracker` (DataInf on the last transformer
+block) scores every source against a held-out probe (the last ``PROBE_DOCS`` documents of the
+section's ``probe`` source, removed from it before training) at steps ``warmup + k * interval``
+and sends its weights with ``loader.update_weights`` (landing ``horizon`` batches later). The
+schedule drives the weights until the tracker's first update lands, the tracker from then on.
+The section's step numbers, like the schedule's, count steps of the default 300-step run;
+``--influence-interval`` / ``--influence-warmup`` override them as given. The tracker's state
+goes into the checkpoint, so the resume check covers it (history included).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ __all__ = ["DemoOptions", "ScheduleDriver", "main", "run_demo"]
 DEFAULT_STEPS = 300  # the default run length, which the demo config's schedule step numbers count
 EMBEDDED = "embedded:"
 _CONFIG_NAME = "demo.yaml"
-PROBE_SOURCE = "prose"  # --influence: the probe is this source's last PROBE_DOCS documents
+PROBE_SOURCE = "prose"  # the default probe: this source's last PROBE_DOCS documents
 PROBE_DOCS = 32
 
 
@@ -83,9 +86,9 @@ class DemoOptions:
     resume_check: bool = True
     progress: bool = True
     quick: bool = False
-    influence: bool = False
-    influence_interval: int = 50
-    influence_warmup: int = 50
+    influence: bool | None = None  # None: the config's influence.enabled
+    influence_interval: int | None = None  # None: the config's (scaled by steps / 300)
+    influence_warmup: int | None = None
 
     def finished(self) -> DemoOptions:
         """A copy with the ``--quick`` sizes applied (where not given) and S, K chosen."""
@@ -110,10 +113,41 @@ class DemoOptions:
                              f"(steps after the checkpoint), got {o.resume_steps}")  # fmt: skip
         if o.threads is None:
             o.threads = default_threads(o.workers)
-        if o.influence_interval < 1 or o.influence_warmup < 0:
+        if (o.influence_interval is not None and o.influence_interval < 1) or \
+                (o.influence_warmup is not None and o.influence_warmup < 0):  # fmt: skip
             raise ValueError(f"--influence-interval must be >= 1 and --influence-warmup >= 0, "
                              f"got {o.influence_interval} and {o.influence_warmup}")  # fmt: skip
         return o
+
+
+def resolve_influence(opts: DemoOptions, cfg: Any) -> DemoOptions:
+    """``opts`` with the tracker settings decided: on unless the config has no enabled
+    ``influence:`` section or ``--no-influence``; interval and warmup from the command line, else
+    the section's scaled by ``steps / DEFAULT_STEPS`` (interval at least 1)."""
+    section = cfg.influence
+    on = (section is not None and section.enabled) if opts.influence is None else opts.influence
+    if not on:
+        return dataclasses.replace(opts, influence=False)
+    scale = opts.steps / DEFAULT_STEPS
+    interval, warmup = opts.influence_interval, opts.influence_warmup
+    if interval is None:
+        interval = max(1, round((100 if section is None else section.update_interval) * scale))
+    if warmup is None:
+        warmup = round((0 if section is None else section.warmup_steps) * scale)
+    return dataclasses.replace(opts, influence=True, influence_interval=interval,
+                               influence_warmup=warmup)  # fmt: skip
+
+
+def probe_source(cfg: Any) -> str:
+    """The source the probe documents are held out of: the config's ``influence.probe`` (a
+    source name), else ``PROBE_SOURCE``."""
+    section = cfg.influence
+    name = PROBE_SOURCE if section is None or section.probe is None else str(section.probe)
+    names = [s.name for s in cfg.mixture.sources]
+    if name not in names:
+        raise ValueError(f"influence.probe is {name!r}: the demo holds the probe out of one of "
+                         f"its sources, {names}")  # fmt: skip
+    return name
 
 
 def default_threads(workers: int | None) -> int:
@@ -233,31 +267,40 @@ def make_datasets(opts: DemoOptions, max_length: int, seed: int,
     return datasets, tok
 
 
-def split_probe(datasets: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def split_probe(datasets: Mapping[str, Any], source: str = PROBE_SOURCE
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """(datasets with the probe documents removed, the probe): the last ``PROBE_DOCS``
-    documents of ``PROBE_SOURCE``, never trained on."""
-    if PROBE_SOURCE not in datasets:
-        raise ValueError(f"--influence: the probe source {PROBE_SOURCE!r} is not among the "
+    documents of ``source``, never trained on."""
+    if source not in datasets:
+        raise ValueError(f"influence: the probe source {source!r} is not among the "
                          f"demo's sources {sorted(datasets)}")  # fmt: skip
-    src = datasets[PROBE_SOURCE]
+    src = datasets[source]
     n = len(src)
     if n <= 2 * PROBE_DOCS:
-        raise ValueError(f"--influence: source {PROBE_SOURCE!r} has {n} documents, too few to "
+        raise ValueError(f"influence: source {source!r} has {n} documents, too few to "
                          f"hold {PROBE_DOCS} out as the probe")  # fmt: skip
     probe = [{"input_ids": list(r)} for r in src.select(range(n - PROBE_DOCS, n))["input_ids"]]
     out = dict(datasets)
-    out[PROBE_SOURCE] = src.select(range(n - PROBE_DOCS))
+    out[source] = src.select(range(n - PROBE_DOCS))
     return out, probe
 
 
-def make_tracker(opts: DemoOptions, loader: Any, model: Any, probe: Sequence[Any],
-                 max_length: int, seed: int) -> Any:  # fmt: skip
-    """The DataInf tracker of ``--influence`` (last transformer block, probe held out)."""
+def make_tracker(opts: DemoOptions, cfg: Any, loader: Any, model: Any, probe: Sequence[Any],
+                 max_length: int) -> Any:  # fmt: skip
+    """The tracker: the config's ``influence:`` section (resolved: seed and batch size
+    inherited) with the demo's interval and warmup, the held-out probe, the last transformer
+    block (when the section names no parameters), documents cut to ``max_length``."""
+    from mixtape.config import InfluenceSection
     from mixtape.influence import InfluenceConfig, InfluenceTracker
 
-    config = InfluenceConfig(method="datainf", update_interval=opts.influence_interval,
-                             warmup_steps=opts.influence_warmup, last_k_blocks=1,
-                             max_length=max_length, seed=seed)  # fmt: skip
+    section = cfg.resolved().influence
+    if section is None:  # --influence over a config without the section: its defaults
+        section = InfluenceSection(probe=probe_source(cfg))
+        section = dataclasses.replace(section, seed=int(cfg.resolved().loader.seed))
+    extra: dict[str, Any] = {} if section.params is not None else {"last_k_blocks": 1}
+    config = InfluenceConfig.from_section(
+        section, enabled=True, update_interval=opts.influence_interval,
+        warmup_steps=opts.influence_warmup, probe=None, max_length=max_length, **extra)
     return InfluenceTracker(config, loader, model, probe=list(probe))
 
 
@@ -289,7 +332,9 @@ class ScheduleDriver:
         self.next = 1  # entries[0] is the starting mixture
 
     def record(self, effect: int, weights: Sequence[float]) -> None:
-        """Note an update sent by someone else (the influence tracker) landing at ``effect``."""
+        """Note an update sent by someone else (the influence tracker) landing at ``effect``;
+        the schedule sends nothing after it (the tracker has taken over)."""
+        self.next = len(self.entries)
         w = [float(x) for x in weights]
         if self.in_force[-1][0] == effect:
             self.in_force[-1] = (effect, w)
@@ -488,22 +533,29 @@ class Trainer:
     lr_schedule: Any
     loader: Any
     driver: ScheduleDriver
-    tracker: Any = None  # --influence: the InfluenceTracker
+    tracker: Any = None  # the InfluenceTracker (None: the schedule alone)
     step: int = 0
     records: list[StepStats] = field(default_factory=list)
     influence_s: float = 0.0  # time inside the tracker (on_train_begin + on_step_end)
+    influence_update_s: list[float] = field(default_factory=list)  # each update's time
     _tracker_started: bool = False
 
     def _influence(self, step: int | None, loss: float | None) -> None:
         """Run the tracker in eval mode (no dropout: scores are deterministic and the dropout
         RNG stream is the same with or without it); record where its update lands."""
         t = time.perf_counter()
+        upd = None
         self.model.eval()
         try:
             if step is None:
                 self.tracker.on_train_begin()
                 self._tracker_started = True
             else:
+                if not self.tracker.history and self.tracker.is_update_step(step):
+                    # Taking over from the schedule: step from the weights it set last, not
+                    # from the starting mixture the tracker saw when training began.
+                    self.tracker.weights = dict(zip(self.driver.names,
+                                                    self.driver.in_force[-1][1], strict=True))
                 upd = self.tracker.on_step_end(step, loss)
                 if upd is not None:
                     h = self.tracker.history[-1]
@@ -511,7 +563,10 @@ class Trainer:
                                        [h["weights"][n] for n in self.driver.names])
         finally:
             self.model.train()
-            self.influence_s += time.perf_counter() - t
+            spent = time.perf_counter() - t
+            self.influence_s += spent
+            if upd is not None:
+                self.influence_update_s.append(spent)
 
     def batches(self) -> Iterator[tuple[Any, float]]:
         """(batch, seconds waited for it), sending due weight updates after each."""
@@ -572,7 +627,7 @@ class Trainer:
         self.driver.load_state_dict(state["driver"])
         if self.tracker is not None:
             if state.get("tracker") is None:
-                raise ValueError("--influence resume: the checkpoint has no tracker state")
+                raise ValueError("influence resume: the checkpoint has no tracker state")
             self.tracker.load_state_dict(state["tracker"])
             self._tracker_started = False  # on_train_begin again, from the restored state
 
@@ -580,7 +635,8 @@ class Trainer:
 def make_trainer(opts: DemoOptions, cfg: Any, datasets: Mapping[str, Any],
                  vocab_size: int, probe: Sequence[Any] | None = None) -> Trainer:  # fmt: skip
     """A trainer at step 0 (model initialised from the loader's seed); with ``opts.influence``
-    the tracker (scoring against ``probe``) drives the weights instead of the schedule."""
+    the tracker (scoring against ``probe``) takes the weights over from the schedule at its
+    first update."""
     _, loader, schedule = build_loader(cfg, datasets)
     lc = cfg.resolved().loader
     model = build_model(opts, vocab_size, int(lc.max_length), int(lc.seed))
@@ -591,9 +647,8 @@ def make_trainer(opts: DemoOptions, cfg: Any, datasets: Mapping[str, Any],
     tracker = None
     if opts.influence:
         if probe is None:
-            raise ValueError("--influence needs the held-out probe")
-        schedule = None  # the tracker moves the weights, from the schedule's starting mixture
-        tracker = make_tracker(opts, loader, model, probe, int(lc.max_length), int(lc.seed))
+            raise ValueError("the influence tracker needs the held-out probe")
+        tracker = make_tracker(opts, cfg, loader, model, probe, int(lc.max_length))
     driver = ScheduleDriver(schedule, loader, opts.steps, scale, every)
     return Trainer(opts, model, optimizer, lr_schedule, loader, driver, tracker)
 
@@ -679,13 +734,14 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(opts)
+    opts = resolve_influence(opts, cfg)
     lc = cfg.resolved().loader
     seed, max_length = int(lc.seed), int(lc.max_length)
     timings: dict[str, float] = {}
     datasets, tokenizer = make_datasets(opts, max_length, seed, timings)
     probe = None
     if opts.influence:
-        datasets, probe = split_probe(datasets)
+        datasets, probe = split_probe(datasets, probe_source(cfg))
     t = time.perf_counter()
     trainer = make_trainer(opts, cfg, datasets, tokenizer.get_vocab_size(), probe)
     mask_diff = packed_mask_check(trainer.model, max_length, seed)
@@ -695,6 +751,15 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     print(f"mixtape demo: {opts.steps} steps of {lc.batch_size} x {max_length} packed tokens, "
           f"sources {names}, {lc.num_workers} loader worker(s), {opts.threads} torch thread(s)")
     print(f"packed sdpa mask: per-document loss max |diff| = {mask_diff:.2e}")
+    if trainer.tracker is not None:
+        c = trainer.tracker.config
+        print(f"influence tracker: {c.method} on {len(trainer.tracker.params)} parameter "
+              f"tensors ({trainer.tracker.backend} per-sample gradients), {c.samples_per_source} "
+              f"documents per source against {PROBE_DOCS} held-out {probe_source(cfg)!r} "
+              f"documents, at steps {c.warmup_steps} + k x {c.update_interval}; the schedule "
+              f"drives the weights until its first update lands")  # fmt: skip
+    else:
+        print("influence tracker: off (the weight schedule alone)")
     ckpt = out / "checkpoint"
 
     def on_step(tr: Trainer) -> None:
@@ -714,6 +779,15 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         print(f"influence tracker: {len(trainer.tracker.history)} update(s), overhead "
               f"{trainer.influence_s:.1f} s = {trainer.influence_s / timings['train_s']:.1%} of "
               f"training time (time inside the tracker / training loop)")
+        ups = trainer.influence_update_s
+        if ups:
+            steady = trainer.records[1:] or trainer.records
+            step_s = sum(r.wait_s + r.compute_s for r in steady) / len(steady)
+            interval = trainer.tracker.config.update_interval
+            mean = sum(ups) / len(ups)
+            print(f"  per update {mean:.2f} s = {mean / (mean + interval * step_s):.1%} of "
+                  f"the time from one update to the next ({interval} steps of "
+                  f"{step_s * 1e3:.0f} ms + the update)")
 
     resume: dict[str, Any] = {"checked": False}
     if opts.resume_check:
@@ -830,14 +904,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume-check", action="store_true",
                    help="skip the fresh-process resume check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--influence", action="store_true",
-                   help=f"let an InfluenceTracker (DataInf, last transformer block) set the "
-                        f"weights instead of the schedule, scoring against a held-out probe "
-                        f"(the last {PROBE_DOCS} {PROBE_SOURCE} documents, not trained on)")
-    p.add_argument("--influence-interval", type=int, default=50,
-                   help="steps between tracker updates (default 50)")
-    p.add_argument("--influence-warmup", type=int, default=50,
-                   help="steps before the tracker's first interval starts (default 50)")
+    p.add_argument("--influence", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"an InfluenceTracker (DataInf, last transformer block) takes the "
+                        f"weights over from the schedule at its first update, scoring every "
+                        f"source against a held-out probe (the last {PROBE_DOCS} documents of "
+                        f"the config's influence.probe source, not trained on); default: the "
+                        f"config's influence.enabled (on in the demo config); --no-influence "
+                        f"runs the schedule alone")  # fmt: skip
+    p.add_argument("--influence-interval", type=int, default=None,
+                   help="steps between tracker updates (default: the config's "
+                        "influence.update_interval, scaled by steps / 300)")
+    p.add_argument("--influence-warmup", type=int, default=None,
+                   help="steps before the tracker's first interval starts (default: the "
+                        "config's influence.warmup_steps, scaled by steps / 300)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run: 4 x 64 tokens per step, small tokenizer and corpus "
                         "(combine with --steps, e.g. --steps 16)")  # fmt: skip

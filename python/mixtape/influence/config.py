@@ -13,10 +13,13 @@ from mixtape.influence.weights import NORMALIZATIONS
 
 __all__ = ["BACKENDS", "InfluenceConfig"]
 
-#: Per-sample gradient paths: ``vmap`` (torch.func over the chosen parameters), ``loop`` (one
-#: autograd pass per sample: slow, for models vmap cannot trace), ``ghost`` (linear layers from
-#: their inputs and output gradients, never forming per-sample gradients).
-BACKENDS = ("vmap", "loop", "ghost")
+#: Per-sample gradient paths: ``hooks`` (one batched forward and backward per chunk, per-sample
+#: gradients formed per module from its inputs and output gradients: linear and norm layers),
+#: ``vmap`` (torch.func over the chosen parameters: any module, slower), ``loop`` (one autograd
+#: pass per sample: slow, for models vmap cannot trace), ``ghost`` (linear layers from their
+#: inputs and output gradients, never forming per-sample gradients), ``auto`` (``hooks`` when every
+#: chosen parameter belongs to a linear or norm layer, else ``vmap``: the same scores either way).
+BACKENDS = ("auto", "hooks", "vmap", "loop", "ghost")
 
 
 def _int(name: str, v: Any, minimum: int) -> int:
@@ -66,7 +69,7 @@ class InfluenceConfig:
     params: tuple[str, ...] | None = None
     last_k_blocks: int | None = None
     lora: bool = False
-    backend: str = "vmap"
+    backend: str = "auto"
     projection_dim: int | None = None
     damping: float = 0.1
     lambda_: float | None = None

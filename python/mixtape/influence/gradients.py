@@ -1,4 +1,5 @@
-"""Per-sample gradients of chosen parameters for a causal-LM loss: torch.func (vmap of grad), a
+"""Per-sample gradients of chosen parameters for a causal-LM loss: module hooks (one batched
+forward and backward, per-sample gradients formed per module), torch.func (vmap of grad), a
 per-sample loop, or the ghost path for linear layers (inputs and output gradients from hooks).
 
 Every sample's loss is the mean token cross-entropy over its labelled positions (labels aligned
@@ -21,9 +22,11 @@ from torch.func import functional_call, grad, vmap
 from mixtape.influence.datainf import GhostLinear
 
 __all__ = [
+    "HOOK_MODULES",
     "GhostGradientExtractor",
     "causal_lm_loss",
     "ghost_modules",
+    "hooks_supported",
     "mean_gradient",
     "model_logits",
     "per_sample_gradients",
@@ -36,13 +39,14 @@ Batch = Mapping[str, torch.Tensor]
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample mean next-token loss [n] of logits [n, T, V] and labels [n, T] (-100 ignored)."""
-    lg = logits[:, :-1].float()
-    lb = labels[:, 1:]
-    mask = lb != -100
+    # The labels move one position left (the last position predicts nothing) rather than the
+    # logits: slicing them would copy [n, T - 1, V] before the loss.
+    lb = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    lg = logits.float()
     ce = nn.functional.cross_entropy(
-        lg.reshape(-1, lg.shape[-1]), lb.clamp_min(0).reshape(-1), reduction="none"
+        lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="none"
     ).reshape(lb.shape)
-    return (ce * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    return ce.sum(dim=1) / (lb != -100).sum(dim=1).clamp_min(1)
 
 
 def model_logits(output: Any) -> torch.Tensor:
@@ -162,6 +166,230 @@ def _forward(model: nn.Module, params: Mapping[str, torch.Tensor] | None, ids: t
     return model_logits(functional_call(model, dict(params), args=(), kwargs=kwargs))
 
 
+# --- the hooks path: one batched pass, per-sample gradients formed module by module ----------
+
+#: Module kinds whose parameters the hooks path scores (besides these it needs backend="vmap"):
+#: linear layers (per-sample weight gradients as one einsum of inputs and output gradients) and
+#: normalisation layers (the module alone re-run per sample under vmap: cheap, it is elementwise).
+HOOK_MODULES = ("Linear", "Conv1D", "LayerNorm", "RMSNorm")
+
+
+def _hook_kind(module: nn.Module) -> str | None:
+    """"linear" (y = x W^T + b), "conv1d" (transformers' y = x W + b), "layernorm"
+    (``nn.LayerNorm``, in closed form), "local" (another norm layer, scored by re-running it
+    alone), or None (not supported by the hooks path)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if _is_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
+        return "layernorm"
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm")):
+        return "local"
+    return None
+
+
+def _owners(model: nn.Module, params: Mapping[str, torch.Tensor]
+            ) -> dict[str, tuple[nn.Module, dict[str, str]]]:  # fmt: skip
+    """{module name: (module, {its own parameter name: chosen name})} for every module holding a
+    chosen parameter directly (a tied parameter has several owners; their parts are summed)."""
+    by_id = {id(p): k for k, p in params.items()}
+    out: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+    found: set[str] = set()
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for lname, p in module.named_parameters(recurse=False):
+            full = by_id.get(id(p))
+            if full is not None:
+                if mname not in out:
+                    out[mname] = (module, {})
+                out[mname][1][lname] = full
+                found.add(full)
+    missing = [k for k in params if k not in found]
+    if missing:
+        raise ValueError(f"{missing[:4]} are not parameters of the model (the hooks backend "
+                         "reads gradients off the model's own modules)")  # fmt: skip
+    return out
+
+
+def hook_owners(model: nn.Module, params: Mapping[str, torch.Tensor]
+                ) -> dict[str, tuple[nn.Module, dict[str, str]]]:  # fmt: skip
+    """The modules holding the chosen parameters (see :func:`_owners`), checked to be kinds the
+    hooks backend handles (:data:`HOOK_MODULES`): a ValueError naming the others."""
+    owners = _owners(model, params)
+    bad = [f"{k!r} ({type(m).__name__})" for k, (m, _) in owners.items()
+           if _hook_kind(m) is None]  # fmt: skip
+    if bad:
+        raise ValueError(f"the hooks backend scores parameters of {', '.join(HOOK_MODULES)} "
+                         f"modules only; {', '.join(bad[:4])} "
+                         f"{'is' if len(bad) == 1 else 'are'} not (use backend='vmap')")
+    return owners
+
+
+def hooks_supported(model: nn.Module, params: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every chosen parameter belongs to a module the hooks backend handles
+    (:data:`HOOK_MODULES`), so ``per_sample_gradients(backend="hooks")`` applies."""
+    try:
+        hook_owners(model, params)
+    except ValueError:
+        return False
+    return True
+
+
+@contextmanager
+def _grad_only(model: nn.Module, chosen: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Only the chosen parameters require grad while gradients are taken, so no graph is built
+    for the rest of the model (everything before the first chosen layer runs graph-free); the
+    flags are restored after."""
+    keep = {id(p) for p in chosen}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    own = {id(q) for q, _ in flags}
+    extra = [t for t in chosen if id(t) not in own]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        for t in extra:
+            t.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _length_chunks(ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
+                   chunk_size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                  torch.Tensor]]:  # fmt: skip
+    """Chunks of at most ``chunk_size`` samples as (row indices, ids, mask, labels).
+
+    Right-padded rows are sorted by length (longest first) and each chunk is cut to its longest
+    row, with the mask dropped: padding after a sample's tokens cannot change a causal model's
+    outputs on them and carries no label, so less padding is computed and transformers' mask code
+    stays out of the pass. Other batches are chunked in order, as given.
+    """
+    n = ids.shape[0]
+    if mask is None or not _right_padding(mask):
+        return [(torch.arange(s, min(s + chunk_size, n), device=ids.device), ids[s:s + chunk_size],
+                 None if mask is None else mask[s:s + chunk_size], labels[s:s + chunk_size])
+                for s in range(0, n, chunk_size)]  # fmt: skip
+    real = (mask != 0) | (labels != -100)
+    pos = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+    lengths = (real * pos).amax(dim=1).clamp_min(1)
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+    for s in range(0, n, chunk_size):
+        idx = order[s:s + chunk_size]
+        t = int(lengths[idx].max())
+        out.append((idx, ids[idx, :t], None, labels[idx, :t]))
+    return out
+
+
+def _module_per_sample(module: nn.Module, local: Mapping[str, str], x: torch.Tensor,
+                       dy: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per-sample gradients {own parameter name: [n, *shape]} of a module that acts on each
+    sample alone, from its inputs ``x`` [n, ...] and output gradients ``dy`` [n, ...]: the module
+    by itself re-run per sample under vmap (a vector-Jacobian product), not the whole model."""
+    own = {k: getattr(module, k).detach() for k in local}
+
+    def one(xi: torch.Tensor, di: torch.Tensor) -> dict[str, torch.Tensor]:
+        y, back, *_ = torch.func.vjp(lambda p: functional_call(module, p, (xi[None],)), own)
+        g: dict[str, torch.Tensor] = back(di[None].to(y.dtype))[0]
+        return g
+
+    result: dict[str, torch.Tensor] = vmap(one)(x, dy)
+    return result
+
+
+def _hooks_chunk(
+    model: nn.Module,
+    owners: Mapping[str, tuple[nn.Module, dict[str, str]]],
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    loss_fn: LossFn,
+) -> dict[str, torch.Tensor]:
+    """One batched forward and backward of a chunk's summed losses (samples do not interact, so
+    the gradient of the sum at a module's output is each sample's own): the chunk's per-sample
+    gradients {chosen name: [c, *shape]} (float32; summed over calls and tied owners)."""
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in owners}
+    handles = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def fwd(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or \
+                    not isinstance(output, torch.Tensor):  # fmt: skip
+                raise ValueError(f"the hooks backend needs module {name!r} "
+                                 f"({type(module).__name__}) called with one tensor and "
+                                 "returning one; use backend='vmap'")  # fmt: skip
+            calls[name].append((args[0].detach(), output))
+
+        return fwd
+
+    try:
+        for name, (module, _) in owners.items():
+            handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
+        loss = loss_fn(_forward(model, None, ids, mask), labels).sum()
+    finally:
+        for h in handles:
+            h.remove()
+    outputs = [y for k in owners for _, y in calls[k]]
+    if not all(y.requires_grad for y in outputs):
+        raise ValueError("a chosen module's output does not depend on its parameters here")
+    grads = list(torch.autograd.grad(loss, outputs, allow_unused=True)) if outputs else []
+    out: dict[str, torch.Tensor] = {}
+
+    def add(full: str, g: torch.Tensor) -> None:
+        out[full] = g if full not in out else out[full] + g
+
+    i = 0
+    for name, (module, local) in owners.items():
+        if not calls[name]:
+            raise ValueError(f"module {name!r} was not called in the forward pass")
+        kind = _hook_kind(module)
+        for x, y in calls[name]:
+            g = grads[i]
+            i += 1
+            dy = torch.zeros_like(y) if g is None else g.detach()
+            if kind == "local":
+                for lname, g_own in _module_per_sample(module, local, x, dy).items():
+                    add(local[lname], g_own.float())
+                continue
+            if kind == "layernorm":  # y = x_hat * w + b: per sample sum(dy * x_hat), sum(dy)
+                assert isinstance(module, nn.LayerNorm)
+                shape = tuple(module.normalized_shape)
+                xh = nn.functional.layer_norm(x.float(), shape, eps=module.eps)
+                dims = (x.shape[0], -1, *shape)
+                for lname, full in local.items():
+                    part = dy.float() if lname == "bias" else dy.float() * xh
+                    add(full, part.reshape(dims).sum(dim=1))
+                continue
+            x3 = x.float().reshape(x.shape[0], -1, x.shape[-1])
+            d3 = dy.float().reshape(dy.shape[0], -1, dy.shape[-1])
+            for lname, full in local.items():
+                if lname == "bias":
+                    add(full, d3.sum(dim=1))
+                elif kind == "linear":  # weight [d_out, d_in]
+                    add(full, torch.einsum("nto,nti->noi", d3, x3))
+                else:  # Conv1D weight [d_in, d_out]
+                    add(full, torch.einsum("nti,nto->nio", x3, d3))
+    return out
+
+
+def _hooks_per_sample(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
+                      labels: torch.Tensor, params: Mapping[str, torch.Tensor], chunk_size: int,
+                      loss_fn: LossFn) -> dict[str, torch.Tensor]:  # fmt: skip
+    owners = hook_owners(model, params)
+    n = ids.shape[0]
+    out = {k: torch.empty((n, *p.shape), dtype=torch.float32, device=p.device)
+           for k, p in params.items()}  # fmt: skip
+    with _eval_mode(model), _grad_only(model, list(params.values())):
+        for rows, i, m, lb in _length_chunks(ids, mask, labels, chunk_size):
+            got = _hooks_chunk(model, owners, i, m, lb, loss_fn)
+            for k, t in out.items():  # every chunk writes its rows once
+                t.index_copy_(0, rows, got[k])
+    return out
+
+
 def mean_gradient(
     model: nn.Module,
     batch: Batch,
@@ -171,9 +399,29 @@ def mean_gradient(
     loss_fn: LossFn = causal_lm_loss,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The mean over samples of the per-sample gradients (the probe gradient) and the mean
-    per-sample loss, computed in chunks of ``chunk_size`` samples (float32)."""
+    per-sample loss, computed in chunks of ``chunk_size`` samples (float32).
+
+    When ``params`` are the model's own parameters this is plain autograd with only them
+    requiring grad, right-padded rows sorted by length and chunks cut to their longest row (see
+    :func:`per_sample_gradients`); other tensors go through ``torch.func.functional_call``.
+    """
     ids, mask, labels = _check_batch(batch)
     n = ids.shape[0]
+    own = {id(p) for p in model.parameters()}
+    if params and all(id(p) in own for p in params.values()):
+        names = list(params)
+        chosen = [params[k] for k in names]
+        sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in chosen]
+        loss_total = 0.0
+        with _eval_mode(model), _grad_only(model, chosen):
+            for _, i, m, lb in _length_chunks(ids, mask, labels, chunk_size):
+                loss = loss_fn(_forward(model, None, i, m), lb).sum() / n
+                gs = torch.autograd.grad(loss, chosen, allow_unused=True)
+                for acc, g in zip(sums, gs, strict=True):
+                    if g is not None:
+                        acc += g.float()
+                loss_total += float(loss.detach())
+        return dict(zip(names, sums, strict=True)), loss_total
     detached = {k: p.detach() for k, p in params.items()}
 
     def chunk_loss(p: dict[str, torch.Tensor], i: torch.Tensor, m: torch.Tensor | None,
@@ -200,22 +448,33 @@ def per_sample_gradients(
     batch: Batch,
     params: Mapping[str, torch.Tensor],
     *,
-    backend: str = "vmap",
+    backend: str = "auto",
     chunk_size: int = 8,
     loss_fn: LossFn = causal_lm_loss,
 ) -> dict[str, torch.Tensor]:
     """Per-sample gradients {name: [n, *shape]} (float32) of ``params`` for each sample's loss.
 
+    ``backend="hooks"``: per chunk one batched forward and one backward to the chosen modules'
+    outputs (only the chosen parameters require grad, so nothing before them is
+    differentiated); each module's per-sample gradients are formed from its inputs and output
+    gradients (an einsum for linear layers; norm layers re-run alone under vmap). Right-padded
+    rows are sorted by length and each chunk is cut to its longest row. Parameters of
+    :data:`HOOK_MODULES` modules only. ``"auto"`` (default): ``hooks`` when it applies
+    (:func:`hooks_supported`), else ``vmap``.
     ``backend="vmap"``: ``vmap(grad(loss))`` over chunks of ``chunk_size`` samples (memory is
     bounded by the chunk); ``"loop"``: one ``grad`` call per sample (for models vmap cannot
     trace). Parameters need not require grad (LoRA bases stay frozen).
     """
-    if backend not in ("vmap", "loop"):
-        raise ValueError(f"backend must be 'vmap' or 'loop' here, got {backend!r} (the ghost "
-                         "path is GhostGradientExtractor)")  # fmt: skip
+    if backend not in ("auto", "hooks", "vmap", "loop"):
+        raise ValueError(f"backend must be 'auto', 'hooks', 'vmap' or 'loop' here, got "
+                         f"{backend!r} (the ghost path is GhostGradientExtractor)")  # fmt: skip
     ids, mask, labels = _check_batch(batch)
     if not params:
         raise ValueError("no parameters to differentiate")
+    if backend == "auto":
+        backend = "hooks" if hooks_supported(model, params) else "vmap"
+    if backend == "hooks":
+        return _hooks_per_sample(model, ids, mask, labels, params, chunk_size, loss_fn)
     detached = {k: p.detach() for k, p in params.items()}
 
     def one(p: dict[str, torch.Tensor], i: torch.Tensor, m: torch.Tensor | None,

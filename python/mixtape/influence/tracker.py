@@ -23,6 +23,8 @@ from mixtape.influence.datainf import DataInfCalculator
 from mixtape.influence.gradients import (
     GhostGradientExtractor,
     ghost_modules,
+    hook_owners,
+    hooks_supported,
     mean_gradient,
     per_sample_gradients,
     select_parameters,
@@ -96,9 +98,10 @@ class InfluenceTracker:
     ``data``: a :class:`mixtape.Loader` over a MixedDataset of map-style sources, or the
     :class:`mixtape.MixedDataset` itself (updates then start at its next position). ``probe``
     overrides ``config.probe``. ``prior`` (default: the mixture's weights when training begins) is
-    what ``smoothing`` pulls toward; the weights the tracker steps from are its own last update
-    (restored by :meth:`load_state_dict`). ``loss_fn(logits, labels) -> [n]`` defaults to the
-    per-sample mean causal-LM loss.
+    what ``smoothing`` pulls toward; the weights the tracker steps from are ``self.weights``, its
+    own last update (restored by :meth:`load_state_dict`; a caller that changed the mixture by
+    other means, such as a schedule it hands over from, sets them to the weights in force).
+    ``loss_fn(logits, labels) -> [n]`` defaults to the per-sample mean causal-LM loss.
     """
 
     def __init__(self, config: InfluenceConfig, data: Any, model: nn.Module, tokenizer: Any = None,
@@ -136,6 +139,12 @@ class InfluenceTracker:
         self.names = list(self.mixed.source_names)
         self.params = select_parameters(self.model, config.params, config.last_k_blocks,
                                         config.lora)  # fmt: skip
+        # "auto" is decided once, so every update (and every rank) takes the same path.
+        self.backend = config.backend
+        if self.backend == "auto":
+            self.backend = "hooks" if hooks_supported(self.model, self.params) else "vmap"
+        elif self.backend == "hooks":
+            hook_owners(self.model, self.params)  # an unsupported layer: an error now
         self._ghost: GhostGradientExtractor | None = None
         if config.backend == "ghost":
             mods = ghost_modules(self.model, self.params)
@@ -336,7 +345,7 @@ class InfluenceTracker:
             train: Any = self._ghost(batch, chunk_size=self.config.batch_size, **self._kw())
         else:
             train = per_sample_gradients(self.model, batch, self.params,
-                                         backend=self.config.backend,
+                                         backend=self.backend,
                                          chunk_size=self.config.batch_size,
                                          **self._kw())  # fmt: skip
         assert self.probe_grads is not None
