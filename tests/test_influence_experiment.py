@@ -15,7 +15,7 @@ from mixtape.influence import experiment as E
 
 def _args(**kw: object) -> argparse.Namespace:
     base = dict(seeds=1, steps=12, batch_size=8, lr=1e-2, vocab=8, length=10, per_source=60,
-                interval=3, samples=4, eta=1.0, floor=0.01, eval_every=5,
+                probe=32, interval=3, samples=4, eta=1.0, floor=0.01, eval_every=5,
                 normalize="max_dev")  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
@@ -58,6 +58,20 @@ def test_time_average_weighs_each_update_by_the_steps_it_held(data: dict[str, ob
     used = np.array([static["examples_per_source"][s] for s in E.SOURCES])
     w = np.array([want[s] for s in E.SOURCES])
     assert np.abs(used / used.sum() - w).max() <= 1.0 / used.sum() + 1e-12
+
+
+def test_probe_size_leaves_sources_and_test_set_alone() -> None:
+    a = E.make_data(3, 8, 10, 20)
+    b = E.make_data(3, 8, 10, 20, probe=50)
+    c = E.make_data(3, 8, 10, 20, probe=5)
+    assert len(a["probe"]) == 32 and len(b["probe"]) == 50 and len(c["probe"]) == 5
+    assert b["probe"][:32] == a["probe"] and c["probe"] == a["probe"][:5]
+    for other in (b, c):
+        assert other["sources"] == a["sources"]
+        for k, v in a["test"].items():
+            assert np.array_equal(other["test"][k].numpy(), v.numpy())
+    with pytest.raises(ValueError, match="probe must be >= 1 rows, got 0"):
+        E.make_data(3, 8, 10, 20, probe=0)
 
 
 def test_steps_to_reach() -> None:

@@ -79,23 +79,31 @@ def _sample(rng: np.random.Generator, table: np.ndarray | None, vocab: int, n: i
     return [{"input_ids": s.tolist()} for s in seqs]
 
 
-def make_data(seed: int, vocab: int, length: int, per_source: int) -> dict[str, Any]:
+def make_data(seed: int, vocab: int, length: int, per_source: int,
+              probe: int = 32) -> dict[str, Any]:  # fmt: skip
+    """Sources, probe (``probe`` held-out target rows) and target test set for one seed. Rows
+    beyond the first 32 of the probe come from their own generator, so the sources and the test
+    set are the same whatever the probe size."""
+    if probe < 1:
+        raise ValueError(f"probe must be >= 1 rows, got {probe}")
     rng = np.random.default_rng(seed)
     target = _chain(rng, vocab, 0.1)
     perturbed = target.copy()
     swap = rng.random((vocab, vocab)) < 0.5  # half of the contexts get another distribution
     perturbed[swap] = _chain(rng, vocab, 0.1)[swap]
     unrelated = _chain(rng, vocab, 0.1)
-    return {
-        "sources": {
-            "target": _sample(rng, target, vocab, per_source, length),
-            "perturbed": _sample(rng, perturbed, vocab, per_source, length),
-            "noise": _sample(rng, None, vocab, per_source, length),
-            "unrelated": _sample(rng, unrelated, vocab, per_source, length),
-        },
-        "probe": _sample(rng, target, vocab, 32, length),
-        "test": examples_to_batch(_sample(rng, target, vocab, 512, length)),
+    sources = {
+        "target": _sample(rng, target, vocab, per_source, length),
+        "perturbed": _sample(rng, perturbed, vocab, per_source, length),
+        "noise": _sample(rng, None, vocab, per_source, length),
+        "unrelated": _sample(rng, unrelated, vocab, per_source, length),
     }
+    probe_rows = _sample(rng, target, vocab, 32, length)[:probe]
+    test = examples_to_batch(_sample(rng, target, vocab, 512, length))
+    if probe > 32:
+        extra = np.random.default_rng([seed, 1])
+        probe_rows += _sample(extra, target, vocab, probe - 32, length)
+    return {"sources": sources, "probe": probe_rows, "test": test}
 
 
 def _eval(model: nn.Module, test: dict[str, torch.Tensor]) -> float:
@@ -187,7 +195,7 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS}
     for seed in range(args.seeds):
-        data = make_data(1000 + seed, args.vocab, args.length, args.per_source)
+        data = make_data(1000 + seed, args.vocab, args.length, args.per_source, args.probe)
         for arm in ("uniform", "datainf", "grad_dot", "oracle"):
             runs[arm].append(train_arm(arm, seed, data, args))
         runs["time_avg"].append(train_arm("time_avg", seed, data, args,
@@ -307,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=16)
     p.add_argument("--length", type=int, default=24)
     p.add_argument("--per-source", type=int, default=2000)
+    p.add_argument("--probe", type=int, default=32, help="held-out target rows in the probe set")
     p.add_argument("--interval", type=int, default=1,
                    help="steps between influence updates (the first after this many)")
     p.add_argument("--samples", type=int, default=16, help="samples per source per update")
