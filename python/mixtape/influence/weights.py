@@ -16,7 +16,11 @@ of the influence scores and whatever part of them every source shares. ``max_abs
 |score_s|, the default before) also counts that shared part: when every source helps (early in
 training, when all of them teach the common token statistics) it divides the differences by a
 large number and the weights barely move, and the effective step then grows as the shared part
-fades; the step size followed the training phase rather than the evidence.
+fades; the step size followed the training phase rather than the evidence. No scale here knows
+the sampling noise of the scores (the tracker passes per-source means): when the sources are
+indistinguishable, ``max_dev`` and ``std`` scale the noise up to a full step (``max_abs`` did too
+whenever the shared part was small); ``smoothing`` toward the prior, more samples per source or a
+smaller ``learning_rate`` bound that jitter.
 """
 
 from __future__ import annotations
