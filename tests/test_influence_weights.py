@@ -19,13 +19,80 @@ def test_exact_values_of_one_update() -> None:
                                 ["web", "web", "code", "code", "code"])  # fmt: skip
     np.testing.assert_allclose(up.scores, [1.0, -2.0])
     np.testing.assert_array_equal(up.counts, [2, 3])
-    assert up.scale == 2.0  # max |score|: the largest log-weight change is the learning rate
-    np.testing.assert_allclose(up.step, [0.5, -1.0])
-    e = math.exp(0.5) / (math.exp(0.5) + math.exp(-1.0))
+    # max_dev (default): deviations from the mean -0.5 are +-1.5, so the largest log-weight
+    # change relative to the mean is the learning rate.
+    assert up.scale == 1.5
+    np.testing.assert_allclose(up.step, [1.0, -1.0])
+    e = math.exp(1.0) / (math.exp(1.0) + math.exp(-1.0))
     want_web = 0.9 * e + 0.1 * 0.5
     assert isinstance(up.weights, dict)
     assert up.weights["web"] == pytest.approx(want_web, rel=1e-12)
     assert up.weights["code"] == pytest.approx(1 - want_web, rel=1e-12)
+    old = MixtureWeightCalculator({"web": 0.5, "code": 0.5}, smoothing=0.1, normalize="max_abs")
+    up = old.get_weight_update({"web": 0.5, "code": 0.5}, [-1.0, -1.0, 2.0, 2.0, 2.0],
+                               ["web", "web", "code", "code", "code"])  # fmt: skip
+    assert up.scale == 2.0  # max |score|
+    np.testing.assert_allclose(up.step, [0.5, -1.0])
+    e = math.exp(0.5) / (math.exp(0.5) + math.exp(-1.0))
+    assert isinstance(up.weights, dict)
+    assert up.weights["web"] == pytest.approx(0.9 * e + 0.1 * 0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("normalize", ["max_dev", "std", "max_abs", "none"])
+@pytest.mark.parametrize("seed", range(5))
+def test_weights_follow_a_plain_reference(normalize: str, seed: int) -> None:
+    """The update against the formula written out directly, on random scores and weights."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 7))
+    prior = rng.dirichlet(np.ones(k))
+    current = rng.dirichlet(np.ones(k))
+    ids = np.concatenate([np.arange(k), rng.integers(0, k, 20)])
+    infl = rng.normal(rng.normal(0, 5), 1.0, ids.size)
+    eta, eps = float(rng.uniform(0.1, 3)), float(rng.uniform(0, 0.5))
+    calc = MixtureWeightCalculator(prior, learning_rate=eta, smoothing=eps, normalize=normalize)
+    up = calc.get_weight_update(current, infl, ids)
+    score = np.array([-infl[ids == s].mean() for s in range(k)])
+    scale = {"max_dev": np.abs(score - score.mean()).max(), "std": score.std(),
+             "max_abs": np.abs(score).max(), "none": 1.0}[normalize]  # fmt: skip
+    w = current * np.exp(eta * score / scale)
+    w = (1 - eps) * w / w.sum() + eps * prior
+    np.testing.assert_allclose(up.weights, w, rtol=1e-10)
+    assert up.scale == pytest.approx(scale, rel=1e-12)
+
+
+def test_max_dev_and_std_ignore_what_every_source_shares() -> None:
+    """Adding the same amount to every source's score (all sources help the probe alike) leaves
+    the max_dev / std step unchanged; max_abs shrinks it."""
+    prior = [0.25, 0.25, 0.25, 0.25]
+    scores = np.array([3.0, 1.0, -1.0, -2.0])
+    ids = np.arange(4)
+    for shared in (0.0, 10.0, 1000.0):
+        for normalize in ("max_dev", "std"):
+            calc = MixtureWeightCalculator(prior, smoothing=0.0, normalize=normalize)
+            up = calc.get_weight_update(prior, -(scores + shared), ids)
+            base = calc.get_weight_update(prior, -scores, ids)
+            np.testing.assert_allclose(up.weights, base.weights, rtol=1e-9)
+            if normalize == "max_dev":
+                assert np.max(np.abs(up.step)) == pytest.approx(1.0)
+    calc = MixtureWeightCalculator(prior, smoothing=0.0, normalize="max_abs")
+    small = calc.get_weight_update(prior, -(scores + 1000.0), ids).weights
+    assert isinstance(small, np.ndarray)
+    assert small.max() - small.min() < 0.002  # the differences are divided by ~1003
+    dev = MixtureWeightCalculator(prior, smoothing=0.0).get_weight_update(
+        prior, -(scores + 1000.0), ids).weights  # fmt: skip
+    assert isinstance(dev, np.ndarray)
+    # deviations from the mean 0.25: 2.75 .. -2.25, scaled by 2.75
+    assert dev[0] / dev[3] == pytest.approx(math.exp(5.0 / 2.75), rel=1e-9)
+
+
+@pytest.mark.parametrize("normalize", ["max_dev", "std"])
+def test_scores_equal_up_to_rounding_take_no_step(normalize: str) -> None:
+    prior = np.array([0.5, 0.3, 0.2])
+    calc = MixtureWeightCalculator(prior, smoothing=0.0, normalize=normalize)
+    infl = np.array([0.1, 0.1, 0.1]) * (1 + np.array([0.0, 1e-9, -1e-9]))
+    up = calc.get_weight_update(prior, infl, [0, 1, 2])
+    assert up.scale == 0.0 and np.all(up.step == 0)
+    np.testing.assert_allclose(up.weights, prior, rtol=1e-12)
 
 
 def test_floor_is_respected_exactly_and_weights_sum_to_one() -> None:
@@ -72,9 +139,13 @@ def test_normalizations_and_zero_scores() -> None:
     up = raw.get_weight_update(prior, infl, ids)
     assert up.scale == 1.0
     np.testing.assert_allclose(up.step, [0.3, -0.1])
-    flat = MixtureWeightCalculator(prior).get_weight_update(prior, [0.0, 0.0], [0, 1])
-    assert flat.scale == 0.0 and np.all(flat.step == 0)
-    np.testing.assert_allclose(flat.weights, prior)
+    for normalize in ("max_dev", "std", "max_abs"):
+        calc = MixtureWeightCalculator(prior, normalize=normalize)
+        for same in (0.0, 0.7):
+            flat = calc.get_weight_update(prior, [same, same], [0, 1])
+            if normalize != "max_abs" or same == 0.0:  # max_abs: scale 0.7, equal steps
+                assert flat.scale == 0.0 and np.all(flat.step == 0)
+            np.testing.assert_allclose(flat.weights, prior)
 
 
 def test_unnormalised_current_weights_and_integer_ids_with_names() -> None:

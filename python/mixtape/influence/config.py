@@ -76,7 +76,7 @@ class InfluenceConfig:
     learning_rate: float = 1.0
     smoothing: float = 0.0
     floor: float = 0.0
-    normalize: str = "max_abs"
+    normalize: str = "max_dev"
     prior: Mapping[str, float] | None = None
     seed: int = 0
     batch_size: int = 8

@@ -3,13 +3,24 @@
 Per source s: score_s = mean over its samples of -influence (positive = the source helps the
 probe loss). Then
 
-    log w_s += learning_rate * score_s / scale      (scale: max |score_s| by default)
+    log w_s += learning_rate * (score_s - mean_s score_s) / scale
     w = normalise(w);  w = (1 - smoothing) * w + smoothing * prior
     w_s >= floor for every s, summing to 1 (the sources below the floor are held at it and the
     rest rescaled, repeated until none falls below)
 
-With the default scale, ``learning_rate`` is the largest change of any log-weight in one update,
-whatever the units of the influence scores.
+Subtracting the mean changes nothing after normalising (the step is exponentiated and the
+weights renormalised), so only the differences between sources move the weights; the scale
+should measure those differences too. The default, ``max_dev`` (max_s |score_s - mean|), makes
+``learning_rate`` the largest change of any log-weight relative to the mean, whatever the units
+of the influence scores and whatever part of them every source shares. ``max_abs`` (max
+|score_s|, the default before) also counts that shared part: when every source helps (early in
+training, when all of them teach the common token statistics) it divides the differences by a
+large number and the weights barely move, and the effective step then grows as the shared part
+fades; the step size followed the training phase rather than the evidence. No scale here knows
+the sampling noise of the scores (the tracker passes per-source means): when the sources are
+indistinguishable, ``max_dev`` and ``std`` scale the noise up to a full step (``max_abs`` did too
+whenever the shared part was small); ``smoothing`` toward the prior, more samples per source or a
+smaller ``learning_rate`` bound that jitter.
 """
 
 from __future__ import annotations
@@ -24,9 +35,14 @@ import numpy.typing as npt
 
 __all__ = ["NORMALIZATIONS", "MixtureWeightCalculator", "WeightUpdate"]
 
-#: How scores are scaled before the step: by max |score_s|, by their standard deviation over
-#: sources, or not at all.
-NORMALIZATIONS = ("max_abs", "std", "none")
+#: How scores are scaled before the step: by their largest deviation from the mean over sources
+#: (``learning_rate`` is then the largest relative log-weight change), by their standard
+#: deviation over sources, by max |score_s| (counts the part all sources share), or not at all.
+NORMALIZATIONS = ("max_dev", "std", "max_abs", "none")
+
+#: Relative differences between source scores below this are float32 rounding (the influence
+#: kernel computes in float32), not evidence: ``max_dev`` and ``std`` then take no step.
+_TIE = 1e-6
 
 FloatArray = npt.NDArray[np.float64]
 Weights = Mapping[str, float] | Sequence[float] | npt.NDArray[Any]
@@ -41,7 +57,7 @@ class WeightUpdate:
     scores: FloatArray  # mean helpfulness (-influence) of each source's samples
     counts: npt.NDArray[np.int64]  # samples of each source in this update
     scale: float  # what the scores were divided by (0: no step)
-    step: FloatArray  # the change of each log-weight before normalising
+    step: FloatArray  # the change of each log-weight before normalising (centred for max_dev)
 
 
 class MixtureWeightCalculator:
@@ -59,7 +75,7 @@ class MixtureWeightCalculator:
         learning_rate: float = 1.0,
         smoothing: float = 0.1,
         floor: float = 0.0,
-        normalize: str = "max_abs",
+        normalize: str = "max_dev",
     ) -> None:
         self.names, prior_arr = _weights_array(prior, None, "prior")
         self.prior = prior_arr
@@ -116,13 +132,19 @@ class MixtureWeightCalculator:
                 f"current_weights has {current.size} sources, the prior {self.num_sources}"
             )
         scores, counts = self.source_scores(influence, source_ids)
-        if self.normalize == "max_abs":
+        moved = scores
+        if self.normalize == "max_dev":
+            moved = scores - scores.mean()  # the same weights as uncentred, after normalising
+            scale = float(np.max(np.abs(moved)))
+        elif self.normalize == "max_abs":
             scale = float(np.max(np.abs(scores)))
         elif self.normalize == "std":
             scale = float(np.std(scores))
         else:
             scale = 1.0
-        step = self.learning_rate * scores / scale if scale > 0 else np.zeros_like(scores)
+        if self.normalize in ("max_dev", "std") and scale <= _TIE * float(np.max(np.abs(scores))):
+            scale = 0.0  # the sources differ by rounding only: scaling it up would be noise
+        step = self.learning_rate * moved / scale if scale > 0 else np.zeros_like(scores)
         with np.errstate(divide="ignore"):  # a weight of 0 stays 0 before smoothing
             logw = np.log(current) + step
         w = np.exp(logw - np.max(logw))
