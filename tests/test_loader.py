@@ -344,3 +344,16 @@ def test_overflow_policies_of_the_packing_loader() -> None:
         take(get_loader(mixed(), 4, overflow="error", **opts), 1)
     with pytest.raises(ValueError, match="overflow"):
         get_loader(mixed(), 4, overflow="wrap", **opts)
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_GETPIPE_SZ"), reason="Linux pipes only")
+def test_packed_batches_cross_a_pipe_wide_enough_for_one_batch() -> None:
+    """A packed batch's pieces outgrow the default 64 KB pipe; the loader widens the DataLoader's
+    result pipe to 1 MB so a batch crosses in one write (same batches either way)."""
+    import fcntl
+
+    loader = get_loader(make(), 4, num_workers=2, **PACKED)
+    got = take(loader, 3)
+    queue = loader.dataloader._iterator._worker_result_queue  # type: ignore[union-attr]
+    assert fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
+    assert same_batches(got, take(get_loader(make(), 4, **PACKED), 3))

@@ -23,8 +23,14 @@ the batch count (a map-style dataset resumes by skipping sampler indices, not da
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -175,6 +181,23 @@ def _one_segment(batch: dict[str, Any]) -> dict[str, Any]:
         out[key] = view
         offset += size
     return out
+
+
+def _widen_result_pipe(batches: Any) -> None:
+    """Give the DataLoader's worker-result pipe 1 MB (Linux; best effort).
+
+    A packed batch's pieces (~128 KB of tokens for 8 x 4096) do not fit the default 64 KB pipe,
+    so every batch took several write / read round trips between a worker and the main process:
+    measured with 2 workers, 1.17 -> 0.95 ms of main-process time per batch.
+    """
+    queue = getattr(batches, "_worker_result_queue", None)  # torch's multi-process iterator
+    reader = getattr(queue, "_reader", None)
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    if reader is None or setsize is None:
+        return
+    # Over the user's pipe-buffer quota, or not a pipe: the default size stays.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(reader.fileno(), setsize, 1 << 20)
 
 
 def _has_tensors(batch: Mapping[str, Any]) -> bool:
@@ -560,7 +583,10 @@ class Loader:
         self._restart_if_ended()
         if self._sampler is not None:
             self._sampler.skip = self._consumed * self.config.batch_size
-        for batch in self.dataloader:
+        batches = iter(self.dataloader)
+        if self._planner is not None:
+            _widen_result_pipe(batches)
+        for batch in batches:
             if isinstance(batch, _Pieces):
                 batch = self._collate_pieces(batch)
             self._cursors.pop(self._global(self._consumed) - self.world_size, None)  # bounded
