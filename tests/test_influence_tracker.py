@@ -152,12 +152,14 @@ def test_same_run_twice_same_history(method: str) -> None:
     assert c.history[0]["scores"] != a.history[0]["scores"]
 
 
-def test_state_dict_resume_continues_the_same_history() -> None:
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_state_dict_resume_continues_the_same_history(floor: float) -> None:
     """Stop after step 10, restore tracker, mixture and model in fresh objects, continue to 18:
-    the same updates as an uninterrupted run."""
-    full = run(config(), steps=18)
+    the same updates as an uninterrupted run (with a floor, also the weights carried below it)."""
+    full = run(config(floor=floor, learning_rate=2.0), steps=18)
     mixed, model = mixture(), TinyLM()
-    tr = InfluenceTracker(config(), mixed, model, probe=chain(9, 8, 1))
+    tr = InfluenceTracker(config(floor=floor, learning_rate=2.0), mixed, model,
+                          probe=chain(9, 8, 1))  # fmt: skip
     tr.on_train_begin()
     train(tr, model, mixed, 1, 10)
     assert [h["step"] for h in tr.history] == [8]
@@ -165,7 +167,10 @@ def test_state_dict_resume_continues_the_same_history() -> None:
     mixed2, model2 = mixture(), TinyLM(seed=1)
     mixed2.load_state_dict(mixed.state_dict())
     model2.load_state_dict(model.state_dict())
-    tr2 = InfluenceTracker(config(), mixed2, model2, probe=chain(9, 8, 1))
+    tr2 = InfluenceTracker(config(floor=floor, learning_rate=2.0), mixed2, model2,
+                           probe=chain(9, 8, 1))  # fmt: skip
+    if floor:
+        assert state["carried"] is not None and min(state["carried"].values()) < floor
     tr2.load_state_dict(state)
     tr2.on_train_begin()
     assert tr2.weights == tr.weights and tr2.initial_weights == tr.initial_weights

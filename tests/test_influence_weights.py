@@ -114,6 +114,35 @@ def test_floor_is_respected_exactly_and_weights_sum_to_one() -> None:
     np.testing.assert_allclose(up.weights, [0.7, 0.1, 0.1, 0.1])
 
 
+def test_the_floor_holds_the_output_while_the_carried_weights_sink_below_it() -> None:
+    """A source scored worst again and again stays at the floor in the output, while the
+    weights the next step starts from sink to floor * exp(-floor_depth): one good score then
+    does not lift it above the floor, a few in a row do. floor_depth=0: the old behaviour."""
+    prior = np.array([0.25, 0.25, 0.25, 0.25])
+    calc = MixtureWeightCalculator(prior, learning_rate=1.0, smoothing=0.0, floor=0.1,
+                                   floor_depth=3.0)  # fmt: skip
+    bad = np.array([-1.0, -1.0, -1.0, 1.0])  # source 3 harmful
+    good = -bad  # now source 3 the most helpful
+    w, carried = prior, None
+    for _ in range(10):
+        up = calc.get_weight_update(w, bad, [0, 1, 2, 3], carried=carried)
+        w, carried = up.weights, up.carried
+        assert isinstance(w, np.ndarray) and carried is not None
+        assert w[3] == pytest.approx(0.1) and carried.sum() == pytest.approx(1.0)
+    assert carried[3] == pytest.approx(0.1 * math.exp(-3.0))
+    up = calc.get_weight_update(w, good, [0, 1, 2, 3], carried=carried)
+    assert up.weights[3] == pytest.approx(0.1)  # one good update: still at the floor
+    for _ in range(4):
+        up = calc.get_weight_update(up.weights, good, [0, 1, 2, 3], carried=up.carried)
+    assert up.weights[3] > 0.2  # consistent evidence lifts it
+    old = MixtureWeightCalculator(prior, learning_rate=1.0, smoothing=0.0, floor=0.1,
+                                  floor_depth=0.0)  # fmt: skip
+    once = old.get_weight_update(prior, bad, [0, 1, 2, 3])
+    np.testing.assert_allclose(once.carried, once.weights)
+    with pytest.raises(ValueError, match="floor_depth must be a finite float >= 0"):
+        MixtureWeightCalculator(prior, floor_depth=-1.0)
+
+
 def test_smoothing_and_learning_rate_limits() -> None:
     prior = {"a": 0.2, "b": 0.3, "c": 0.5}
     current = {"a": 0.6, "b": 0.3, "c": 0.1}

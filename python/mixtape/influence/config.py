@@ -45,8 +45,8 @@ class InfluenceConfig:
     Updates happen at steps ``warmup_steps + k * update_interval`` (k >= 1). Each draws
     ``samples_per_source`` rows of every source (seeded by ``(seed, step, source, rank)``), scores
     them against ``probe`` with ``method`` and moves the weights by an exponentiated-gradient step
-    (``learning_rate``, ``smoothing`` toward ``prior``, ``floor``, ``normalize``; see
-    :class:`~mixtape.influence.weights.MixtureWeightCalculator`).
+    (``learning_rate``, ``smoothing`` toward ``prior``, ``floor``, ``floor_depth``,
+    ``normalize``; see :class:`~mixtape.influence.weights.MixtureWeightCalculator`).
 
     ``probe``: a list of examples (dicts with ``input_ids`` or, with a tokenizer, ``text``), a
     batch (dict of ``input_ids`` [m, T] ...), any map-style dataset, or a string (a mixture source
@@ -76,6 +76,7 @@ class InfluenceConfig:
     learning_rate: float = 1.0
     smoothing: float = 0.0
     floor: float = 0.0
+    floor_depth: float = 3.0
     normalize: str = "max_dev"
     prior: Mapping[str, float] | None = None
     seed: int = 0
@@ -111,6 +112,7 @@ class InfluenceConfig:
         self.learning_rate = _real("learning_rate", self.learning_rate, 0.0)
         self.smoothing = _real("smoothing", self.smoothing, 0.0, 1.0)
         self.floor = _real("floor", self.floor, 0.0, 1.0)
+        self.floor_depth = _real("floor_depth", self.floor_depth, 0.0)
         if self.params is not None:
             if isinstance(self.params, str) or not isinstance(self.params, Sequence):
                 raise TypeError(f"InfluenceConfig.params must be a list of name patterns, got "

@@ -113,6 +113,10 @@ class InfluenceTracker:
         self.history: list[dict[str, Any]] = []
         self.initial_weights: dict[str, float] | None = None
         self.weights: dict[str, float] | None = None
+        # What the last update carried to the next (MixtureWeightCalculator floor_depth), and the
+        # weights it gave: carried only while self.weights are still those.
+        self._carried: dict[str, float] | None = None
+        self._carried_for: dict[str, float] | None = None
         if not self.enabled:
             return
         from mixtape.loader import Loader
@@ -174,7 +178,7 @@ class InfluenceTracker:
         self._weighter = MixtureWeightCalculator(
             {n: float(prior[n]) for n in self.names}, learning_rate=self.config.learning_rate,
             smoothing=self.config.smoothing, floor=self.config.floor,
-            normalize=self.config.normalize)  # fmt: skip
+            normalize=self.config.normalize, floor_depth=self.config.floor_depth)  # fmt: skip
 
     def is_update_step(self, step: int) -> bool:
         """Whether ``step`` (optimizer steps done) is ``warmup_steps + k * update_interval``,
@@ -199,9 +203,15 @@ class InfluenceTracker:
         scores = sums / counts
         # One entry per source whose influence is minus its mean helpfulness: the calculator's
         # per-source mean is then exactly the all-reduced mean.
-        upd = self._weighter.get_weight_update(self.weights, -scores, np.arange(len(self.names)))
-        assert isinstance(upd.weights, dict)
+        # Step from the weights the last update carried (below the floor, see floor_depth) while
+        # nobody has set other weights since (a caller handing over from a schedule does).
+        start = self._carried if self._carried_for == self.weights else None
+        upd = self._weighter.get_weight_update(self.weights, -scores, np.arange(len(self.names)),
+                                               carried=start)  # fmt: skip
+        assert isinstance(upd.weights, dict) and upd.carried is not None
         new = {n: float(upd.weights[n]) for n in self.names}
+        self._carried = {n: float(w) for n, w in zip(self.names, upd.carried, strict=True)}
+        self._carried_for = dict(new)
         at = (self.loader.update_weights(new) if self.loader is not None
               else self._update_mixed(new))  # fmt: skip
         self.weights = new
@@ -218,8 +228,9 @@ class InfluenceTracker:
 
     def state_dict(self) -> dict[str, Any]:
         """The weights the next step starts from and the history (json-able)."""
+        carried = self._carried if self._carried_for == self.weights else None
         return {"weights": self.weights, "initial_weights": self.initial_weights,
-                "history": [dict(h) for h in self.history]}  # fmt: skip
+                "history": [dict(h) for h in self.history], "carried": carried}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a :meth:`state_dict` (call before :meth:`on_train_begin`)."""
@@ -236,6 +247,9 @@ class InfluenceTracker:
         iw = state["initial_weights"]
         self.initial_weights = None if iw is None else {n: float(iw[n]) for n in self.names}
         self.history = [dict(h) for h in state["history"]]
+        c = state.get("carried")  # (absent in states saved before it was kept)
+        self._carried = None if c is None else {n: float(c[n]) for n in self.names}
+        self._carried_for = None if c is None else self.weights
         self._weighter = None  # rebuilt with the restored prior at on_train_begin
 
     def to_json(self) -> str:

@@ -8,6 +8,10 @@ probe loss). Then
     w_s >= floor for every s, summing to 1 (the sources below the floor are held at it and the
     rest rescaled, repeated until none falls below)
 
+The next step starts from the weights before the floor, held only at floor * exp(-floor_depth)
+(``WeightUpdate.carried``): a source the scores keep rejecting then needs several updates of
+evidence to rise above the floor again, instead of one noisy one.
+
 Subtracting the mean changes nothing after normalising (the step is exponentiated and the
 weights renormalised), so only the differences between sources move the weights; the scale
 should measure those differences too. The default, ``max_dev`` (max_s |score_s - mean|), makes
@@ -58,6 +62,7 @@ class WeightUpdate:
     counts: npt.NDArray[np.int64]  # samples of each source in this update
     scale: float  # what the scores were divided by (0: no step)
     step: FloatArray  # the change of each log-weight before normalising (centred for max_dev)
+    carried: FloatArray | None = None  # the weights the next step starts from (see floor_depth)
 
 
 class MixtureWeightCalculator:
@@ -67,6 +72,13 @@ class MixtureWeightCalculator:
     or length define the sources. ``learning_rate`` (eta >= 0), ``smoothing`` (epsilon in
     [0, 1]), ``floor`` (minimum weight, floor * sources <= 1), ``normalize`` (one of
     :data:`NORMALIZATIONS`).
+
+    ``floor_depth``: the floor applies to the weights handed to the mixture; the weights the
+    next step starts from (:attr:`WeightUpdate.carried`, pass them back as ``carried``) may sink
+    to ``floor * exp(-floor_depth)``. A source held at the floor then needs evidence worth that
+    much log-weight to rise above it again, so one noisy update does not lift a rejected
+    source, while a source that turns useful later still recovers in a few steps. 0 carries
+    the floored weights themselves.
     """
 
     def __init__(
@@ -76,6 +88,7 @@ class MixtureWeightCalculator:
         smoothing: float = 0.1,
         floor: float = 0.0,
         normalize: str = "max_dev",
+        floor_depth: float = 3.0,
     ) -> None:
         self.names, prior_arr = _weights_array(prior, None, "prior")
         self.prior = prior_arr
@@ -88,12 +101,15 @@ class MixtureWeightCalculator:
                 f"floor must be >= 0 with floor * sources <= 1, got {floor!r} for "
                 f"{len(prior_arr)} sources"
             )
+        if not _finite(floor_depth) or floor_depth < 0:
+            raise ValueError(f"floor_depth must be a finite float >= 0, got {floor_depth!r}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.learning_rate = float(learning_rate)
         self.smoothing = float(smoothing)
         self.floor = float(floor)
         self.normalize = normalize
+        self.floor_depth = float(floor_depth)
 
     @property
     def num_sources(self) -> int:
@@ -121,16 +137,23 @@ class MixtureWeightCalculator:
         return sums / counts, counts
 
     def get_weight_update(
-        self, current_weights: Weights, influence: Any, source_ids: Any
+        self, current_weights: Weights, influence: Any, source_ids: Any,
+        carried: Weights | None = None,
     ) -> WeightUpdate:
         """New weights from ``current_weights`` and per-sample ``influence`` [n] (positive =
         harmful) of samples from sources ``source_ids`` [n] (indices, or names when the
-        sources are named)."""
+        sources are named). ``carried``: the previous update's :attr:`WeightUpdate.carried`,
+        to step from instead of the (floored) current weights."""
         _, current = _weights_array(current_weights, self.names, "current_weights")
         if current.size != self.num_sources:
             raise ValueError(
                 f"current_weights has {current.size} sources, the prior {self.num_sources}"
             )
+        if carried is not None:
+            _, current = _weights_array(carried, self.names, "carried")
+            if current.size != self.num_sources:
+                raise ValueError(f"carried has {current.size} sources, the prior "
+                                 f"{self.num_sources}")  # fmt: skip
         scores, counts = self.source_scores(influence, source_ids)
         moved = scores
         if self.normalize == "max_dev":
@@ -150,11 +173,12 @@ class MixtureWeightCalculator:
         w = np.exp(logw - np.max(logw))
         w /= w.sum()
         w = (1.0 - self.smoothing) * w + self.smoothing * self.prior
+        keep = w if self.floor <= 0 else _apply_floor(w, self.floor * math.exp(-self.floor_depth))
         w = _apply_floor(w, self.floor)
         weights: dict[str, float] | FloatArray = (
             dict(zip(self.names, w.tolist(), strict=True)) if self.names is not None else w
         )
-        return WeightUpdate(weights, scores, counts, scale, step)
+        return WeightUpdate(weights, scores, counts, scale, step, keep)
 
     # --- internals -----------------------------------------------------------------------------
 
