@@ -419,15 +419,19 @@ class PackedCollator:
             length=np.asarray(lengths, dtype=np.int64), column=column, num_docs=lengths.size,
             num_tokens=int(ids.values.size),
         )  # fmt: skip
-        piece_src = None
+        piece_src = token_src = None
         if sources is not None:
             piece_src = self._sources.check_ids(np.asarray(sources), DOC_SOURCE_IDS)
-        return self._collate(plan, ids, piece_src, None, [], {})
+            token_src = np.repeat(piece_src, lengths)  # piece i is ids.values[offsets[i]:...]
+        return self._collate(plan, ids, piece_src, None, [], {}, token_src)
 
     def _collate(self, plan: PackPlan, ids: Ragged, piece_src: Int64Array | None,
                  labels: Ragged | None, tokens: Sequence[TokenColumn],
-                 rest: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
-        """The batch of ``plan`` over ``ids`` (+ labels, other token and per-example fields)."""
+                 rest: Mapping[str, Any],
+                 token_src: Int64Array | None = None) -> dict[str, Any]:  # fmt: skip
+        """The batch of ``plan`` over ``ids`` (+ labels, other token and per-example fields).
+        ``token_src``: each token's source id, aligned with ``ids.values`` (filled like the ids,
+        instead of looked up per token through ``seq_idx``)."""
         if self.padding_free:  # documents back to back, then padding to the multiple (as TRL)
             used = plan.packed_tokens
             shape = (1, padded_length(used, None, self.pad_to_multiple_of))
@@ -437,7 +441,7 @@ class PackedCollator:
         arena = self._out.arena(3 + (piece_src is not None), shape)
         full = {"input_ids": arena.take(), "labels": arena.take(), "position_ids": arena.take()}
         fields = ["input_ids", "position_ids"] + (["labels"] if labels is None else [])
-        if self.attention in ("sdpa", "eager") or piece_src is not None:
+        if self.attention in ("sdpa", "eager") or (piece_src is not None and token_src is None):
             fields.append("seq_idx")
         if self.attention == "flash":
             fields.append("cu_seqlens")
@@ -477,13 +481,18 @@ class PackedCollator:
                 result["seq_idx"] = self._out.wrap(seq_idx)
             else:
                 result["attention_mask"] = self._mask(seq_idx)
-        if piece_src is not None:  # each token its document's source: a lookup by seq_idx
-            assert seq_idx is not None
-            lookup = np.empty(piece_src.size + 1, dtype=np.int64)
-            lookup[:-1] = piece_src
-            lookup[-1] = NO_SOURCE  # seq_idx -1 (padding) reads the last entry: no seq_idx + 1
+        if piece_src is not None:  # each token its document's source
             src = arena.take()  # the fourth int64 slot of the batch's one block
-            np.take(lookup, seq_idx, out=src)
+            if token_src is not None:  # laid out as the ids are
+                self._fill(plan, token_src, ids.offsets, ("input_ids",),
+                           {"input_ids": src[:, :used]}, NO_SOURCE)  # fmt: skip
+                src[:, used:] = NO_SOURCE
+            else:  # a lookup by seq_idx
+                assert seq_idx is not None
+                lookup = np.empty(piece_src.size + 1, dtype=np.int64)
+                lookup[:-1] = piece_src
+                lookup[-1] = NO_SOURCE  # seq_idx -1 (padding) reads the last entry
+                np.take(lookup, seq_idx, out=src)
             result[SOURCE_IDS] = self._out.wrap(src)
         index = None
         for col in tokens:
