@@ -41,7 +41,9 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
 def test_quick_run_reports_and_resumes(quick_run: tuple[int, Path]) -> None:
     code, out = quick_run
     assert code == 0
-    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.json").read_text()  # standard JSON: no NaN / Infinity tokens
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
+    report = json.loads(text)
     assert (out / "demo.png").stat().st_size > 10_000
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["sources"] == ["code", "prose", "arithmetic"]

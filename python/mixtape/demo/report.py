@@ -78,10 +78,10 @@ def build_report(opts: Any, cfg: Any, trainer: Any, names: Sequence[str],
         src_loss = np.where(lcnt > 0, lsum / np.maximum(lcnt, 1), np.nan)
     k = min(10, steps)
 
-    def window_loss(rows: slice) -> list[float]:
+    def window_loss(rows: slice) -> list[float | None]:
         c = lcnt[rows].sum(0)
-        return [float(s / n) if n else float("nan") for s, n in zip(lsum[rows].sum(0), c,
-                                                                        strict=True)]
+        return [float(s / n) if n else None for s, n in zip(lsum[rows].sum(0), c,
+                                                            strict=True)]  # None: no tokens
 
     opts_d = dataclasses.asdict(opts)
     influence: dict[str, Any] | None = None

@@ -371,6 +371,22 @@ class ScheduleDriver:
         self.in_force = [(int(e), [float(x) for x in w]) for e, w in state["in_force"]]
 
 
+def _loss_str(x: float | None) -> str:
+    """A window's loss, or "n/a" when the source trained no token there."""
+    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def _json_safe(x: Any) -> Any:
+    """``x`` with NaN / inf floats as None: report.json stays standard JSON (no NaN tokens)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def _scaled_timeline(schedule: Any, steps: int, scale: float,
                      every: int) -> list[tuple[int, dict[str, float]]]:  # fmt: skip
     """The schedule's piecewise-constant entries over ``[0, steps)``, its step numbers scaled."""
@@ -799,7 +815,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
               f"{'PASS' if resume['passed'] else 'FAIL'} ({resume['detail']})")
     timings["total_s"] = time.perf_counter() - t0
     report = build_report(opts, cfg, trainer, names, timings, mask_diff, resume)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False))
     write_plot(report, out / "demo.png")
     print_summary(report, out)
     return report
@@ -857,7 +873,7 @@ def print_summary(report: Mapping[str, Any], out: Path) -> None:
     print("  (weight / realised document share / token share)")
     loss = report["loss"]
     print("loss, first -> last 10 steps: " + f"all {loss['first10']:.3f} -> {loss['last10']:.3f}; "
-          + ", ".join(f"{n} {a:.3f} -> {b:.3f}" for n, a, b in
+          + ", ".join(f"{n} {_loss_str(a)} -> {_loss_str(b)}" for n, a, b in
                       zip(names, loss["source_first10"], loss["source_last10"], strict=True)))
     print(f"wall time {report['timings']['total_s']:.1f} s; report {out / 'report.json'}, "
           f"plot {out / 'demo.png'}")
