@@ -357,3 +357,26 @@ def test_packed_batches_cross_a_pipe_wide_enough_for_one_batch() -> None:
     queue = loader.dataloader._iterator._worker_result_queue  # type: ignore[union-attr]
     assert fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
     assert same_batches(got, take(get_loader(make(), 4, **PACKED), 3))
+
+
+@pytest.mark.parametrize("empty", [[], None], ids=["empty-list", "null"])
+def test_empty_documents_are_refused_or_counted(empty: Any) -> None:
+    """A document with no tokens would silently vanish from a packed batch: an error naming the
+    source and row, or with drop_empty=True skipped and counted (once, not again when state_dict
+    replays the plan)."""
+    rows = [[1, 2, 3] if i % 4 else empty for i in range(40)]
+    web = datasets.Dataset.from_dict({"input_ids": rows},
+                                     features=datasets.Features({"input_ids": datasets.List(
+                                         datasets.Value("int32"))}))  # fmt: skip
+    mixed = MixedDataset({"web": web, "b": ds(1000, 50)}, {"web": 0.5, "b": 0.5}, seed=0)
+    with pytest.raises(ValueError, match=r"source 'web' row \d+ has no tokens .* drop_empty=True"):
+        take(get_loader(mixed, 2, **PACKED), 5)
+    loader = get_loader(MixedDataset({"web": web, "b": ds(1000, 50)}, {"web": 0.5, "b": 0.5},
+                                     seed=0), 2, drop_empty=True, **PACKED)  # fmt: skip
+    got = take(loader, 5)
+    counted = loader.empty_docs
+    assert counted > 0
+    loader.state_dict()
+    assert loader.empty_docs == counted
+    real = np.concatenate([b["source_ids"].numpy().ravel() for b in got])
+    assert set(real.tolist()) <= {-1, 0, 1}

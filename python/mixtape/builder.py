@@ -30,7 +30,8 @@ __all__ = [
     "UniversalDataModule",
 ]
 
-_LOADER_OWN = ("overflow", "column")  # Loader arguments that are not DataLoaderConfig fields
+# Loader arguments that are not DataLoaderConfig fields
+_LOADER_OWN = ("overflow", "column", "drop_empty")
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(DataLoaderConfig))
 # Text collators whose first argument is the pad id (filled from the tokenizer when not given).
 _PAD_COLLATORS = ("padding", "causal_lm", "seq2seq", "packed")

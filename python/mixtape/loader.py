@@ -225,6 +225,7 @@ class _PackPlanner:
         # Weak: a loader <-> planner cycle would leave the DataLoader's workers to the garbage
         # collector (see _PlanSampler).
         self.loader: Loader = weakref.proxy(loader)
+        self.counting = True  # count dropped / empty documents (not on a replaying copy)
         self.reset(0, [], 0)
 
     def reset(self, position: int, carry: list[list[int]], next_batch: int) -> None:
@@ -280,6 +281,18 @@ class _PackPlanner:
                 self.ended = True
                 break
             plan, doc_len = got
+            empty = doc_len == 0
+            if empty.any():  # no piece would carry them: refused, or counted and skipped
+                i = int(np.argmax(empty))
+                if not lo.drop_empty:
+                    raise ValueError(
+                        f"source {lo.source_names[int(plan.sources[i])]!r} row "
+                        f"{int(plan.rows[i])} has no tokens ({lo.column!r} is empty or None); "
+                        "pass drop_empty=True to skip empty documents (they are counted in "
+                        "loader.empty_docs)"
+                    )
+                if self.counting:
+                    lo.empty_docs += int(empty.sum())
             long = doc_len > cap
             if long.any() and lo.overflow == "error":
                 i = int(np.argmax(long))
@@ -289,7 +302,8 @@ class _PackPlanner:
                     "(overflow='error'; 'split', 'truncate' or 'drop' to go on)"
                 )
             if long.any() and lo.overflow == "drop":  # counted, never silent
-                lo.dropped_docs += int(long.sum())
+                if self.counting:
+                    lo.dropped_docs += int(long.sum())
                 keep = ~long
                 plan = MixPlan(plan.start, plan.sources[keep], plan.rows[keep],
                                plan.ordinals[keep])  # fmt: skip
@@ -381,13 +395,15 @@ class Loader:
     """
 
     def __init__(self, dataset: Any, config: DataLoaderConfig, *, overflow: str = "split",
-                 column: str = "input_ids") -> None:  # fmt: skip
+                 column: str = "input_ids", drop_empty: bool = False) -> None:  # fmt: skip
         self.dataset = dataset
         self.config = config.resolved()
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {list(OVERFLOW_POLICIES)}, got {overflow!r}")
         self.overflow = overflow
         self.dropped_docs = 0  # documents longer than a row dropped by overflow="drop"
+        self.drop_empty = bool(drop_empty)
+        self.empty_docs = 0  # empty documents skipped by drop_empty=True
         self.column = column
         self.capacity = int(self.config.max_length or 0)
         self._consumed = 0  # batches this rank's trainer received
@@ -542,6 +558,7 @@ class Loader:
         try:
             probe = copy.copy(planner)
             probe.carry = [list(c) for c in planner.carry]
+            probe.counting = False  # its documents were (or will be) counted by the planner
             while probe.next_batch < k and probe.batch(probe.next_batch) is not None:
                 pass
             return probe.cursor()
@@ -804,8 +821,8 @@ class DataLoaderFactory:
 def get_loader(dataset: Any, batch_size: int, **options: Any) -> Loader:
     """A :class:`Loader` for ``dataset``: ``options`` are :class:`DataLoaderConfig` fields
     (``num_workers``, ``packing``, ``max_length``, ``collate_fn``, ``horizon``, ...) plus the
-    loader's own (``overflow``, ``column``)."""
-    own = {k: options.pop(k) for k in ("overflow", "column") if k in options}
+    loader's own (``overflow``, ``column``, ``drop_empty``)."""
+    own = {k: options.pop(k) for k in ("overflow", "column", "drop_empty") if k in options}
     if isinstance(dataset, MixedDataset) and "shuffle" not in options:
         options["shuffle"] = False  # the mixture's order is its own (seeded) shuffle
     config = DataLoaderConfig(batch_size=batch_size, **options)
