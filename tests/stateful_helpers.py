@@ -11,6 +11,7 @@ The mixer and loader tests use both.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -36,6 +37,22 @@ def same(a: Any, b: Any) -> bool:
         a, b = np.asarray(a), np.asarray(b)
         return a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(a, b))
     return bool(a == b)
+
+
+def host(batch: dict[str, Any]) -> dict[str, Any]:
+    """A copy owning its memory: tensors from workers each hold a file descriptor (torch's
+    sharing strategy), so a test keeping many batches would run out of them."""
+    return {k: v.clone() if hasattr(v, "clone") else v for k, v in batch.items()}
+
+
+def take_batches(loader: Iterable[dict[str, Any]], n: int | None = None) -> list[dict[str, Any]]:
+    """The first ``n`` batches of ``loader`` (all with None), as copies (see :func:`host`)."""
+    return [host(b) for b in itertools.islice(loader, n)]
+
+
+def same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Equal batch lists, bit for bit (see :func:`same`)."""
+    return same(a, b)
 
 
 def take(it: Iterator[Any], n: int) -> list[Any]:

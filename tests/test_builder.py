@@ -3,13 +3,14 @@ DataLoaderFactory, so their loaders are get_loader's loaders for the same settin
 
 from __future__ import annotations
 
-import itertools
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from stateful_helpers import same_batches
+from stateful_helpers import take_batches as take
 
 from mixtape import (
     DataLoaderBuilder,
@@ -31,22 +32,6 @@ def hf(base: int, n: int) -> Any:
 
 def mixed() -> MixedDataset:
     return MixedDataset({"a": hf(0, 60), "b": hf(1000, 40)}, {"a": 0.6, "b": 0.4}, seed=1)
-
-
-def host(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def take(loader: Any, n: int | None = None) -> list[dict[str, Any]]:
-    return [host(b) for b in itertools.islice(loader, n)]
-
-
-def same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(
-            torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k]
-            for k in x)
-        for x, y in zip(a, b, strict=True))  # fmt: skip
 
 
 def first_ids(batches: list[dict[str, Any]]) -> list[int]:

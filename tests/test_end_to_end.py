@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from stateful_helpers import same_batches
+from stateful_helpers import take_batches as take
 
 import mixtape
 
@@ -66,22 +68,6 @@ def train(model: Any, batches: list[dict[str, Any]]) -> list[float]:
         opt.zero_grad()
         losses.append(float(loss.detach()))
     return losses
-
-
-def take(loader: Any, n: int) -> list[dict[str, Any]]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
-
-
-def same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-        for x, y in zip(a, b, strict=True)
-    )
 
 
 def test_dataloader_causal_lm_with_workers(tokenizer: Any, tokenized: Any) -> None:

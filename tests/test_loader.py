@@ -15,9 +15,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from stateful_helpers import host, same_batches
+from stateful_helpers import take_batches as take
 
 from mixtape import DataLoaderConfig, MixedDataset
-from mixtape.loader import DataLoaderFactory, Loader, get_loader
+from mixtape.loader import DataLoaderFactory, get_loader
 
 datasets.disable_progress_bars()
 
@@ -34,26 +36,6 @@ def make(stop: str = "restart", **kw: Any) -> MixedDataset:
     return MixedDataset({"a": ds(0, 200), "b": ds(1000, 100), "c": ds(2000, 50)},
                         {"a": 0.5, "b": 0.3, "c": 0.2}, seed=1, stop_strategy=stop,
                         **kw)  # fmt: skip
-
-
-def host(batch: dict[str, Any]) -> dict[str, Any]:
-    """A copy owning its memory: tensors from workers each hold a file descriptor (torch's
-    sharing strategy), so a test keeping many batches would run out of them."""
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def same(x: dict[str, Any], y: dict[str, Any]) -> bool:
-    return x.keys() == y.keys() and all(
-        torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x
-    )
-
-
-def same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
-    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-
-
-def take(loader: Loader, n: int) -> list[dict[str, Any]]:
-    return [host(b) for b in itertools.islice(loader, n)]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -306,7 +288,6 @@ def test_memory_does_not_grow_with_batches() -> None:
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kb < 50_000, f"resident memory grew by {grown_kb} KB over 10k batches"
     assert len(loader._cursors) == 0
-
 
 
 def test_schedule_counts_training_steps() -> None:

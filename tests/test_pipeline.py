@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from stateful_helpers import same_batches
+from stateful_helpers import take_batches as take
 
 from mixtape import (
     DataConfig,
@@ -61,19 +62,6 @@ def reference(tok: Any) -> dict[str, set[tuple[int, ...]]]:
     """Every source's documents tokenized directly (ByT5 appends its EOS itself)."""
     return {name: {tuple(tok(t)["input_ids"]) for t in texts(prefix, n)}
             for name, prefix, n in (("web", "web", 30), ("code", "def", 20))}  # fmt: skip
-
-
-def take(loader: Any, n: int) -> list[dict[str, Any]]:
-    return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-            for b in itertools.islice(loader, n)]  # fmt: skip
-
-
-def same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(
-            torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k]
-            for k in x)
-        for x, y in zip(a, b, strict=True))  # fmt: skip
 
 
 def examples(batches: list[dict[str, Any]], names: list[str]) -> list[tuple[str, tuple[int, ...]]]:
