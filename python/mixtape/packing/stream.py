@@ -45,6 +45,14 @@ def _plan_state(plan: PackPlan) -> dict[str, Any]:
     return {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
 
 
+def _same_as_before(seen: bool | None, has: bool, where: str, what: str) -> bool:
+    """Whether the stream's examples hold ``what``: set by the first, the same for every other."""
+    if seen is not None and has != seen:
+        raise ValueError(f"{where}: {'has' if has else 'has no'} {what} but the earlier examples "
+                         "of the stream do" + ("n't" if has else ""))
+    return has
+
+
 def _concat_ragged(
     parts: list[npt.NDArray[Any]], dtype: npt.DTypeLike, width: int = 1
 ) -> tuple[npt.NDArray[Any], Int64Array]:
@@ -183,13 +191,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
             raise TypeError(f"{where}: {self.column!r} must hold integers, got dtype {arr.dtype}")
         lab_key = self.label_column
         has = lab_key is not None and isinstance(example, Mapping) and lab_key in example
-        if self._labels is None:
-            self._labels = has
-        elif has != self._labels:
-            raise ValueError(
-                f"{where}: {'has' if has else 'has no'} {lab_key!r} column but the earlier "
-                "examples of the stream do" + ("n't" if has else "")
-            )
+        self._labels = _same_as_before(self._labels, has, where, f"{lab_key!r} column")
         src = self._source_row(example, where, arr.size)
         if not has:
             return arr.reshape(1, -1) if src is None else np.stack([arr.astype(np.int64), src])
@@ -209,11 +211,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         """The document's source id repeated over its ``n`` tokens (None without source_key)."""
         key = self.source_key
         has = key is not None and isinstance(example, Mapping) and key in example
-        if self._sources is None:
-            self._sources = has
-        elif has != self._sources:
-            raise ValueError(f"{where}: {'has' if has else 'has no'} {key!r} field but the "
-                             "earlier examples of the stream do" + ("n't" if has else ""))
+        self._sources = _same_as_before(self._sources, has, where, f"{key!r} field")
         if not has:
             return None
         value = example[key]
