@@ -129,6 +129,30 @@ def test_default_run_hands_the_weights_from_schedule_to_tracker(tmp_path: Path) 
     assert (tmp_path / "demo.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
+def test_resume_carries_the_tracker_weights_below_the_floor(tmp_path: Path) -> None:
+    """With a floor, the weights an update carries to the next sink below it (floor_depth): the
+    checkpoint holds them and the fresh process (with a loader worker) continues bit for bit,
+    the tracker's second update included."""
+    import torch
+
+    text = run.default_config_path().read_text()
+    cfg = tmp_path / "demo.yaml"
+    floored = text.replace("  update_interval: 100\n", "  update_interval: 100\n  floor: 0.3\n")
+    cfg.write_text(floored)
+    code = cli.main(["demo", "--quick", "--steps", "16", "--no-progress", "--config", str(cfg),
+                     "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    resume = report["resume"]
+    assert resume["workers"] == 1 and resume["passed"], resume["detail"]
+    assert [h["step"] for h in report["influence"]["history"]] == [8, 13]
+    state = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=False)
+    carried = state["tracker"]["carried"]
+    assert carried is not None and min(carried.values()) < 0.3  # below the floor: in the state
+    assert min(state["tracker"]["weights"].values()) == pytest.approx(0.3)
+
+
 def test_influence_settings_come_from_the_config_or_the_command_line() -> None:
     cfg = run.load_config(run.DemoOptions())
     assert cfg.influence is not None and cfg.influence.enabled and cfg.influence.probe == "prose"
