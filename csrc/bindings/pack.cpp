@@ -110,9 +110,67 @@ void bind_pack_fill_typed(py::module_& m) {
       "elementwise"_a = false);
 }
 
+template <typename In>
+void bind_pack_rows_typed(py::module_& m) {
+  m.def(
+      "pack_rows",
+      [](const Array<In>& values, const Array<int64_t>& lengths, const Array<int64_t>& row_offsets,
+         const std::optional<Array<int64_t>>& piece_tag, int64_t capacity, int64_t pad_value,
+         int64_t label_pad_value, int64_t position_start, int64_t tag_pad,
+         OptArray<int64_t> out_ids, OptArray<int64_t> out_labels, OptArray<int64_t> out_positions,
+         OptArray<int32_t> out_seq_idx, OptArray<int64_t> out_tags,
+         OptArray<int32_t> out_cu_seqlens) {
+        constexpr const char* op = "pack_rows";
+        if (values.ndim() != 1 || lengths.ndim() != 1 || row_offsets.ndim() != 1 ||
+            row_offsets.size() < 1) {
+          throw py::value_error("pack_rows: values and lengths must be 1-D and row_offsets 1-D "
+                                "with rows + 1 >= 1 entries");
+        }
+        const int64_t pieces = lengths.size(), rows = row_offsets.size() - 1;
+        if (piece_tag && piece_tag->size() != pieces) {
+          throw py::value_error("pack_rows: piece_tag has " + std::to_string(piece_tag->size()) +
+                                " entries for " + std::to_string(pieces) + " pieces");
+        }
+        if (out_tags && !piece_tag) throw py::value_error("pack_rows: out_tags needs piece_tag");
+        if (capacity < 0 || (capacity > 0 && rows > std::numeric_limits<int64_t>::max() / capacity)) {
+          throw py::value_error("pack_rows: " + std::to_string(rows) + " rows of capacity " +
+                                std::to_string(capacity) + " do not fit one int64 index");
+        }
+        const int64_t size = rows * capacity;
+        int64_t* ids = out_ptr(out_ids, size, op, "input_ids");
+        int64_t* labels = out_ptr(out_labels, size, op, "labels");
+        int64_t* positions = out_ptr(out_positions, size, op, "position_ids");
+        int32_t* seq_idx = out_ptr(out_seq_idx, size, op, "seq_idx");
+        int64_t* tags = out_ptr(out_tags, size, op, "tags");
+        int32_t* cu = out_ptr(out_cu_seqlens, 2 * pieces + rows + 1, op, "cu_seqlens");
+        PackRowsOptions o;
+        o.capacity = capacity;
+        o.pad_value = pad_value;
+        o.label_pad_value = label_pad_value;
+        o.position_start = position_start;
+        o.tag_pad = tag_pad;
+        PackRowsResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = pack_rows_cpu<In>(values.data(), values.size(), lengths.data(), pieces,
+                                row_offsets.data(), rows, piece_tag ? piece_tag->data() : nullptr,
+                                o, ids, labels, positions, seq_idx, tags, cu);
+        }
+        return py::make_tuple(r.cu_size, r.max_segment, r.negative);
+      },
+      "values"_a.noconvert(), "lengths"_a.noconvert(), "row_offsets"_a.noconvert(),
+      "piece_tag"_a.noconvert() = py::none(), py::kw_only(), "capacity"_a, "pad_value"_a = 0,
+      "label_pad_value"_a = -100, "position_start"_a = 0, "tag_pad"_a = -1,
+      "out_ids"_a.noconvert() = py::none(), "out_labels"_a.noconvert() = py::none(),
+      "out_positions"_a.noconvert() = py::none(), "out_seq_idx"_a.noconvert() = py::none(),
+      "out_tags"_a.noconvert() = py::none(), "out_cu_seqlens"_a.noconvert() = py::none());
+}
+
 }  // namespace
 
 void bind_pack(py::module_& m) {
+  bind_pack_rows_typed<int64_t>(m);
+  bind_pack_rows_typed<int32_t>(m);
   bind_pack_plan_typed<int64_t>(m);
   bind_pack_plan_typed<int32_t>(m);
   m.def(

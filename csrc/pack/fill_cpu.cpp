@@ -229,6 +229,100 @@ int64_t pack_fill_cpu(Ragged<In> docs, const PackPieces& plan, const PackFillOpt
   return first == kNone ? -1 : first;
 }
 
+template <typename In>
+PackRowsResult pack_rows_cpu(const In* values, int64_t num_values, const int64_t* lengths,
+                             int64_t pieces, const int64_t* row_offsets, int64_t rows,
+                             const int64_t* piece_tag, const PackRowsOptions& opt, int64_t* ids,
+                             int64_t* labels, int64_t* positions, int32_t* seq_idx, int64_t* tags,
+                             int32_t* cu_seqlens) {
+  const int64_t C = opt.capacity;
+  if (rows < 0 || pieces < 0 || C < 0 || (C > 0 && rows > std::numeric_limits<int64_t>::max() / C)) {
+    throw std::invalid_argument("pack_rows: " + std::to_string(rows) + " rows of capacity " +
+                                std::to_string(C) + " do not fit one int64 index");
+  }
+  if (cu_seqlens && rows * C > std::numeric_limits<int32_t>::max()) {
+    throw std::invalid_argument("pack_rows: cu_seqlens: " + std::to_string(rows * C) +
+                                " tokens do not fit int32; fill fewer rows");
+  }
+  if (pieces > std::numeric_limits<int32_t>::max()) {
+    throw std::invalid_argument("pack_rows: more than 2^31 - 1 pieces in one fill");
+  }
+  if (row_offsets[0] != 0 || row_offsets[rows] != pieces) {
+    throw std::invalid_argument("pack_rows: row_offsets must go from 0 to the number of pieces " +
+                                std::to_string(pieces) + ", got " + std::to_string(row_offsets[0]) +
+                                " ... " + std::to_string(row_offsets[rows]));
+  }
+  // Checked before any write: each row's pieces fit it, and the pieces cover `values` exactly.
+  int64_t total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (row_offsets[r + 1] < row_offsets[r]) {
+      throw std::invalid_argument("pack_rows: row_offsets must be non-decreasing, but row " +
+                                  std::to_string(r) + " ends before it starts");
+    }
+    int64_t used = 0;
+    for (int64_t k = row_offsets[r]; k < row_offsets[r + 1]; ++k) {
+      if (lengths[k] < 1 || lengths[k] > C - used) {
+        throw std::invalid_argument("pack_rows: " + where(k, r) + " has " +
+                                    std::to_string(lengths[k]) + " tokens; pieces need >= 1 and " +
+                                    "the row has " + std::to_string(C - used) + " columns left");
+      }
+      used += lengths[k];
+    }
+    total += used;  // <= rows * C, which fits int64
+  }
+  if (total != num_values) {
+    throw std::invalid_argument("pack_rows: " + std::to_string(num_values) +
+                                " values for pieces of " + std::to_string(total) + " tokens");
+  }
+  PackRowsResult res;
+  for (int64_t i = 0; i < num_values; ++i) {
+    if (values[i] < 0) {
+      res.negative = i;
+      return res;
+    }
+  }
+  PackFillOptions fo;
+  fo.capacity = C;
+  fo.pad_value = opt.pad_value;
+  fo.label_pad_value = opt.label_pad_value;
+  fo.position_start = opt.position_start;
+  const FillOut<int64_t> out{ids, labels, positions, seq_idx, nullptr};
+  int64_t src = 0, n_cu = 0, last = -1;
+  const auto boundary = [&](int64_t at) {
+    if (n_cu > 0 && at == last) return;
+    if (n_cu > 0) res.max_segment = std::max(res.max_segment, at - last);
+    if (cu_seqlens) cu_seqlens[n_cu] = static_cast<int32_t>(at);
+    ++n_cu;
+    last = at;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t at = r * C;
+    boundary(at);
+    for (int64_t k = row_offsets[r]; k < row_offsets[r + 1]; ++k) {
+      const int64_t len = lengths[k];
+      fill_piece(out, at, values + src, len, static_cast<int32_t>(k), fo);  // int64 out: fits
+      if (tags) std::fill(tags + at, tags + at + len, piece_tag[k]);
+      src += len;
+      at += len;
+      boundary(at);
+    }
+    fill_padding(out, at, (r + 1) * C, fo);
+    if (tags) std::fill(tags + at, tags + (r + 1) * C, opt.tag_pad);
+  }
+  boundary(rows * C);
+  res.cu_size = n_cu;
+  return res;
+}
+
+template PackRowsResult pack_rows_cpu<int32_t>(const int32_t*, int64_t, const int64_t*, int64_t,
+                                               const int64_t*, int64_t, const int64_t*,
+                                               const PackRowsOptions&, int64_t*, int64_t*,
+                                               int64_t*, int32_t*, int64_t*, int32_t*);
+template PackRowsResult pack_rows_cpu<int64_t>(const int64_t*, int64_t, const int64_t*, int64_t,
+                                               const int64_t*, int64_t, const int64_t*,
+                                               const PackRowsOptions&, int64_t*, int64_t*,
+                                               int64_t*, int32_t*, int64_t*, int32_t*);
+
 #define MIXTAPE_INSTANTIATE_PACK_FILL(In, Out)                                                   \
   template int64_t pack_fill_cpu<In, Out>(Ragged<In>, const PackPieces&, const PackFillOptions&, \
                                           Out*, Out*, int64_t*, int32_t*, bool*, bool);

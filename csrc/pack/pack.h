@@ -156,6 +156,40 @@ int64_t pack_fill_cpu(Ragged<In> docs, const PackPieces& plan, const PackFillOpt
                       Out* ids, Out* labels, int64_t* positions, int32_t* seq_idx,
                       bool* loss_mask, bool elementwise);
 
+// --- rows from pieces (the packing loader's collate) --------------------------------------------
+
+// Row r holds pieces row_offsets[r]:row_offsets[r + 1] back to back from column 0; piece k has
+// lengths[k] >= 1 tokens, the next ones of `values` (pieces in order, nothing between them).
+struct PackRowsOptions {
+  int64_t capacity = 0;  // C: columns per row
+  int64_t pad_value = 0;
+  int64_t label_pad_value = -100;
+  int64_t position_start = 0;
+  int64_t tag_pad = -1;  // tags on padding
+};
+
+struct PackRowsResult {
+  int64_t cu_size = 0;      // entries written to cu_seqlens
+  int64_t max_segment = 0;  // the longest cu_seqlens segment
+  int64_t negative = -1;    // index in values of the first negative token id, or -1 (no output)
+};
+
+// The padded layout of pack_fill for these rows in one pass, outputs [rows * C] (any may be
+// null): ids, labels, positions and seq_idx as pack_fill; tags[i] = piece_tag[k] on the tokens
+// of piece k, tag_pad on padding; cu_seqlens (2 * pieces + rows + 1 entries of room) the
+// boundaries of every piece and every padding run over the flattened rows (row starts, piece
+// starts and ends, repeats removed). Throws std::invalid_argument naming the piece or row for
+// lengths < 1, row_offsets not 0 .. pieces non-decreasing, lengths not summing to num_values,
+// a row over C, or rows * C past int32 with cu_seqlens. A negative token id writes nothing and is
+// reported in the result. Single-threaded (a training batch; the loader's workers run in
+// parallel).
+template <typename In>
+PackRowsResult pack_rows_cpu(const In* values, int64_t num_values, const int64_t* lengths,
+                             int64_t pieces, const int64_t* row_offsets, int64_t rows,
+                             const int64_t* piece_tag, const PackRowsOptions& opt, int64_t* ids,
+                             int64_t* labels, int64_t* positions, int32_t* seq_idx, int64_t* tags,
+                             int32_t* cu_seqlens);
+
 // CUDA (all pointers on the device, plan checked on the host; flat_offsets required for the
 // flat layout). `total` is rows * C or T. Enqueued on `stream`, asynchronous: a written token that
 // does not fit Out lowers `*unfit` (atomicMin; the caller sets it to UINT64_MAX first) to its

@@ -120,6 +120,24 @@ def pack_fill(
     out_loss_mask: npt.NDArray[np.bool_] | None = None,
     elementwise: bool = False,
 ) -> int: ...
+def pack_rows(
+    values: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    row_offsets: npt.NDArray[np.int64],
+    piece_tag: npt.NDArray[np.int64] | None = None,
+    *,
+    capacity: int,
+    pad_value: int = 0,
+    label_pad_value: int = -100,
+    position_start: int = 0,
+    tag_pad: int = -1,
+    out_ids: npt.NDArray[np.int64] | None = None,
+    out_labels: npt.NDArray[np.int64] | None = None,
+    out_positions: npt.NDArray[np.int64] | None = None,
+    out_seq_idx: npt.NDArray[np.int32] | None = None,
+    out_tags: npt.NDArray[np.int64] | None = None,
+    out_cu_seqlens: npt.NDArray[np.int32] | None = None,
+) -> tuple[int, int, int]: ...
 def pack_fill_cuda(
     *,
     values: DeviceArray,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import weakref
 
 try:
@@ -46,12 +47,14 @@ from mixtape.collate.sources import DOC_SOURCE_IDS
 from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
 from mixtape.mixing import MixedDataset, MixPlan, mixture_weights
 from mixtape.ops import OVERFLOW_POLICIES, Int64Array, gather_rows, normalize_weights, pack_plan
+from mixtape.ring import Filled, InSlot, Ring
 from mixtape.schedule import WeightScheduler
 from mixtape.sources import take_ragged
 
 __all__ = ["DataLoaderFactory", "Loader", "get_loader"]
 
 STATE_VERSION = 1
+_RING_BUDGET = 32 << 20  # shared memory per loader for batches collated by workers (bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +72,7 @@ class _Request:
     starts: Int64Array | None = None  # packed: piece start within its document
     lengths: Int64Array | None = None  # packed: piece length
     row_offsets: Int64Array | None = None  # packed: pieces of each row (CSR)
+    slot: int | None = None  # packed, with workers: the ring slot to collate into
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,9 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
         self.packed = packed
         self.capacity = capacity
         self.column = column
+        # With workers: the packed collator and the main process's ring to collate into.
+        self.ring: Ring | None = None
+        self.pieces_collate: PackedCollator | None = None
 
     def __len__(self) -> int:  # pragma: no cover - indices come from the plan sampler
         raise TypeError("batches are addressed by plan, not by position")
@@ -120,6 +127,8 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
     def __getitem__(self, req: _Request) -> Any:
         if self.packed:
             pieces = self._packed(req)
+            if req.slot is not None and self.ring is not None and self.pieces_collate is not None:
+                return self._into_slot(req.slot, self.ring, self.pieces_collate, pieces)
             if self.collate is None:  # collated in the main process
                 return pieces
             batch = self.collate(pieces.table(self.column))
@@ -128,6 +137,18 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
         if isinstance(batch, dict) and torch.utils.data.get_worker_info() is not None:
             return _one_segment(batch)
         return batch
+
+    @staticmethod
+    def _into_slot(slot: int, ring: Ring, collate: PackedCollator, pieces: _Pieces) -> Filled:
+        """The batch collated into the ring's ``slot`` (the main process wraps it, no copy); the
+        pieces themselves when it does not fit."""
+        with collate._out.into(ring.slot_view(slot)):
+            batch = collate.collate_pieces(pieces.flat, pieces.lengths, pieces.row_offsets,
+                                           pieces.sources)  # fmt: skip
+        filled = ring.describe(slot, batch)
+        if not any(isinstance(v, InSlot) for v in (filled.fields or {}).values()):
+            return Filled(ring.token, slot, None, fallback=pieces)
+        return filled
 
     def _examples(self, req: _Request) -> Any:
         plan = MixPlan(req.index, req.sources, req.rows, req.rows)
@@ -448,6 +469,8 @@ class Loader:
                     and collate.input_key == column):  # fmt: skip
                 self._collate, collate = collate, None
             fetch = _Fetcher(dataset, collate, bool(self.config.packing), self.capacity, column)
+            self._fetch = fetch
+            self._ring_shape = self._ring_layout(c)
             kw: dict[str, Any] = {"batch_size": None, "sampler": _PlanSampler(self),
                                   "collate_fn": _identity, "num_workers": c.num_workers,
                                   "pin_memory": c.pin_memory,
@@ -475,8 +498,34 @@ class Loader:
             self.dataloader = torch.utils.data.DataLoader(dataset, **kw)
         self._ended = False
         self._epoch = 0
+        self._ring: Ring | None = None
+        self._reclaim = False
+        self._live: weakref.ref[Any] | None = None  # the running torch iterator
         if self.exact:
             self._sampler = None
+        else:
+            self._ring_shape = None
+
+    def _ring_layout(self, c: DataLoaderConfig) -> tuple[int, int] | None:
+        """(slots, bytes per slot) of the ring workers collate packed batches into, or None
+        (no workers, another collator, a host mask too big to ship, pinned CUDA batches)."""
+        col = self._collate
+        if not c.num_workers or col is None or not col._out.tensors:
+            return None
+        if col.attention in ("sdpa", "eager") and col.mask != "device":
+            return None  # the [B, 1, L, L] mask is built in the main process, from the pieces
+        if c.pin_memory and torch.cuda.is_available():
+            return None  # pinned after collating, in the main process
+        cells = c.batch_size * self.capacity
+        if col.padding_free and col.pad_to_multiple_of:
+            cells = -(-cells // col.pad_to_multiple_of) * col.pad_to_multiple_of
+        slot_bytes = 4 * 8 * cells  # ids, labels, positions, source ids (int64)
+        assert c.prefetch_factor is not None
+        # In flight, the batch being handed over, the one the trainer still holds while asking
+        # for it, and two spare (e.g. a batch kept for logging); past that, batches are collated
+        # in this process until slots come back.
+        slots = min(c.num_workers * c.prefetch_factor + 4, _RING_BUDGET // slot_bytes)
+        return (slots, slot_bytes) if slots >= 1 else None
 
     # --- planning ---------------------------------------------------------------------------
 
@@ -569,6 +618,10 @@ class Loader:
     def _start_requests(self) -> None:
         """Plan from the first batch this rank has not consumed."""
         self._next_local = self._consumed
+        # Slots handed to the last iteration's requests are free once the first request of
+        # this one is asked for: torch has drained persistent workers by then, and __iter__
+        # stopped other workers before starting new ones.
+        self._reclaim = True
         if self._planner is not None:
             k0 = self._global(self._consumed)
             position, carry = self._cursor(k0) if k0 else (0, [])
@@ -582,7 +635,7 @@ class Loader:
                 k = self._planner.next_batch
                 req = self._planner.batch(k)
                 if req is None or k % self.world_size == self.rank:
-                    return req
+                    return self._with_slot(req)
         k = self._global(self._next_local)
         pos = k * b
         stop = self.mixed.stop_position()
@@ -594,22 +647,62 @@ class Loader:
         self._next_local += 1
         return _Request(k, plan.sources, plan.rows)
 
+    def _with_slot(self, req: _Request | None) -> _Request | None:
+        """``req`` with a free ring slot to collate into (as it is without a ring or a slot)."""
+        ring = self._ring
+        if ring is None or req is None:
+            return req
+        if self._reclaim:
+            self._reclaim = False
+            ring.reclaim()
+        slot = ring.take()
+        return req if slot is None else dataclasses.replace(req, slot=slot)
+
     # --- iteration --------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
         self._restart_if_ended()
         if self._sampler is not None:
             self._sampler.skip = self._consumed * self.config.batch_size
+        self._prepare_ring()
         batches = iter(self.dataloader)
+        self._live = weakref.ref(batches)
         if self._planner is not None:
             _widen_result_pipe(batches)
-        for batch in batches:
-            if isinstance(batch, _Pieces):
-                batch = self._collate_pieces(batch)
-            self._cursors.pop(self._global(self._consumed) - self.world_size, None)  # bounded
-            self._consumed += 1
-            yield batch
+        for raw in batches:
+            # This frame holds only what the DataLoader returned, never the batch: a ring slot is
+            # the trainer's to keep or drop, also while this generator is suspended.
+            yield self._deliver(raw)
         self._ended = True
+
+    def _deliver(self, raw: Any) -> Any:
+        """The trainer's batch from what the DataLoader returned; counted as received."""
+        if isinstance(raw, Filled):
+            assert self._ring is not None
+            got = self._ring.receive(raw)
+            batch = got if got is not None else self._collate_pieces(raw.fallback)
+        elif isinstance(raw, _Pieces):
+            batch = self._collate_pieces(raw)
+        else:
+            batch = raw
+        self._cursors.pop(self._global(self._consumed) - self.world_size, None)  # bounded
+        self._consumed += 1
+        return batch
+
+    def _prepare_ring(self) -> None:
+        """Make the ring before the first workers start (they inherit it, or receive it pickled
+        with the dataset); stop the workers of an earlier iteration still running, whose
+        answers would land in slots this one hands out again."""
+        if self._ring_shape is None:
+            return
+        if self._ring is None:
+            self._ring = Ring(*self._ring_shape)
+            self._fetch.ring, self._fetch.pieces_collate = self._ring, self._collate
+        prev = self._live() if self._live is not None else None
+        if prev is not None and not self.config.persistent_workers:
+            shutdown = getattr(prev, "_shutdown_workers", None)  # torch's multi-process iterator
+            if shutdown is not None:
+                shutdown()
 
     def _collate_pieces(self, pieces: _Pieces) -> Any:
         """A fetched packed batch collated (and pinned when the config asks) for the trainer."""

@@ -45,6 +45,7 @@ __all__ = [
     "is_left",
     "pack_fill",
     "pack_plan",
+    "pack_rows",
     "pad",
     "padded_length",
     "set_num_threads",
@@ -1033,6 +1034,77 @@ def pack_fill(
     if unfit >= 0:
         raise ValueError(_pack_unfit_message(wanted, offs, unfit, int(vals[unfit])))
     return {k: result[k] for k in PACK_FIELDS if k in wanted}
+
+
+PACK_ROWS_FIELDS = ("input_ids", "labels", "position_ids", "seq_idx", "tags", "cu_seqlens")
+
+
+def pack_rows(
+    values: Any,
+    lengths: Any,
+    row_offsets: Any,
+    piece_tag: Any = None,
+    *,
+    capacity: int,
+    pad_value: int = 0,
+    label_pad_value: int = -100,
+    position_start: int = 0,
+    tag_pad: int = -1,
+    fields: Sequence[str] = ("input_ids", "labels", "position_ids"),
+    out: dict[str, npt.NDArray[Any]] | None = None,
+    name: str = "input_ids",
+) -> dict[str, Any]:
+    """Rows of pieces laid back to back (piece ``k`` holds the next ``lengths[k]`` of ``values``,
+    row ``r`` the pieces ``row_offsets[r]:row_offsets[r + 1]``) in :func:`pack_fill`'s padded
+    layout, every field in one pass: the packing loader's collate, without a plan to build.
+
+    ``fields``: of ``PACK_ROWS_FIELDS``; ``tags`` lays ``piece_tag`` out per token (``tag_pad`` on
+    padding), ``cu_seqlens`` (int32) bounds every piece and padding run as pack_fill's does and
+    adds ``max_seqlen``. ``out`` supplies ``[rows, capacity]`` buffers by field name (int64;
+    ``seq_idx`` int32). ``name`` is the ids' field in error messages.
+    """
+    wanted = set(fields)
+    unknown = sorted(wanted - set(PACK_ROWS_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown pack_rows fields {unknown}; valid fields: {PACK_ROWS_FIELDS}")
+    vals = _check_ids("pack_rows values", values)
+    lens = np.ascontiguousarray(lengths, dtype=np.int64)
+    offs = np.ascontiguousarray(row_offsets, dtype=np.int64)
+    tag = None if piece_tag is None else np.ascontiguousarray(piece_tag, dtype=np.int64)
+    if "tags" in wanted and tag is None:
+        raise ValueError("pack_rows: the tags field needs piece_tag")
+    if offs.ndim != 1 or offs.size < 1:
+        raise ValueError(f"pack_rows: row_offsets must be 1-D with rows + 1 entries, got shape "
+                         f"{offs.shape}")  # fmt: skip
+    shape = (offs.size - 1, int(capacity))
+    result: dict[str, Any] = {}
+    for key in ("input_ids", "labels", "position_ids", "seq_idx", "tags"):
+        if key in wanted:
+            dt = np.dtype(np.int32 if key == "seq_idx" else np.int64)
+            given = (out or {}).get(key)
+            if given is None:
+                given = np.empty(shape, dtype=dt)
+            elif given.dtype != dt or given.shape != shape or not given.flags.c_contiguous:
+                raise ValueError(f"pack_rows: out[{key!r}] must be a contiguous {dt} array of "
+                                 f"shape {shape}, got {given.dtype} {given.shape}")  # fmt: skip
+            result[key] = given
+    cu = np.empty(2 * lens.size + shape[0] + 1, dtype=np.int32) if "cu_seqlens" in wanted else None
+    n_cu, longest, negative = _C.pack_rows(
+        vals, lens, offs, tag, capacity=int(capacity), pad_value=pad_value,
+        label_pad_value=label_pad_value, position_start=position_start, tag_pad=tag_pad,
+        out_ids=result.get("input_ids"), out_labels=result.get("labels"),
+        out_positions=result.get("position_ids"), out_seq_idx=result.get("seq_idx"),
+        out_tags=result.get("tags"), out_cu_seqlens=cu,
+    )  # fmt: skip
+    if negative >= 0:
+        starts = np.cumsum(lens) - lens
+        piece = int(np.searchsorted(starts, negative, side="right")) - 1
+        raise ValueError(f"{name}: piece {piece} has a negative token id "
+                         f"({int(vals[negative])}); token ids must be >= 0")  # fmt: skip
+    if cu is not None:
+        result["cu_seqlens"] = cu[:n_cu]
+        result["max_seqlen"] = int(longest)
+    return result
 
 
 def _pack_unfit_message(wanted: set[str], offsets: Int64Array, pos: int, value: int) -> str:

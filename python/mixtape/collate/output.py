@@ -6,8 +6,9 @@ out like the ids, per-example numbers and equal-shape arrays are stacked, labels
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -144,11 +145,23 @@ class Output:
         self.tensors = want_tensors(return_tensors)
         self.pin_memory = bool(pin_memory)
         self._pin: bool | None = None  # decided at the first call (in the collating process)
+        self._into: Any = None  # a uint8 block the next arena is carved from (see into())
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pin"] = None  # re-decide in the worker that unpickles us
+        state["_into"] = None
         return state
+
+    @contextlib.contextmanager
+    def into(self, block: npt.NDArray[np.uint8]) -> Iterator[None]:
+        """Within the block: the next :meth:`arena` is carved from ``block`` (a loader's shared
+        ring slot) when it fits, else allocated as usual."""
+        self._into = block
+        try:
+            yield
+        finally:
+            self._into = None
 
     def pin(self) -> bool:
         if self._pin is None:
@@ -179,6 +192,11 @@ class Output:
         Several MB-sized buffers allocated and freed separately make glibc trim the heap and
         page-fault them again on every batch; one block per batch avoids that (as ops.pad does).
         """
+        block, self._into = self._into, None
+        dt = np.dtype(dtype)
+        nbytes = count * int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if block is not None and nbytes <= block.nbytes:
+            return Arena(list(block[:nbytes].view(dt).reshape((count, *shape))))
         return Arena(list(self.empty((count, *shape), dtype)))
 
     def wrap(self, arr: Any) -> Any:

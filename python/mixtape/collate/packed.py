@@ -26,6 +26,7 @@ from mixtape.ops import (
     block_causal_mask,
     check_choice,
     pack_fill,
+    pack_rows,
     padded_length,
 )
 from mixtape.ragged import (
@@ -398,6 +399,8 @@ class PackedCollator:
         row_offsets[r + 1]`` (``sources``: each piece's source id). The same result as calling
         the collator on those rows with ``seq_lengths`` (and ``doc_source_ids``), without the
         parsing: the packing loader's path."""
+        if not self.padding_free:
+            return self._pieces_padded(values, lengths, row_offsets, sources)
         ids = Ragged(np.asarray(values), np.zeros(lengths.size + 1, dtype=np.int64))
         np.cumsum(lengths, out=ids.offsets[1:])
         if ids.values.size != ids.offsets[-1]:
@@ -424,6 +427,50 @@ class PackedCollator:
             piece_src = self._sources.check_ids(np.asarray(sources), DOC_SOURCE_IDS)
             token_src = np.repeat(piece_src, lengths)  # piece i is ids.values[offsets[i]:...]
         return self._collate(plan, ids, piece_src, None, [], {}, token_src)
+
+    def _pieces_padded(self, values: Any, lengths: Any, row_offsets: Any,
+                       sources: Any) -> dict[str, Any]:  # fmt: skip
+        """collate_pieces for rows padded to a width: every field in one kernel pass."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        row_offsets = np.asarray(row_offsets, dtype=np.int64)
+        ends = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=ends[1:])
+        longest = int(np.diff(ends[row_offsets]).max()) if row_offsets.size > 1 else 0
+        shape = (row_offsets.size - 1, padded_length(longest, None, self.pad_to_multiple_of))
+        piece_src = None
+        if sources is not None:
+            piece_src = self._sources.check_ids(np.asarray(sources), DOC_SOURCE_IDS)
+        arena = self._out.arena(3 + (piece_src is not None), shape)
+        out = {"input_ids": arena.take(), "labels": arena.take(), "position_ids": arena.take()}
+        fields = ["input_ids", "labels", "position_ids"]
+        if piece_src is not None:
+            out["tags"] = arena.take()
+            fields.append("tags")
+        if self.attention in ("sdpa", "eager"):
+            out["seq_idx"] = (self._out.empty(shape, np.int32) if self.mask == "device"
+                              else np.empty(shape, np.int32))  # fmt: skip
+            fields.append("seq_idx")
+        elif self.attention == "flash":
+            fields.append("cu_seqlens")
+        got = pack_rows(values, lengths, row_offsets, piece_src, capacity=shape[1],
+                        pad_value=self.pad_token_id, label_pad_value=self.label_pad_token_id,
+                        position_start=self.position_ids_start, tag_pad=NO_SOURCE,
+                        fields=fields, out=out, name=self.input_key)  # fmt: skip
+        wrap = self._out.wrap
+        result: dict[str, Any] = {self.input_key: wrap(out["input_ids"]),
+                                  "labels": wrap(out["labels"]),
+                                  "position_ids": wrap(out["position_ids"])}  # fmt: skip
+        if self.attention == "flash":
+            result["cu_seq_lens_q"] = result["cu_seq_lens_k"] = wrap(got["cu_seqlens"])
+            result["max_length_q"] = result["max_length_k"] = got["max_seqlen"]
+        elif self.attention != "none":
+            if self.mask == "device":
+                result["seq_idx"] = wrap(out["seq_idx"])
+            else:
+                result["attention_mask"] = self._mask(out["seq_idx"])
+        if piece_src is not None:
+            result[SOURCE_IDS] = wrap(out["tags"])
+        return result
 
     def _collate(self, plan: PackPlan, ids: Ragged, piece_src: Int64Array | None,
                  labels: Ragged | None, tokens: Sequence[TokenColumn],

@@ -1,0 +1,176 @@
+"""Shared-memory slots that DataLoader workers collate packed batches into.
+
+A worker's batch normally reaches the main process by pickling (its tensors each through a fresh
+shared-memory segment: open, map, a page fault per 4 KB at both ends), and the packing loader
+used to ship the pieces and collate in the main process instead. With a ring, the main process
+owns a block of shared memory cut into slots (made before the workers start, so they inherit or
+receive it once), hands a free slot to each batch request it plans, the worker collates the batch
+straight into that slot and returns only a small descriptor, and the main process wraps the
+slot's memory as the batch's tensors without a copy.
+
+A slot is reused only after every tensor (and every view of one) of the batch it holds is gone:
+the tensors share one storage made by ``torch.frombuffer`` on a fresh ``memoryview`` of the slot,
+and a finaliser on that memoryview puts the slot back on the free list. A batch the user keeps
+keeps its slot; when none is free a request goes without one and its batch takes the ordinary
+path (correct, only slower).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["SLOT_ALIGN", "Filled", "InSlot", "Ring"]
+
+SLOT_ALIGN = 4096  # slots start on page boundaries
+
+
+@dataclass(frozen=True)
+class InSlot:
+    """An array of a filled slot: its bytes at ``offset`` within the slot, shape, dtype, and
+    whether the batch holds it as a tensor (else as numpy)."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensor: bool
+
+
+@dataclass(frozen=True)
+class Filled:
+    """A worker's answer to a request that carried a slot: the batch's fields (``InSlot`` for
+    arrays in the slot, other tensors as numpy arrays named in ``tensors``, anything else as is;
+    ``alias`` maps a field to the earlier field holding the same object), or ``None`` with the
+    ``fallback`` the main process finishes itself (the batch did not fit the slot)."""
+
+    ring: int  # Ring.token of the ring the slot belongs to
+    slot: int
+    fields: dict[str, Any] | None
+    alias: dict[str, str] = field(default_factory=dict)
+    tensors: frozenset[str] = frozenset()
+    fallback: Any = None
+
+
+class Ring:
+    """``slots`` slots of ``slot_bytes`` (rounded up to ``SLOT_ALIGN``) in one shared block."""
+
+    _tokens = 0
+
+    def __init__(self, slots: int, slot_bytes: int) -> None:
+        if slots < 1 or slot_bytes < 1:
+            raise ValueError(f"a ring needs slots >= 1 and slot_bytes >= 1, got {slots}, "
+                             f"{slot_bytes}")  # fmt: skip
+        self.slots = int(slots)
+        self.slot_bytes = -(-int(slot_bytes) // SLOT_ALIGN) * SLOT_ALIGN
+        # torch shares it with the workers: inherited on fork, its descriptor sent on spawn.
+        self.block = torch.empty(self.slots * self.slot_bytes, dtype=torch.uint8)
+        self.block.share_memory_()  # type: ignore[no-untyped-call]
+        Ring._tokens += 1
+        self.token = Ring._tokens
+        self._main_state()
+
+    def _main_state(self) -> None:
+        self._view: np.ndarray[Any, np.dtype[np.uint8]] = self.block.numpy()
+        self._free = list(range(self.slots - 1, -1, -1))  # main process: pop() gives slot 0 first
+        self._inflight: set[int] = set()  # handed to a request, not yet back
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"slots": self.slots, "slot_bytes": self.slot_bytes, "block": self.block,
+                "token": self.token}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._main_state()
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+    # --- main process ---------------------------------------------------------------------
+
+    def take(self) -> int | None:
+        """A free slot for a request about to be sent, or None when every slot is taken."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._inflight.add(slot)
+        return slot
+
+    def reclaim(self) -> None:
+        """Slots handed to requests whose answers will never come (the workers that had them
+        finished or stopped: a new epoch after torch drained them, or workers shut down)."""
+        self._free.extend(sorted(self._inflight, reverse=True))
+        self._inflight.clear()
+
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def receive(self, filled: Filled) -> dict[str, Any] | None:
+        """The batch of a filled slot as tensors on the slot's memory (the slot comes back when
+        they are all gone); None when the worker fell back (the slot is free again)."""
+        if filled.ring != self.token:
+            raise RuntimeError(f"a batch from ring {filled.ring} reached ring {self.token}")
+        if filled.slot not in self._inflight:  # never: answers of reclaimed slots cannot come
+            raise RuntimeError(f"ring slot {filled.slot} came back but was not handed out")
+        self._inflight.discard(filled.slot)
+        if filled.fields is None:
+            self._release(filled.slot)
+            return None
+        start = filled.slot * self.slot_bytes
+        lease = memoryview(self._view)[start: start + self.slot_bytes]
+        weakref.finalize(lease, self._release, filled.slot)
+        # One storage holding `lease` (torch.frombuffer keeps the object it was given; numpy's
+        # frombuffer would keep the block instead): every field below is a view of it, numpy
+        # ones through .numpy(), so the slot is free exactly when all of them are gone.
+        base = torch.frombuffer(lease, dtype=torch.uint8)
+        del lease
+        out: dict[str, Any] = {}
+        for key, val in filled.fields.items():
+            if isinstance(val, InSlot):
+                size = int(np.prod(val.shape, dtype=np.int64)) * val.dtype.itemsize
+                t = base[val.offset: val.offset + size].view(val.dtype).view(val.shape)
+                out[key] = t if val.tensor else t.numpy()
+            elif key in filled.tensors:
+                out[key] = torch.from_numpy(val)
+            else:
+                out[key] = val
+        for key, first in filled.alias.items():
+            out[key] = out[first]
+        return out
+
+    # --- worker ---------------------------------------------------------------------------
+
+    def slot_view(self, slot: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        start = slot * self.slot_bytes
+        return self._view[start: start + self.slot_bytes]
+
+    def describe(self, slot: int, batch: dict[str, Any]) -> Filled:
+        """``batch`` (collated into ``slot_view(slot)``) as the descriptor the main process
+        receives: tensors inside the slot by offset, others by value as numpy arrays."""
+        lo = int(self._view.ctypes.data) + slot * self.slot_bytes
+        hi = lo + self.slot_bytes
+        fields: dict[str, Any] = {}
+        alias: dict[str, str] = {}
+        tensors: set[str] = set()
+        seen: dict[int, str] = {}
+        for key, val in batch.items():
+            if isinstance(val, (torch.Tensor, np.ndarray)):
+                if id(val) in seen:
+                    alias[key] = seen[id(val)]
+                    continue
+                seen[id(val)] = key
+            is_tensor = isinstance(val, torch.Tensor)
+            arr = val.numpy(force=True) if is_tensor else val
+            if isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.nbytes and (
+                    lo <= arr.ctypes.data and arr.ctypes.data + arr.nbytes <= hi):  # fmt: skip
+                dtype = val.dtype if is_tensor else torch.from_numpy(arr[:0]).dtype
+                fields[key] = InSlot(arr.ctypes.data - lo, arr.shape, dtype, is_tensor)
+            else:
+                fields[key] = arr
+                if is_tensor:
+                    tensors.add(key)
+        return Filled(self.token, slot, fields, alias, frozenset(tensors))
