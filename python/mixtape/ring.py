@@ -17,6 +17,7 @@ path (correct, only slower).
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ import torch
 __all__ = ["SLOT_ALIGN", "Filled", "InSlot", "Ring"]
 
 SLOT_ALIGN = 4096  # slots start on page boundaries
+_NUMPY_DTYPES = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32),
+                 torch.bool: np.dtype(np.bool_), torch.float32: np.dtype(np.float32)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class InSlot:
 
     offset: int
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: np.dtype[Any]
     tensor: bool
 
 
@@ -75,6 +78,7 @@ class Ring:
 
     def _main_state(self) -> None:
         self._view: np.ndarray[Any, np.dtype[np.uint8]] = self.block.numpy()
+        self._addr = self.block.data_ptr()
         self._free = list(range(self.slots - 1, -1, -1))  # main process: pop() gives slot 0 first
         self._inflight: set[int] = set()  # handed to a request, not yet back
 
@@ -124,16 +128,16 @@ class Ring:
         lease = memoryview(self._view)[start: start + self.slot_bytes]
         weakref.finalize(lease, self._release, filled.slot)
         # One storage holding `lease` (torch.frombuffer keeps the object it was given; numpy's
-        # frombuffer would keep the block instead): every field below is a view of it, numpy
-        # ones through .numpy(), so the slot is free exactly when all of them are gone.
-        base = torch.frombuffer(lease, dtype=torch.uint8)
+        # frombuffer would keep the block instead), seen through numpy (cheaper views than
+        # torch's): every field is a view of it, so the slot is free when all of them are gone.
+        base = torch.frombuffer(lease, dtype=torch.uint8).numpy()
         del lease
         out: dict[str, Any] = {}
         for key, val in filled.fields.items():
             if isinstance(val, InSlot):
-                size = int(np.prod(val.shape, dtype=np.int64)) * val.dtype.itemsize
-                t = base[val.offset: val.offset + size].view(val.dtype).view(val.shape)
-                out[key] = t if val.tensor else t.numpy()
+                size = math.prod(val.shape) * val.dtype.itemsize
+                arr = base[val.offset: val.offset + size].view(val.dtype).reshape(val.shape)
+                out[key] = torch.from_numpy(arr) if val.tensor else arr
             elif key in filled.tensors:
                 out[key] = torch.from_numpy(val)
             else:
@@ -151,7 +155,7 @@ class Ring:
     def describe(self, slot: int, batch: dict[str, Any]) -> Filled:
         """``batch`` (collated into ``slot_view(slot)``) as the descriptor the main process
         receives: tensors inside the slot by offset, others by value as numpy arrays."""
-        lo = int(self._view.ctypes.data) + slot * self.slot_bytes
+        lo = self._addr + slot * self.slot_bytes
         hi = lo + self.slot_bytes
         fields: dict[str, Any] = {}
         alias: dict[str, str] = {}
@@ -163,14 +167,18 @@ class Ring:
                     alias[key] = seen[id(val)]
                     continue
                 seen[id(val)] = key
-            is_tensor = isinstance(val, torch.Tensor)
-            arr = val.numpy(force=True) if is_tensor else val
-            if isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.nbytes and (
-                    lo <= arr.ctypes.data and arr.ctypes.data + arr.nbytes <= hi):  # fmt: skip
-                dtype = val.dtype if is_tensor else torch.from_numpy(arr[:0]).dtype
-                fields[key] = InSlot(arr.ctypes.data - lo, arr.shape, dtype, is_tensor)
-            else:
-                fields[key] = arr
-                if is_tensor:
+            if isinstance(val, torch.Tensor):
+                ptr, nbytes = val.data_ptr(), val.numel() * val.element_size()
+                if (val.device.type == "cpu" and nbytes and lo <= ptr and ptr + nbytes <= hi
+                        and val.is_contiguous()):  # fmt: skip
+                    dtype = _NUMPY_DTYPES.get(val.dtype) or val[:0].numpy().dtype
+                    fields[key] = InSlot(ptr - lo, tuple(val.shape), dtype, True)
+                else:
+                    fields[key] = val.numpy(force=True)
                     tensors.add(key)
+            elif isinstance(val, np.ndarray) and val.nbytes and val.flags.c_contiguous and (
+                    lo <= val.ctypes.data and val.ctypes.data + val.nbytes <= hi):  # fmt: skip
+                fields[key] = InSlot(val.ctypes.data - lo, val.shape, val.dtype, False)
+            else:
+                fields[key] = val
         return Filled(self.token, slot, fields, alias, frozenset(tensors))
