@@ -1,13 +1,15 @@
-"""Where the packing loader's time per batch goes, and what its workers cost the main process.
+"""Where the packing loader's time per batch goes, and what its workers cost.
 
 Data of the ``loader-e2e`` case (3 x 100k pre-tokenized HF Datasets, .5/.3/.2, batches of 8
 packed 4096-token rows). Prints, over ``--batches`` batches after the first:
 
 - with no workers: wall time per batch and its parts (planning in the sampler, reading the pieces,
   collating; the rest is the DataLoader and the loop), the mean of each;
-- with ``--workers`` workers: wall time and main-process CPU time per batch, with the DataLoader's
-  result pipe widened (as the loader does) and left at its default 64 KB, alternating, so the two
-  share the machine's load.
+- with ``--workers`` workers: wall time, main-process CPU and the workers' CPU per batch, for the
+  three ways a packed batch can reach the main process, alternating so they share the machine's
+  load: collated by the worker into the loader's shared-memory ring (the default), or sent as
+  its pieces and collated in the main process (no ring) through the result pipe the loader
+  widens to 1 MB, or through the default 64 KB pipe.
 
     python benchmarks/loader_stages.py [--batches 300] [--workers 2] [--repeat 3]
 """
@@ -15,6 +17,7 @@ packed 4096-token rows). Prints, over ``--batches`` batches after the first:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
@@ -46,18 +49,32 @@ def _timed(cls: Any, name: str, into: list[float]) -> Callable[[], None]:
     return lambda: setattr(cls, name, orig)
 
 
-def _run(dss: list[Any], workers: int, batches: int) -> tuple[float, float]:
-    """(wall s, main-process CPU s) per batch over ``batches`` batches after the first."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run(dss: list[Any], workers: int, batches: int) -> tuple[float, float, float]:
+    """(wall s, main-process CPU s, workers' CPU s) per batch over ``batches`` batches after
+    the first."""
     mixed = MixedDataset(dict(zip(NAMES, dss, strict=True)), dict(zip(NAMES, WEIGHTS, strict=True)),
                          seed=0)  # fmt: skip
     loader = get_loader(mixed, 8, packing="bfd", max_length=4096, collate_fn="packed",
                         collate_kwargs={"attention": "flash"}, num_workers=workers)  # fmt: skip
     it = iter(loader)
     next(it)
+    procs = getattr(loader.dataloader._iterator, "_workers", [])
+    w0 = sum(_cpu_seconds(p.pid) for p in procs)
     t, c = time.perf_counter(), time.process_time()
     for _, _batch in zip(range(batches), it, strict=False):
         pass
-    return (time.perf_counter() - t) / batches, (time.process_time() - c) / batches
+    wall, cpu = (time.perf_counter() - t) / batches, (time.process_time() - c) / batches
+    return wall, cpu, (sum(_cpu_seconds(p.pid) for p in procs) - w0) / batches
 
 
 def main(argv: list[str]) -> int:
@@ -77,7 +94,7 @@ def main(argv: list[str]) -> int:
         for _ in range(args.repeat):
             for v in parts.values():
                 v.clear()
-            wall, _ = _run(dss, 0, args.batches)
+            wall, _, _ = _run(dss, 0, args.batches)
             means = {k: float(np.mean(v[-args.batches:])) for k, v in parts.items()}
             rest = wall - sum(means.values())
             print(f"  {wall * 1e3:.3f} ms: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in
@@ -86,16 +103,23 @@ def main(argv: list[str]) -> int:
         for u in undo:
             u()
 
-    widen = loader_mod._widen_result_pipe
-    print(f"{args.workers} workers (per batch: wall / main-process CPU):")
+    widen, layout = loader_mod._widen_result_pipe, loader_mod.Loader._ring_layout
+    variants: list[tuple[str, Any, Any]] = [
+        ("ring (default)", widen, layout),
+        ("pieces, pipe 1 MB", widen, lambda self, c: None),
+        ("pieces, pipe 64 KB", lambda batches: None, lambda self, c: None),
+    ]
+    print(f"{args.workers} workers (per batch: wall / main-process CPU / workers' CPU):")
     for _ in range(args.repeat):
-        for label, fn in (("pipe widened to 1 MB", widen), ("default 64 KB pipe", None)):
-            loader_mod._widen_result_pipe = fn if fn is not None else (lambda batches: None)
+        for label, pipe, ring in variants:
+            loader_mod._widen_result_pipe = pipe
+            loader_mod.Loader._ring_layout = ring  # type: ignore[method-assign]
             try:
-                wall, cpu = _run(dss, args.workers, args.batches)
+                wall, cpu, wcpu = _run(dss, args.workers, args.batches)
             finally:
                 loader_mod._widen_result_pipe = widen
-            print(f"  {label:<22} {wall * 1e3:.3f} / {cpu * 1e3:.3f} ms")
+                loader_mod.Loader._ring_layout = layout  # type: ignore[method-assign]
+            print(f"  {label:<20} {wall * 1e3:.3f} / {cpu * 1e3:.3f} / {wcpu * 1e3:.3f} ms")
     return 0
 
 

@@ -67,6 +67,17 @@ PackPieces pack_pieces(const Array<int64_t>& row_offsets, const Array<int64_t>& 
                     column.data(),      nullptr,       row_offsets.size() - 1, pieces};
 }
 
+PackFillOptions fill_options(int64_t capacity, bool flat, int64_t pad_value,
+                             int64_t label_pad_value, int64_t position_start) {
+  PackFillOptions o;
+  o.capacity = capacity;
+  o.flat = flat;
+  o.pad_value = pad_value;
+  o.label_pad_value = label_pad_value;
+  o.position_start = position_start;
+  return o;
+}
+
 template <typename In, typename Out>
 void bind_pack_fill_typed(py::module_& m) {
   m.def(
@@ -79,12 +90,8 @@ void bind_pack_fill_typed(py::module_& m) {
          OptArray<bool> out_loss_mask, bool elementwise) {
         const Ragged<In> docs = ragged(values, offsets, "pack_fill values");
         const PackPieces p = pack_pieces(row_offsets, doc, start, length, column);
-        PackFillOptions o;
-        o.capacity = capacity;
-        o.flat = flat;
-        o.pad_value = pad_value;
-        o.label_pad_value = label_pad_value;
-        o.position_start = position_start;
+        const PackFillOptions o =
+            fill_options(capacity, flat, pad_value, label_pad_value, position_start);
         int64_t tokens;
         {
           py::gil_scoped_release nogil;
@@ -144,10 +151,7 @@ void bind_pack_rows_typed(py::module_& m) {
         int64_t* tags = out_ptr(out_tags, size, op, "tags");
         int32_t* cu = out_ptr(out_cu_seqlens, 2 * pieces + rows + 1, op, "cu_seqlens");
         PackRowsOptions o;
-        o.capacity = capacity;
-        o.pad_value = pad_value;
-        o.label_pad_value = label_pad_value;
-        o.position_start = position_start;
+        o.fill = fill_options(capacity, false, pad_value, label_pad_value, position_start);
         o.tag_pad = tag_pad;
         PackRowsResult r;
         {
@@ -233,12 +237,8 @@ void bind_pack(py::module_& m) {
                            device_ptr<int64_t>(flat_offsets, pieces + 1, dev, op, "flat_offsets"),
                            rows,
                            pieces};
-        PackFillOptions o;
-        o.capacity = capacity;
-        o.flat = flat;
-        o.pad_value = pad_value;
-        o.label_pad_value = label_pad_value;
-        o.position_start = position_start;
+        const PackFillOptions o =
+            fill_options(capacity, flat, pad_value, label_pad_value, position_start);
         const OptDeviceArray& first_out = out_ids ? out_ids : out_labels;
         dispatch_int_dtype(values.dtype, "pack_fill_cuda: values", [&](auto in) {
           dispatch_int_dtype(first_out ? first_out->dtype : "int64", "pack_fill_cuda: outputs",

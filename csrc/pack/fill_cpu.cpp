@@ -235,7 +235,7 @@ PackRowsResult pack_rows_cpu(const In* values, int64_t num_values, const int64_t
                              const int64_t* piece_tag, const PackRowsOptions& opt, int64_t* ids,
                              int64_t* labels, int64_t* positions, int32_t* seq_idx, int64_t* tags,
                              int32_t* cu_seqlens) {
-  const int64_t C = opt.capacity;
+  const int64_t C = opt.fill.capacity;
   if (rows < 0 || pieces < 0 || C < 0 || (C > 0 && rows > std::numeric_limits<int64_t>::max() / C)) {
     throw std::invalid_argument("pack_rows: " + std::to_string(rows) + " rows of capacity " +
                                 std::to_string(C) + " do not fit one int64 index");
@@ -281,11 +281,7 @@ PackRowsResult pack_rows_cpu(const In* values, int64_t num_values, const int64_t
       return res;
     }
   }
-  PackFillOptions fo;
-  fo.capacity = C;
-  fo.pad_value = opt.pad_value;
-  fo.label_pad_value = opt.label_pad_value;
-  fo.position_start = opt.position_start;
+  const PackFillOptions& fo = opt.fill;
   const FillOut<int64_t> out{ids, labels, positions, seq_idx, nullptr};
   int64_t src = 0, n_cu = 0, last = -1;
   const auto boundary = [&](int64_t at) {

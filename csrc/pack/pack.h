@@ -161,10 +161,7 @@ int64_t pack_fill_cpu(Ragged<In> docs, const PackPieces& plan, const PackFillOpt
 // Row r holds pieces row_offsets[r]:row_offsets[r + 1] back to back from column 0; piece k has
 // lengths[k] >= 1 tokens, the next ones of `values` (pieces in order, nothing between them).
 struct PackRowsOptions {
-  int64_t capacity = 0;  // C: columns per row
-  int64_t pad_value = 0;
-  int64_t label_pad_value = -100;
-  int64_t position_start = 0;
+  PackFillOptions fill;  // capacity C, pad values, position_start (flat is ignored)
   int64_t tag_pad = -1;  // tags on padding
 };
 
