@@ -167,3 +167,17 @@ def test_no_ring_without_workers_or_with_a_host_mask() -> None:
     loader = get_loader(make(), 4, num_workers=1, **device)
     assert loader._ring_shape == (1 * 2 + 4, 4 * 8 * 4 * 16)
     assert same_batches(take(loader, 6), take(get_loader(make(), 4, **device), 6))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_workers_started_without_fork_share_the_ring(monkeypatch: pytest.MonkeyPatch,
+                                                     context: str) -> None:  # fmt: skip
+    """Under spawn / forkserver (Python 3.14's default) the ring reaches the workers pickled with
+    the dataset (torch sends the shared block's descriptor); the batches still come through it."""
+    want = reference(12)
+    misses = _misses(monkeypatch)
+    loader = get_loader(make(), 4, num_workers=2, **PACKED)
+    loader.dataloader.multiprocessing_context = context
+    assert same_batches(take(loader, 12), want)
+    assert not misses
