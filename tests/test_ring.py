@@ -181,3 +181,15 @@ def test_workers_started_without_fork_share_the_ring(monkeypatch: pytest.MonkeyP
     loader.dataloader.multiprocessing_context = context
     assert same_batches(take(loader, 12), want)
     assert not misses
+
+
+def test_without_shared_memory_the_loader_collates_in_the_main_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    def no_memory(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", no_memory)
+    loader = get_loader(make(), 4, num_workers=2, **PACKED)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        got = take(loader, 6)
+    assert loader._ring is None and same_batches(got, reference(6))

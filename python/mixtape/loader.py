@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 import weakref
 
 try:
@@ -696,7 +697,14 @@ class Loader:
         if self._ring_shape is None:
             return
         if self._ring is None:
-            self._ring = Ring(*self._ring_shape)
+            try:
+                self._ring = Ring(*self._ring_shape)
+            except OSError as e:  # no shared memory to spare: pieces, collated here
+                warnings.warn(f"mixtape loader: no shared memory for the workers' batch ring "
+                              f"({e}); packed batches are collated in the main process",
+                              stacklevel=3)  # fmt: skip
+                self._ring_shape = None
+                return
             self._fetch.ring, self._fetch.pieces_collate = self._ring, self._collate
         prev = self._live() if self._live is not None else None
         if prev is not None and not self.config.persistent_workers:

@@ -18,6 +18,9 @@ path (correct, only slower).
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import shutil
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +62,15 @@ class Filled:
 
 
 class Ring:
-    """``slots`` slots of ``slot_bytes`` (rounded up to ``SLOT_ALIGN``) in one shared block."""
+    """``slots`` slots of ``slot_bytes`` (rounded up to ``SLOT_ALIGN``) in one shared block.
+
+    The block is a ``memfd`` (Linux): anonymous shared memory, reserved up front with
+    ``posix_fallocate`` so a lack of memory is an ``OSError`` here rather than a SIGBUS at the
+    first write, and outside ``/dev/shm`` (64 MB by default in Docker and Kubernetes, where the
+    DataLoader's own tensors already live). Workers inherit the mapping on fork and get the
+    descriptor on spawn / forkserver. Elsewhere a torch shared tensor serves, if ``/dev/shm``
+    has four times the room. ``OSError`` when neither can be had.
+    """
 
     _tokens = 0
 
@@ -69,25 +80,59 @@ class Ring:
                              f"{slot_bytes}")  # fmt: skip
         self.slots = int(slots)
         self.slot_bytes = -(-int(slot_bytes) // SLOT_ALIGN) * SLOT_ALIGN
-        # torch shares it with the workers: inherited on fork, its descriptor sent on spawn.
-        self.block = torch.empty(self.slots * self.slot_bytes, dtype=torch.uint8)
-        self.block.share_memory_()  # type: ignore[no-untyped-call]
+        self._fd: int | None = None
+        self.block: Any = None
+        memfd = getattr(os, "memfd_create", None)
+        if memfd is not None:
+            fd = memfd("mixtape-ring", getattr(os, "MFD_CLOEXEC", 0))
+            try:
+                os.posix_fallocate(fd, 0, self.nbytes)
+                self.block = mmap.mmap(fd, self.nbytes)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
+            weakref.finalize(self, os.close, fd)
+        else:  # pragma: no cover - not Linux
+            room = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
+            if room and self.nbytes * 4 > room:
+                raise OSError(f"/dev/shm has {room} bytes free, too few for a {self.nbytes}-byte "
+                              "ring")  # fmt: skip
+            self.block = torch.empty(self.nbytes, dtype=torch.uint8)
+            self.block.share_memory_()  # type: ignore[no-untyped-call]
         Ring._tokens += 1
         self.token = Ring._tokens
         self._main_state()
 
     def _main_state(self) -> None:
-        self._view: np.ndarray[Any, np.dtype[np.uint8]] = self.block.numpy()
-        self._addr = self.block.data_ptr()
+        if isinstance(self.block, torch.Tensor):
+            self._view: np.ndarray[Any, np.dtype[np.uint8]] = self.block.numpy()
+        else:
+            self._view = np.frombuffer(self.block, dtype=np.uint8)
+        self._addr = int(self._view.ctypes.data)
         self._free = list(range(self.slots - 1, -1, -1))  # main process: pop() gives slot 0 first
         self._inflight: set[int] = set()  # handed to a request, not yet back
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"slots": self.slots, "slot_bytes": self.slot_bytes, "block": self.block,
-                "token": self.token}  # fmt: skip
+        state = {"slots": self.slots, "slot_bytes": self.slot_bytes, "token": self.token}
+        if self._fd is not None:  # a worker started by spawn / forkserver maps the same memfd
+            from multiprocessing.reduction import DupFd
+
+            state["fd"] = DupFd(self._fd)
+        else:
+            state["block"] = self.block  # torch sends the shared tensor's descriptor
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        fd = state.pop("fd", None)
         self.__dict__.update(state)
+        self._fd = None
+        if fd is not None:
+            fd = fd.detach()
+            try:
+                self.block = mmap.mmap(fd, self.nbytes)
+            finally:
+                os.close(fd)  # the mapping keeps the memory
         self._main_state()
 
     @property
