@@ -41,22 +41,22 @@ def reference(n: int, **opts: Any) -> list[dict[str, Any]]:
 # --- the ring on its own ----------------------------------------------------------------------
 
 
-def _fill(ring: Ring, slot: int, value: int) -> Filled:
-    block = ring.slot_view(slot)
+def _fill(ring: Ring, ticket: tuple[int, int], value: int) -> Filled:
+    block = ring.slot_view(ticket[0])
     ids = block[:64].view(np.int64).reshape(2, 4)
     ids[:] = value
     batch = {"input_ids": torch.from_numpy(ids), "np": block[64:96].view(np.int32),
              "cu": torch.arange(3, dtype=torch.int32), "n": 7}  # fmt: skip
     batch["cu_k"] = batch["cu"]
-    return ring.describe(slot, batch)
+    return ring.describe(ticket, batch)
 
 
 def test_a_slot_comes_back_when_the_last_view_of_its_batch_is_gone() -> None:
     ring = Ring(2, 100)
     assert ring.slot_bytes == 4096 and ring.nbytes == 8192
-    slot = ring.take()
-    assert slot == 0
-    filled = _fill(ring, slot, 5)
+    ticket = ring.take()
+    assert ticket == (0, 0)
+    filled = _fill(ring, ticket, 5)
     assert isinstance(filled.fields, dict) and isinstance(filled.fields["input_ids"], InSlot)
     assert isinstance(filled.fields["np"], InSlot) and not filled.fields["np"].tensor
     assert filled.alias == {"cu_k": "cu"} and filled.tensors == {"cu"}
@@ -65,27 +65,28 @@ def test_a_slot_comes_back_when_the_last_view_of_its_batch_is_gone() -> None:
     assert batch["input_ids"].tolist() == [[5] * 4] * 2 and batch["n"] == 7
     assert isinstance(batch["np"], np.ndarray) and isinstance(batch["cu"], torch.Tensor)
     assert batch["cu_k"] is batch["cu"]
-    assert ring.take() == 1 and ring.take() is None  # slot 0 is held by the batch
+    assert ring.take() == (1, 0) and ring.take() is None  # slot 0 is held by the batch
     view = batch["input_ids"][1, 2:]
     del batch
     gc.collect()
     assert ring.take() is None  # a view keeps the slot
     del view
     gc.collect()
-    assert ring.take() == 0
+    assert ring.take() == (0, 0)
 
 
 def test_a_fallback_answer_frees_its_slot_and_stray_answers_are_errors() -> None:
     ring = Ring(1, 64)
-    slot = ring.take()
-    assert slot is not None
-    assert ring.receive(Filled(ring.token, slot, None, fallback="pieces")) is None
-    assert ring.take() == slot
+    ticket = ring.take()
+    assert ticket is not None
+    assert ring.receive(Filled(ring.token, *ticket, None, fallback="pieces")) is None
+    assert ring.take() == ticket
     with pytest.raises(RuntimeError, match="from ring"):
-        ring.receive(Filled(ring.token + 1, slot, {}))
-    ring.reclaim()
-    with pytest.raises(RuntimeError, match="not handed out"):
-        ring.receive(Filled(ring.token, slot, {}))
+        ring.receive(Filled(ring.token + 1, *ticket, {}))
+    ring.reclaim()  # a new iteration: the old one's answers are refused, their slots reused
+    assert ring.take() == (0, 1)
+    with pytest.raises(RuntimeError, match="earlier iteration"):
+        ring.receive(Filled(ring.token, *ticket, {}))
     with pytest.raises(ValueError, match="slots >= 1"):
         Ring(0, 64)
 
@@ -193,3 +194,17 @@ def test_without_shared_memory_the_loader_collates_in_the_main_process(
     with pytest.warns(UserWarning, match="No space left on device"):
         got = take(loader, 6)
     assert loader._ring is None and same_batches(got, reference(6))
+
+
+def test_a_superseded_iterator_fails_loudly() -> None:
+    """An iterator of the loader used after a newer one started cannot hand out a slot the newer
+    one may be filling: it raises instead. (With persistent workers both share torch's one
+    iterator, which the newer one reset: each batch still goes to one of them, intact.)"""
+    loader = get_loader(make(), 4, num_workers=2, persistent_workers=False, **PACKED)
+    stale = iter(loader)
+    next(stale)
+    fresh = iter(loader)
+    next(fresh)
+    with pytest.raises(RuntimeError):
+        for _ in range(12):
+            next(stale)

@@ -73,7 +73,7 @@ class _Request:
     starts: Int64Array | None = None  # packed: piece start within its document
     lengths: Int64Array | None = None  # packed: piece length
     row_offsets: Int64Array | None = None  # packed: pieces of each row (CSR)
-    slot: int | None = None  # packed, with workers: the ring slot to collate into
+    slot: tuple[int, int] | None = None  # packed, with workers: ring (slot, generation) to fill
 
 
 @dataclass(frozen=True)
@@ -140,15 +140,16 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
         return batch
 
     @staticmethod
-    def _into_slot(slot: int, ring: Ring, collate: PackedCollator, pieces: _Pieces) -> Filled:
-        """The batch collated into the ring's ``slot`` (the main process wraps it, no copy); the
-        pieces themselves when it does not fit."""
-        with collate._out.into(ring.slot_view(slot)):
+    def _into_slot(ticket: tuple[int, int], ring: Ring, collate: PackedCollator,
+                   pieces: _Pieces) -> Filled:  # fmt: skip
+        """The batch collated into the ticket's ring slot (the main process wraps it, no copy);
+        the pieces themselves when it does not fit."""
+        with collate._out.into(ring.slot_view(ticket[0])):
             batch = collate.collate_pieces(pieces.flat, pieces.lengths, pieces.row_offsets,
                                            pieces.sources)  # fmt: skip
-        filled = ring.describe(slot, batch)
+        filled = ring.describe(ticket, batch)
         if not any(isinstance(v, InSlot) for v in (filled.fields or {}).values()):
-            return Filled(ring.token, slot, None, fallback=pieces)
+            return Filled(ring.token, *ticket, None, fallback=pieces)
         return filled
 
     def _examples(self, req: _Request) -> Any:
@@ -656,8 +657,8 @@ class Loader:
         if self._reclaim:
             self._reclaim = False
             ring.reclaim()
-        slot = ring.take()
-        return req if slot is None else dataclasses.replace(req, slot=slot)
+        ticket = ring.take()
+        return req if ticket is None else dataclasses.replace(req, slot=ticket)
 
     # --- iteration --------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ class Filled:
 
     ring: int  # Ring.token of the ring the slot belongs to
     slot: int
+    generation: int  # Ring.generation when the slot was handed out
     fields: dict[str, Any] | None
     alias: dict[str, str] = field(default_factory=dict)
     tensors: frozenset[str] = frozenset()
@@ -112,6 +113,7 @@ class Ring:
         self._addr = int(self._view.ctypes.data)
         self._free = list(range(self.slots - 1, -1, -1))  # main process: pop() gives slot 0 first
         self._inflight: set[int] = set()  # handed to a request, not yet back
+        self.generation = 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = {"slots": self.slots, "slot_bytes": self.slot_bytes, "token": self.token}
@@ -141,19 +143,21 @@ class Ring:
 
     # --- main process ---------------------------------------------------------------------
 
-    def take(self) -> int | None:
-        """A free slot for a request about to be sent, or None when every slot is taken."""
+    def take(self) -> tuple[int, int] | None:
+        """(slot, generation) for a request about to be sent, or None when every slot is taken."""
         if not self._free:
             return None
         slot = self._free.pop()
         self._inflight.add(slot)
-        return slot
+        return slot, self.generation
 
     def reclaim(self) -> None:
         """Slots handed to requests whose answers will never come (the workers that had them
-        finished or stopped: a new epoch after torch drained them, or workers shut down)."""
+        finished or stopped: a new epoch after torch drained them, or workers shut down). A new
+        generation: an answer of the old one reaching :meth:`receive` is refused."""
         self._free.extend(sorted(self._inflight, reverse=True))
         self._inflight.clear()
+        self.generation += 1
 
     def _release(self, slot: int) -> None:
         self._free.append(slot)
@@ -163,6 +167,9 @@ class Ring:
         they are all gone); None when the worker fell back (the slot is free again)."""
         if filled.ring != self.token:
             raise RuntimeError(f"a batch from ring {filled.ring} reached ring {self.token}")
+        if filled.generation != self.generation:  # its slot may be another batch's by now
+            raise RuntimeError("a packed batch of an earlier iteration of this loader: iterate "
+                               "one iterator of a loader at a time")  # fmt: skip
         if filled.slot not in self._inflight:  # never: answers of reclaimed slots cannot come
             raise RuntimeError(f"ring slot {filled.slot} came back but was not handed out")
         self._inflight.discard(filled.slot)
@@ -197,9 +204,10 @@ class Ring:
         start = slot * self.slot_bytes
         return self._view[start: start + self.slot_bytes]
 
-    def describe(self, slot: int, batch: dict[str, Any]) -> Filled:
-        """``batch`` (collated into ``slot_view(slot)``) as the descriptor the main process
-        receives: tensors inside the slot by offset, others by value as numpy arrays."""
+    def describe(self, ticket: tuple[int, int], batch: dict[str, Any]) -> Filled:
+        """``batch`` (collated into ``slot_view`` of the ticket's slot) as the descriptor the
+        main process receives: arrays inside the slot by offset, other tensors by value."""
+        slot, generation = ticket
         lo = self._addr + slot * self.slot_bytes
         hi = lo + self.slot_bytes
         fields: dict[str, Any] = {}
@@ -226,4 +234,4 @@ class Ring:
                 fields[key] = InSlot(val.ctypes.data - lo, val.shape, val.dtype, False)
             else:
                 fields[key] = val
-        return Filled(self.token, slot, fields, alias, frozenset(tensors))
+        return Filled(self.token, slot, generation, fields, alias, frozenset(tensors))
