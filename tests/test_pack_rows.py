@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,7 +15,7 @@ from mixtape.ops import PackPlan, _padded_cu_seqlens, pack_fill, pack_rows
 def _plan(lengths: np.ndarray, row_offsets: np.ndarray, capacity: int) -> PackPlan:
     """The pack_fill plan of the same rows: piece k is document k, columns back to back."""
     column = np.zeros(lengths.size, dtype=np.int64)
-    for a, b in zip(row_offsets[:-1], row_offsets[1:], strict=True):
+    for a, b in itertools.pairwise(row_offsets):
         column[a:b] = np.cumsum(lengths[a:b]) - lengths[a:b]
     return PackPlan(capacity=capacity, strategy="packed_rows", row_offsets=row_offsets,
                     doc=np.arange(lengths.size, dtype=np.int64),
@@ -52,7 +54,7 @@ def test_pack_rows_equals_pack_fill_and_the_numpy_reference(
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     # tags: each piece's tag on its tokens, -1 on padding (the numpy reference)
     ref = np.full((len(rows), capacity), -1, dtype=np.int64)
-    for r, (a, b) in enumerate(zip(row_offsets[:-1], row_offsets[1:], strict=True)):
+    for r, (a, b) in enumerate(itertools.pairwise(row_offsets)):
         ref[r, : int(lengths[a:b].sum())] = np.repeat(tags[a:b], lengths[a:b])
     np.testing.assert_array_equal(got["tags"], ref)
     cu = _padded_cu_seqlens(plan)

@@ -31,7 +31,7 @@ import torch
 __all__ = ["SLOT_ALIGN", "Filled", "InSlot", "Ring"]
 
 SLOT_ALIGN = 4096  # slots start on page boundaries
-_NUMPY_DTYPES = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32),
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32),
                  torch.bool: np.dtype(np.bool_), torch.float32: np.dtype(np.float32)}  # fmt: skip
 
 
@@ -100,7 +100,7 @@ class Ring:
                 raise OSError(f"/dev/shm has {room} bytes free, too few for a {self.nbytes}-byte "
                               "ring")  # fmt: skip
             self.block = torch.empty(self.nbytes, dtype=torch.uint8)
-            self.block.share_memory_()  # type: ignore[no-untyped-call]
+            self.block.share_memory_()
         Ring._tokens += 1
         self.token = Ring._tokens
         self._main_state()
@@ -116,7 +116,8 @@ class Ring:
         self.generation = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {"slots": self.slots, "slot_bytes": self.slot_bytes, "token": self.token}
+        state: dict[str, Any] = {"slots": self.slots, "slot_bytes": self.slot_bytes,
+                                 "token": self.token}  # fmt: skip
         if self._fd is not None:  # a worker started by spawn / forkserver maps the same memfd
             from multiprocessing.reduction import DupFd
 
@@ -177,7 +178,7 @@ class Ring:
             self._release(filled.slot)
             return None
         start = filled.slot * self.slot_bytes
-        lease = memoryview(self._view)[start: start + self.slot_bytes]
+        lease = memoryview(self._view)[start: start + self.slot_bytes]  # type: ignore[arg-type]
         weakref.finalize(lease, self._release, filled.slot)
         # One storage holding `lease` (torch.frombuffer keeps the object it was given; numpy's
         # frombuffer would keep the block instead), seen through numpy (cheaper views than
