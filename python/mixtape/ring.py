@@ -31,8 +31,10 @@ import torch
 __all__ = ["SLOT_ALIGN", "Filled", "InSlot", "Ring"]
 
 SLOT_ALIGN = 4096  # slots start on page boundaries
-_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32),
-                 torch.bool: np.dtype(np.bool_), torch.float32: np.dtype(np.float32)}  # fmt: skip
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {
+    torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32),
+    torch.bool: np.dtype(np.bool_), torch.float32: np.dtype(np.float32),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
