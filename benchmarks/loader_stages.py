@@ -5,11 +5,13 @@ packed 4096-token rows). Prints, over ``--batches`` batches after the first:
 
 - with no workers: wall time per batch and its parts (planning in the sampler, reading the pieces,
   collating; the rest is the DataLoader and the loop), the mean of each;
-- with ``--workers`` workers: wall time, main-process CPU and the workers' CPU per batch, for the
-  three ways a packed batch can reach the main process, alternating so they share the machine's
-  load: collated by the worker into the loader's shared-memory ring (the default), or sent as
-  its pieces and collated in the main process (no ring) through the result pipe the loader
-  widens to 1 MB, or through the default 64 KB pipe.
+- with ``--workers`` workers: wall time, main-process CPU and the workers' CPU per batch, and
+  the one-off costs (building the loader, the first batch while the workers start, the shut-down
+  joining them; ``mixtape bench``'s loader case counts all three), for the three ways a packed
+  batch can reach the main process, alternating so they share the machine's load: collated by
+  the worker into the loader's shared-memory ring (the default), or sent as its pieces and
+  collated in the main process (no ring) through the result pipe the loader widens to 1 MB, or
+  through the default 64 KB pipe.
 
     python benchmarks/loader_stages.py [--batches 300] [--workers 2] [--repeat 3]
 """
@@ -59,22 +61,32 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run(dss: list[Any], workers: int, batches: int) -> tuple[float, float, float]:
-    """(wall s, main-process CPU s, workers' CPU s) per batch over ``batches`` batches after
-    the first."""
+def _run(dss: list[Any], workers: int, batches: int) -> dict[str, float]:
+    """Seconds: building the mixture and loader, the first batch (worker start-up included),
+    then per batch over ``batches`` more (wall, main-process CPU, the workers' CPU), and the
+    shut-down (workers joined)."""
+    t = time.perf_counter()
     mixed = MixedDataset(dict(zip(NAMES, dss, strict=True)), dict(zip(NAMES, WEIGHTS, strict=True)),
                          seed=0)  # fmt: skip
     loader = get_loader(mixed, 8, packing="bfd", max_length=4096, collate_fn="packed",
                         collate_kwargs={"attention": "flash"}, num_workers=workers)  # fmt: skip
+    out = {"build": time.perf_counter() - t}
+    t = time.perf_counter()
     it = iter(loader)
     next(it)
+    out["first"] = time.perf_counter() - t
     procs = getattr(loader.dataloader._iterator, "_workers", [])
     w0 = sum(_cpu_seconds(p.pid) for p in procs)
     t, c = time.perf_counter(), time.process_time()
     for _, _batch in zip(range(batches), it, strict=False):
         pass
-    wall, cpu = (time.perf_counter() - t) / batches, (time.process_time() - c) / batches
-    return wall, cpu, (sum(_cpu_seconds(p.pid) for p in procs) - w0) / batches
+    out["wall"] = (time.perf_counter() - t) / batches
+    out["cpu"] = (time.process_time() - c) / batches
+    out["workers"] = (sum(_cpu_seconds(p.pid) for p in procs) - w0) / batches
+    t = time.perf_counter()
+    del it, loader, _batch  # the workers are joined here (no cycle keeps the loader)
+    out["shutdown"] = time.perf_counter() - t
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -94,7 +106,7 @@ def main(argv: list[str]) -> int:
         for _ in range(args.repeat):
             for v in parts.values():
                 v.clear()
-            wall, _, _ = _run(dss, 0, args.batches)
+            wall = _run(dss, 0, args.batches)["wall"]
             means = {k: float(np.mean(v[-args.batches:])) for k, v in parts.items()}
             rest = wall - sum(means.values())
             print(f"  {wall * 1e3:.3f} ms: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in
@@ -109,17 +121,20 @@ def main(argv: list[str]) -> int:
         ("pieces, pipe 1 MB", widen, lambda self, c: None),
         ("pieces, pipe 64 KB", lambda batches: None, lambda self, c: None),
     ]
-    print(f"{args.workers} workers (per batch: wall / main-process CPU / workers' CPU):")
+    print(f"{args.workers} workers, per batch: wall / main-process CPU / workers' CPU; then "
+          "building the loader, the first batch (workers starting) and the shut-down:")
     for _ in range(args.repeat):
         for label, pipe, ring in variants:
             loader_mod._widen_result_pipe = pipe
             loader_mod.Loader._ring_layout = ring  # type: ignore[method-assign]
             try:
-                wall, cpu, wcpu = _run(dss, args.workers, args.batches)
+                r = _run(dss, args.workers, args.batches)
             finally:
                 loader_mod._widen_result_pipe = widen
                 loader_mod.Loader._ring_layout = layout  # type: ignore[method-assign]
-            print(f"  {label:<20} {wall * 1e3:.3f} / {cpu * 1e3:.3f} / {wcpu * 1e3:.3f} ms")
+            ms = {k: v * 1e3 for k, v in r.items()}
+            print(f"  {label:<20} {ms['wall']:.3f} / {ms['cpu']:.3f} / {ms['workers']:.3f} ms; "
+                  f"{ms['build']:.1f} / {ms['first']:.1f} / {ms['shutdown']:.1f} ms")
     return 0
 
 
