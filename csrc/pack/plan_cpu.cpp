@@ -175,9 +175,11 @@ SortedPieces sort_pieces(const T* lengths, int64_t n, const PackPlanOptions& o,
   sp.length.resize(static_cast<size_t>(count));
   int64_t at = 0;
   for (int64_t len = C; len >= 1; --len) {  // counts -> first slot of each length
-    const int64_t c = pos[static_cast<size_t>(len)];
+    int64_t& p = pos[static_cast<size_t>(len)];
+    if (p == 0) continue;  // most lengths are absent when n << C (the loader's batches)
+    const int64_t c = p;
     std::fill(sp.length.begin() + at, sp.length.begin() + at + c, len);
-    pos[static_cast<size_t>(len)] = at;
+    p = at;
     at += c;
   }
   for_each_piece(lengths, n, o, [&](int64_t doc, int64_t start, int64_t len) {

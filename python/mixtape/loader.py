@@ -45,9 +45,9 @@ from mixtape.collate.packed import PackedCollator
 from mixtape.collate.sources import DOC_SOURCE_IDS
 from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
 from mixtape.mixing import MixedDataset, MixPlan, mixture_weights
-from mixtape.ops import OVERFLOW_POLICIES, Int64Array, gather_rows, normalize_weights, pack_plan
+from mixtape.ops import OVERFLOW_POLICIES, Int64Array, _pack_batch, gather_rows, normalize_weights
 from mixtape.schedule import WeightScheduler
-from mixtape.sources import take_ragged
+from mixtape.sources import piece_reader, take_ragged
 
 __all__ = ["DataLoaderFactory", "Loader", "get_loader"]
 
@@ -140,21 +140,41 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
 
     def _packed(self, req: _Request) -> _Pieces:
         assert req.starts is not None and req.lengths is not None and req.row_offsets is not None
-        # One read per source of its distinct documents (only the token column), then the
-        # pieces copied straight to their place in the batch's flat tokens.
+        # Each source's pieces copied straight from its column's buffers to their place in the
+        # batch's flat tokens (one C++ pass per source, see ops.PieceReader); a source without
+        # such buffers reads its distinct documents (only the token column), then the pieces.
         out_offsets = np.zeros(req.lengths.size + 1, dtype=np.int64)
         np.cumsum(req.lengths, out=out_offsets[1:])
-        reads = []
-        for k in np.unique(req.sources).tolist():
-            sel = np.flatnonzero(req.sources == k)
-            uniq, inverse = np.unique(req.rows[sel], return_inverse=True)
-            values, doc_offsets = take_ragged(self.mixed.source(k), uniq, self.column)
-            reads.append((sel, values, doc_offsets[inverse.reshape(-1)] + req.starts[sel]))
-        dtype = np.result_type(*(v.dtype for _, v, _ in reads)) if reads else np.int64
+        sources = np.ascontiguousarray(req.sources, dtype=np.int32)
+        rows, starts, lengths = (np.ascontiguousarray(a, dtype=np.int64)
+                                 for a in (req.rows, req.starts, req.lengths))  # fmt: skip
+        readers, reads = [], []
+        for k in np.flatnonzero(np.bincount(sources)).tolist() if sources.size else ():
+            source = self.mixed.source(k)
+            reader = piece_reader(source, self.column)
+            if reader is not None:
+                readers.append((k, source.name, reader))
+                continue
+            sel = np.flatnonzero(sources == k)
+            uniq, inverse = np.unique(rows[sel], return_inverse=True)
+            values, doc_offsets = take_ragged(source, uniq, self.column)
+            reads.append((sel, values, doc_offsets[inverse.reshape(-1)] + starts[sel]))
+        dtypes = [r.dtype for _, _, r in readers] + [v.dtype for _, v, _ in reads]
+        dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.int64)
         flat = np.empty(int(out_offsets[-1]), dtype=dtype)
-        for sel, values, starts in reads:
-            gather_rows(values.astype(dtype, copy=False), starts, req.lengths[sel],
-                        out_offsets[sel], flat)  # fmt: skip
+        for k, name, reader in readers:
+            # Only this source's pieces; another dtype goes through a copy of its own dtype.
+            into = flat if reader.dtype == dtype else np.empty(flat.size, dtype=reader.dtype)
+            try:
+                reader.gather(rows, starts, lengths, out_offsets, into, sources=sources, source=k)
+            except ValueError as e:
+                raise ValueError(f"source {name!r}: {e}") from None
+            if into is not flat:
+                mine = np.repeat(sources == k, lengths)
+                flat[mine] = into[mine]
+        for sel, values, at in reads:
+            gather_rows(values.astype(dtype, copy=False), at, lengths[sel], out_offsets[sel],
+                        flat)  # fmt: skip
         return _Pieces(flat, req.row_offsets, req.lengths, req.sources.astype(np.int32))
 
 
@@ -233,35 +253,44 @@ class _PackPlanner:
         self.carry = [list(map(int, c)) for c in carry]  # (source, row, start, length) pieces
         self.next_batch = next_batch
         self.ended = False
-        self._buf: tuple[int, MixPlan, Int64Array] | None = None  # planned ahead: (start, ...)
+        self._buf: _Docs | None = None  # documents planned ahead
+        # self.carry as the kernel takes it, while self.carry is that list (a copy made by
+        # Loader._cursor, or a reset, replaces the list: the array is then rebuilt from it).
+        self._carry_of: list[list[int]] | None = None
+        self._carry_arr = np.zeros((0, 4), dtype=np.int64)
 
     def cursor(self) -> tuple[int, list[list[int]]]:
         """The state before batch ``next_batch``: next position and carried pieces."""
+        if self._carry_of is self.carry:
+            return self.position, self._carry_arr.tolist()
         return self.position, [list(c) for c in self.carry]
 
-    def _docs(self, need: int) -> tuple[MixPlan, Int64Array] | None:
-        """The next documents from ``self.position`` holding about ``need`` tokens."""
+    def _carry_array(self) -> Int64Array:
+        """The carried pieces as an int64 [n, 4] array."""
+        if self._carry_of is not self.carry:
+            self._carry_arr = np.asarray(self.carry, dtype=np.int64).reshape(-1, 4)
+            self._carry_of = self.carry
+        return self._carry_arr
+
+    def _docs(self, need: int) -> tuple[npt.NDArray[np.int32], Int64Array, Int64Array,
+                                        bool] | None:  # fmt: skip
+        """The next documents from ``self.position`` holding about ``need`` tokens: (sources,
+        rows, token counts, whether any is empty or, unless split or truncated, too long)."""
         lo = self.loader
-        stop = lo.mixed.stop_position()
-        if self._buf is None or self._buf[0] != self.position:
+        buf = self._buf
+        if buf is None or not buf.start <= self.position < buf.start + buf.rows.size:
+            stop = lo.mixed.stop_position()
             n = 1024 if stop is None else min(1024, stop - self.position)
             if n <= 0:
                 return None
-            plan = lo.mixed.plan(self.position, n)
-            self._buf = (self.position, plan, lo._lengths(plan))
-        start, plan, lengths = self._buf
-        cum = np.cumsum(np.minimum(lengths, lo.capacity))
-        take = int(np.searchsorted(cum, need)) + 1  # through the document reaching `need`
-        take = min(take, len(plan))
-        head = MixPlan(start, plan.sources[:take], plan.rows[:take], plan.ordinals[:take])
-        if take < len(plan):
-            rest = MixPlan(start + take, plan.sources[take:], plan.rows[take:],
-                           plan.ordinals[take:])  # fmt: skip
-            self._buf = (start + take, rest, lengths[take:])
-        else:
-            self._buf = None
-        self.position = start + take
-        return head, lengths[:take]
+            buf = self._buf = _Docs.of(lo, lo.mixed.plan(self.position, n))
+        i = self.position - buf.start
+        base = int(buf.cum[i - 1]) if i else 0
+        # Through the document reaching `need` (counting at most a row per document).
+        end = min(int(np.searchsorted(buf.cum, base + need)) + 1, buf.rows.size)
+        self.position = buf.start + end
+        flagged = int(buf.flagged[end - 1]) - (int(buf.flagged[i - 1]) if i else 0)
+        return buf.sources[i:end], buf.rows[i:end], buf.lengths[i:end], flagged > 0
 
     def batch(self, k: int) -> _Request | None:
         """The request of global batch ``k`` (called with k, k + 1, ...)."""
@@ -272,74 +301,100 @@ class _PackPlanner:
         lo._cursors[k] = self.cursor()  # the state a loader resuming at batch k starts from
         if lo._apply_updates(k, self.position):  # from the first document drawn for batch k
             self._buf = None  # documents planned ahead under the old weights
-        # Pieces: (source, row, start, length), the carried ones first.
-        parts = [np.asarray(self.carry, dtype=np.int64).reshape(-1, 4)]
-        have = int(parts[0][:, 3].sum())
+        carry = self._carry_array()  # carried pieces go first
+        have = int(carry[:, 3].sum())
+        docs: list[tuple[npt.NDArray[np.int32], Int64Array, Int64Array]] = []
         while have < b * cap and not self.ended:
             got = self._docs(b * cap - have)
             if got is None:
                 self.ended = True
                 break
-            plan, doc_len = got
-            empty = doc_len == 0
-            if empty.any():  # no piece would carry them: refused, or counted and skipped
-                i = int(np.argmax(empty))
-                if not lo.drop_empty:
-                    raise ValueError(
-                        f"source {lo.source_names[int(plan.sources[i])]!r} row "
-                        f"{int(plan.rows[i])} has no tokens ({lo.column!r} is empty or None); "
-                        "pass drop_empty=True to skip empty documents (they are counted in "
-                        "loader.empty_docs)"
-                    )
-                if self.counting:
-                    lo.empty_docs += int(empty.sum())
-            long = doc_len > cap
-            if long.any() and lo.overflow == "error":
-                i = int(np.argmax(long))
-                raise ValueError(
-                    f"source {lo.source_names[int(plan.sources[i])]!r} row {int(plan.rows[i])} "
-                    f"has {int(doc_len[i])} tokens, more than max_length={cap} "
-                    "(overflow='error'; 'split', 'truncate' or 'drop' to go on)"
-                )
-            if long.any() and lo.overflow == "drop":  # counted, never silent
-                if self.counting:
-                    lo.dropped_docs += int(long.sum())
-                keep = ~long
-                plan = MixPlan(plan.start, plan.sources[keep], plan.rows[keep],
-                               plan.ordinals[keep])  # fmt: skip
-                doc_len = doc_len[keep]
+            sources, rows, doc_len, flagged = got
+            if flagged:
+                sources, rows, doc_len = self._checked(sources, rows, doc_len)
             if lo.overflow == "truncate":
                 doc_len = np.minimum(doc_len, cap)
-            pieces = -(-doc_len // cap)  # a document longer than a row: row-sized pieces
-            idx = np.repeat(np.arange(len(plan)), pieces)
-            first = np.cumsum(pieces) - pieces
-            p_start = (np.arange(idx.size) - first[idx]) * cap
-            p_len = np.minimum(cap, doc_len[idx] - p_start)
-            parts.append(np.stack([plan.sources[idx].astype(np.int64), plan.rows[idx], p_start,
-                                   p_len], axis=1))  # fmt: skip
-            have += int(p_len.sum())
-        items = np.concatenate(parts)
-        if not len(items):
+            docs.append((sources, rows, doc_len))
+            have += int(doc_len.sum())
+        if len(docs) != 1:
+            docs = [(np.concatenate([d[0] for d in docs]).astype(np.int32, copy=False),
+                     np.concatenate([d[1] for d in docs]).astype(np.int64, copy=False),
+                     np.concatenate([d[2] for d in docs]).astype(np.int64, copy=False))
+                    if docs else (_NO_SOURCES, _NO_INTS, _NO_INTS)]  # fmt: skip
+        # Documents cut into row-sized pieces after the carried ones, packed; the fullest rows
+        # are the batch (in plan order) and the other rows' pieces are carried (ops.pack_batch).
+        res = _pack_batch(carry, *docs[0], cap, b, lo.config.packing or "bfd")
+        if res.num_rows == 0:
             return None
-        pp = pack_plan(items[:, 3], cap, strategy=lo.config.packing or "bfd", overflow="error")
-        per_row = np.diff(pp.row_offsets)
-        used = np.bincount(np.repeat(np.arange(pp.num_rows), per_row), weights=pp.length,
-                           minlength=pp.num_rows)  # fmt: skip
-        keep = np.sort(np.argsort(-used, kind="stable")[:b])  # the fullest rows, in plan order
-        if keep.size < b and lo.config.drop_last:
+        if res.row_offsets.size - 1 < b and lo.config.drop_last:
             return None
-        is_kept = np.zeros(pp.num_rows, dtype=bool)
-        is_kept[keep] = True
-        piece_row = np.repeat(np.arange(pp.num_rows), per_row)
-        carried = pp.doc[~is_kept[piece_row]]  # items never split again: all fit in a row
-        self.carry = items[carried].tolist()
+        self._carry_arr, self.carry = res.carry, res.carry.tolist()
+        self._carry_of = self.carry
         self.next_batch += 1
-        sel = np.flatnonzero(is_kept[piece_row])  # pieces of the kept rows, row by row
-        chosen = items[pp.doc[sel]]
-        row_offsets = np.zeros(keep.size + 1, dtype=np.int64)
-        np.cumsum(per_row[keep], out=row_offsets[1:])
-        return _Request(k, chosen[:, 0].astype(np.int32), chosen[:, 1], chosen[:, 2],
-                        chosen[:, 3], row_offsets)
+        return _Request(k, res.sources, res.rows, res.starts, res.lengths, res.row_offsets)
+
+    def _checked(self, sources: npt.NDArray[np.int32], rows: Int64Array,
+                 doc_len: Int64Array) -> tuple[npt.NDArray[np.int32], Int64Array,
+                                               Int64Array]:  # fmt: skip
+        """Documents with an empty or (under overflow ``error`` / ``drop``) too long one among
+        them: refused, or counted and skipped / dropped."""
+        lo = self.loader
+        cap = lo.capacity
+        empty = doc_len == 0
+        if empty.any():  # no piece would carry them: refused, or counted and skipped
+            i = int(np.argmax(empty))
+            if not lo.drop_empty:
+                raise ValueError(
+                    f"source {lo.source_names[int(sources[i])]!r} row "
+                    f"{int(rows[i])} has no tokens ({lo.column!r} is empty or None); "
+                    "pass drop_empty=True to skip empty documents (they are counted in "
+                    "loader.empty_docs)"
+                )
+            if self.counting:
+                lo.empty_docs += int(empty.sum())
+        long = doc_len > cap
+        if long.any() and lo.overflow == "error":
+            i = int(np.argmax(long))
+            raise ValueError(
+                f"source {lo.source_names[int(sources[i])]!r} row {int(rows[i])} "
+                f"has {int(doc_len[i])} tokens, more than max_length={cap} "
+                "(overflow='error'; 'split', 'truncate' or 'drop' to go on)"
+            )
+        if long.any() and lo.overflow == "drop":  # counted, never silent
+            if self.counting:
+                lo.dropped_docs += int(long.sum())
+            keep = ~long
+            sources, rows, doc_len = sources[keep], rows[keep], doc_len[keep]
+        return sources, rows, doc_len
+
+
+_NO_SOURCES = np.zeros(0, dtype=np.int32)
+_NO_INTS = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class _Docs:
+    """Documents planned ahead from mixture position ``start``: sources, rows and token counts;
+    ``cum``: running sum of the counts capped at a row; ``flagged``: running count of documents
+    that need :meth:`_PackPlanner._checked` (empty, or too long unless split or truncated)."""
+
+    start: int
+    sources: npt.NDArray[np.int32]
+    rows: Int64Array
+    lengths: Int64Array
+    cum: Int64Array
+    flagged: Int64Array
+
+    @staticmethod
+    def of(lo: Loader, plan: MixPlan) -> _Docs:
+        lengths = lo._lengths(plan)
+        cap = lo.capacity
+        bad = lengths == 0
+        if lo.overflow in ("error", "drop"):
+            bad |= lengths > cap
+        return _Docs(plan.start, np.ascontiguousarray(plan.sources, dtype=np.int32),
+                     np.ascontiguousarray(plan.rows, dtype=np.int64), lengths,
+                     np.cumsum(np.minimum(lengths, cap)), np.cumsum(bad))  # fmt: skip
 
 
 class _PlanSampler(torch.utils.data.Sampler[_Request]):
