@@ -52,7 +52,8 @@ void bind_pack_batch(py::module_& m) {
                               vector_array(std::move(r.start)),
                               vector_array(std::move(r.length)),
                               vector_array(std::move(r.row_offsets)),
-                              vector_array(std::move(r.carry), 4), r.num_rows);
+                              vector_array(std::move(r.carry), 4), r.num_rows,
+                              r.carry_tokens);
       },
       "carry"_a.noconvert(), "doc_source"_a.noconvert(), "doc_row"_a.noconvert(),
       "doc_length"_a.noconvert(), py::kw_only(), "capacity"_a, "batch_size"_a,

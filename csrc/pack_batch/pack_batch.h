@@ -40,6 +40,7 @@ struct PackBatchResult {
   std::vector<int64_t> row_offsets;  // [kept rows + 1]: pieces of each kept row (CSR)
   std::vector<int64_t> carry;        // [carried pieces * 4], as PackBatchInput::carry
   int64_t num_rows = 0;              // rows of the plan (kept: min(batch_size, num_rows))
+  int64_t carry_tokens = 0;          // tokens of the carried pieces
 };
 
 // Throws std::invalid_argument for bad options, a negative document length, or a carried piece

@@ -83,11 +83,19 @@ void pack_batch_cpu(const PackBatchInput& in, const PackBatchOptions& opt, PackB
   std::vector<char> is_kept(static_cast<size_t>(rows), 0);
   for (int64_t r : order) is_kept[static_cast<size_t>(r)] = 1;
 
+  const size_t pieces = plan.doc.size();  // no reallocation while appending below
   out->source.clear();
+  out->source.reserve(pieces);
   out->row.clear();
+  out->row.reserve(pieces);
   out->start.clear();
+  out->start.reserve(pieces);
   out->length.clear();
+  out->length.reserve(pieces);
   out->carry.clear();
+  out->carry.reserve(4 * pieces);
+  out->carry_tokens = 0;
+  out->row_offsets.reserve(static_cast<size_t>(kept) + 1);
   out->row_offsets.assign(1, 0);
   const auto piece = [&](int64_t j, int64_t* f) {  // f: source, row, start, length
     const int64_t* it = items.data() + 4 * plan.doc[static_cast<size_t>(j)];
@@ -112,6 +120,7 @@ void pack_batch_cpu(const PackBatchInput& in, const PackBatchOptions& opt, PackB
     for (int64_t j = plan.row_offsets[r]; j < plan.row_offsets[r + 1]; ++j) {
       piece(j, f);
       out->carry.insert(out->carry.end(), f, f + 4);
+      out->carry_tokens += f[3];
     }
   }
 }

@@ -106,6 +106,7 @@ def pack_batch(
     npt.NDArray[np.int64],
     npt.NDArray[np.int64],
     int,
+    int,
 ]: ...
 def pack_check(
     offsets: npt.NDArray[np.int64],
@@ -213,7 +214,9 @@ def gather_rows(
     out: npt.NDArray[Any],
 ) -> None: ...
 
-class PieceReader:
+class PieceReader(metaclass=_Pybind11Type):
+    """A chunked ragged column's buffers from which pieces of rows are copied (pieces.h)."""
+
     def __init__(
         self,
         values: list[npt.NDArray[Any]],

@@ -23,6 +23,7 @@ the batch count (a map-style dataset resumes by skipping sampler indices, not da
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import weakref
@@ -248,49 +249,62 @@ class _PackPlanner:
         self.counting = True  # count dropped / empty documents (not on a replaying copy)
         self.reset(0, [], 0)
 
+    _carry_list: list[list[int]] | None
+    _carry_arr: Int64Array
+    _carry_tokens: int
+
     def reset(self, position: int, carry: list[list[int]], next_batch: int) -> None:
         self.position = position  # next mixture position to draw
-        self.carry = [list(map(int, c)) for c in carry]  # (source, row, start, length) pieces
+        self.carry = carry
         self.next_batch = next_batch
         self.ended = False
         self._buf: _Docs | None = None  # documents planned ahead
-        # self.carry as the kernel takes it, while self.carry is that list (a copy made by
-        # Loader._cursor, or a reset, replaces the list: the array is then rebuilt from it).
-        self._carry_of: list[list[int]] | None = None
-        self._carry_arr = np.zeros((0, 4), dtype=np.int64)
+
+    @property
+    def carry(self) -> list[list[int]]:
+        """The carried pieces, (source, row, start, length) each (a list made on first use: the
+        planner keeps them as the int64 [n, 4] array the kernel takes)."""
+        if self._carry_list is None:
+            pieces: list[list[int]] = self._carry_arr.tolist()
+            self._carry_list = pieces
+        return self._carry_list
+
+    @carry.setter
+    def carry(self, pieces: list[list[int]]) -> None:
+        self._carry_list = [list(map(int, c)) for c in pieces]
+        for i, c in enumerate(self._carry_list):
+            if len(c) != 4:
+                raise ValueError(f"packing cursor: carried piece {i} is {c}, expected "
+                                 "[source, row, start, length]")  # fmt: skip
+        self._carry_arr = np.asarray(self._carry_list, dtype=np.int64).reshape(-1, 4)
+        self._carry_tokens = int(self._carry_arr[:, 3].sum())
 
     def cursor(self) -> tuple[int, list[list[int]]]:
         """The state before batch ``next_batch``: next position and carried pieces."""
-        if self._carry_of is self.carry:
-            return self.position, self._carry_arr.tolist()
-        return self.position, [list(c) for c in self.carry]
+        pieces: list[list[int]] = self._carry_arr.tolist()
+        return self.position, pieces
 
-    def _carry_array(self) -> Int64Array:
-        """The carried pieces as an int64 [n, 4] array."""
-        if self._carry_of is not self.carry:
-            self._carry_arr = np.asarray(self.carry, dtype=np.int64).reshape(-1, 4)
-            self._carry_of = self.carry
-        return self._carry_arr
-
-    def _docs(self, need: int) -> tuple[npt.NDArray[np.int32], Int64Array, Int64Array,
+    def _docs(self, need: int) -> tuple[npt.NDArray[np.int32], Int64Array, Int64Array, int,
                                         bool] | None:  # fmt: skip
         """The next documents from ``self.position`` holding about ``need`` tokens: (sources,
-        rows, token counts, whether any is empty or, unless split or truncated, too long)."""
+        rows, token counts, their sum, whether any is empty or, unless split or truncated, too
+        long)."""
         lo = self.loader
         buf = self._buf
-        if buf is None or not buf.start <= self.position < buf.start + buf.rows.size:
+        if buf is None or not buf.start <= self.position < buf.start + len(buf.cum):
             stop = lo.mixed.stop_position()
             n = 1024 if stop is None else min(1024, stop - self.position)
             if n <= 0:
                 return None
             buf = self._buf = _Docs.of(lo, lo.mixed.plan(self.position, n))
         i = self.position - buf.start
-        base = int(buf.cum[i - 1]) if i else 0
+        base = buf.cum[i - 1] if i else 0
         # Through the document reaching `need` (counting at most a row per document).
-        end = min(int(np.searchsorted(buf.cum, base + need)) + 1, buf.rows.size)
+        end = min(bisect.bisect_left(buf.cum, base + need) + 1, len(buf.cum))
         self.position = buf.start + end
-        flagged = int(buf.flagged[end - 1]) - (int(buf.flagged[i - 1]) if i else 0)
-        return buf.sources[i:end], buf.rows[i:end], buf.lengths[i:end], flagged > 0
+        flagged = buf.flagged[end - 1] - (buf.flagged[i - 1] if i else 0)
+        tokens = buf.tokens[end - 1] - (buf.tokens[i - 1] if i else 0)
+        return buf.sources[i:end], buf.rows[i:end], buf.lengths[i:end], tokens, flagged > 0
 
     def batch(self, k: int) -> _Request | None:
         """The request of global batch ``k`` (called with k, k + 1, ...)."""
@@ -301,21 +315,22 @@ class _PackPlanner:
         lo._cursors[k] = self.cursor()  # the state a loader resuming at batch k starts from
         if lo._apply_updates(k, self.position):  # from the first document drawn for batch k
             self._buf = None  # documents planned ahead under the old weights
-        carry = self._carry_array()  # carried pieces go first
-        have = int(carry[:, 3].sum())
+        have = self._carry_tokens  # carried pieces go first
         docs: list[tuple[npt.NDArray[np.int32], Int64Array, Int64Array]] = []
         while have < b * cap and not self.ended:
             got = self._docs(b * cap - have)
             if got is None:
                 self.ended = True
                 break
-            sources, rows, doc_len, flagged = got
-            if flagged:
-                sources, rows, doc_len = self._checked(sources, rows, doc_len)
-            if lo.overflow == "truncate":
-                doc_len = np.minimum(doc_len, cap)
+            sources, rows, doc_len, tokens, flagged = got
+            if flagged or lo.overflow == "truncate":
+                if flagged:
+                    sources, rows, doc_len = self._checked(sources, rows, doc_len)
+                if lo.overflow == "truncate":
+                    doc_len = np.minimum(doc_len, cap)
+                tokens = int(doc_len.sum())
             docs.append((sources, rows, doc_len))
-            have += int(doc_len.sum())
+            have += tokens
         if len(docs) != 1:
             docs = [(np.concatenate([d[0] for d in docs]).astype(np.int32, copy=False),
                      np.concatenate([d[1] for d in docs]).astype(np.int64, copy=False),
@@ -323,13 +338,12 @@ class _PackPlanner:
                     if docs else (_NO_SOURCES, _NO_INTS, _NO_INTS)]  # fmt: skip
         # Documents cut into row-sized pieces after the carried ones, packed; the fullest rows
         # are the batch (in plan order) and the other rows' pieces are carried (ops.pack_batch).
-        res = _pack_batch(carry, *docs[0], cap, b, lo.config.packing or "bfd")
+        res = _pack_batch(self._carry_arr, *docs[0], cap, b, lo.config.packing or "bfd")
         if res.num_rows == 0:
             return None
         if res.row_offsets.size - 1 < b and lo.config.drop_last:
             return None
-        self._carry_arr, self.carry = res.carry, res.carry.tolist()
-        self._carry_of = self.carry
+        self._carry_arr, self._carry_list, self._carry_tokens = res.carry, None, res.carry_tokens
         self.next_batch += 1
         return _Request(k, res.sources, res.rows, res.starts, res.lengths, res.row_offsets)
 
@@ -375,15 +389,18 @@ _NO_INTS = np.zeros(0, dtype=np.int64)
 @dataclass(frozen=True)
 class _Docs:
     """Documents planned ahead from mixture position ``start``: sources, rows and token counts;
-    ``cum``: running sum of the counts capped at a row; ``flagged``: running count of documents
-    that need :meth:`_PackPlanner._checked` (empty, or too long unless split or truncated)."""
+    ``cum``: running sum of the counts capped at a row; ``tokens``: running sum of the counts;
+    ``flagged``: running count of documents that need :meth:`_PackPlanner._checked` (empty, or
+    too long unless split or truncated). The running sums are lists: a batch reads a few of
+    their entries, faster from a list than as numpy scalars."""
 
     start: int
     sources: npt.NDArray[np.int32]
     rows: Int64Array
     lengths: Int64Array
-    cum: Int64Array
-    flagged: Int64Array
+    cum: list[int]
+    tokens: list[int]
+    flagged: list[int]
 
     @staticmethod
     def of(lo: Loader, plan: MixPlan) -> _Docs:
@@ -394,7 +411,8 @@ class _Docs:
             bad |= lengths > cap
         return _Docs(plan.start, np.ascontiguousarray(plan.sources, dtype=np.int32),
                      np.ascontiguousarray(plan.rows, dtype=np.int64), lengths,
-                     np.cumsum(np.minimum(lengths, cap)), np.cumsum(bad))  # fmt: skip
+                     np.cumsum(np.minimum(lengths, cap)).tolist(), np.cumsum(lengths).tolist(),
+                     np.cumsum(bad).tolist())  # fmt: skip
 
 
 class _PlanSampler(torch.utils.data.Sampler[_Request]):
@@ -588,14 +606,30 @@ class Loader:
                 changed = True
         return changed
 
+    # Every loaded source's token counts back to back and the start of each source's (views of
+    # it are the values of _lengths_cache): a plan's counts are one gather.
+    _lengths_all: tuple[Int64Array, Int64Array] | None = None
+
     def _lengths(self, plan: MixPlan) -> Int64Array:
         """Token counts of the planned documents (lengths read once per source, from offsets)."""
-        out = np.empty(len(plan), dtype=np.int64)
-        for k in np.unique(plan.sources).tolist():
-            if k not in self._lengths_cache:
-                self._lengths_cache[k] = _source_lengths(self.mixed.source(k), self.column)
-            sel = plan.sources == k
-            out[sel] = self._lengths_cache[k][plan.rows[sel]]
+        cache = self._lengths_cache
+        present = np.flatnonzero(np.bincount(plan.sources)).tolist() if len(plan) else []
+        missing = [k for k in present if k not in cache]
+        if missing or self._lengths_all is None:
+            for k in missing:
+                cache[k] = _source_lengths(self.mixed.source(k), self.column)
+            base = np.zeros(len(self.source_names), dtype=np.int64)
+            ks = sorted(cache)
+            sizes = [cache[k].size for k in ks]
+            table = np.concatenate([cache[k] for k in ks]) if ks else np.zeros(0, np.int64)
+            at = 0
+            for k, n in zip(ks, sizes, strict=True):
+                base[k] = at
+                cache[k] = table[at: at + n]
+                at += n
+            self._lengths_all = (table, base)
+        table, base = self._lengths_all
+        out: Int64Array = table[base[plan.sources] + plan.rows]
         return out
 
     def _cursor(self, k: int) -> tuple[int, list[list[int]]]:

@@ -902,6 +902,7 @@ class PackBatch(NamedTuple):
     row_offsets: Int64Array
     carry: Int64Array  # [n, 4]: source, row, start, length
     num_rows: int  # rows of the plan; min(batch_size, num_rows) were kept
+    carry_tokens: int  # tokens of the carried pieces
 
 
 def pack_batch(
