@@ -617,7 +617,12 @@ class Loader:
         missing = [k for k in present if k not in cache]
         if missing or self._lengths_all is None:
             for k in missing:
-                cache[k] = _source_lengths(self.mixed.source(k), self.column)
+                source = self.mixed.source(k)
+                counts = _source_lengths(source, self.column)
+                if counts.size != source.num_rows:  # else a row would read another source's
+                    raise ValueError(f"source {source.name!r}: {counts.size} token counts for "
+                                     f"{source.num_rows} rows")  # fmt: skip
+                cache[k] = counts
             base = np.zeros(len(self.source_names), dtype=np.int64)
             ks = sorted(cache)
             sizes = [cache[k].size for k in ks]
