@@ -234,8 +234,9 @@ class _PackPlanner:
     """Packed batches in order, each planned from the documents drawn for it.
 
     Batch ``k`` takes the pieces carried from batch ``k - 1`` plus new mixture positions, in
-    order, until they hold ``batch_size * max_length`` tokens (documents longer than a row are
-    cut into row-sized pieces, or truncated with ``overflow="truncate"``); the planner packs them
+    order, until they hold ``batch_size * max_length`` tokens, a document counting at most a row
+    (documents longer than a row are cut into row-sized pieces, or truncated with
+    ``overflow="truncate"``; dropped ones count nothing); the planner packs them
     into rows, the ``batch_size`` fullest rows are the batch and the pieces of the other rows are
     carried. So every batch is a pure function of the timeline, a weight update due at batch
     ``e`` applies from the first document drawn for ``e``, and the state before batch ``k`` is
@@ -286,8 +287,9 @@ class _PackPlanner:
 
     def _docs(self, need: int) -> tuple[npt.NDArray[np.int32], Int64Array, Int64Array, int,
                                         bool] | None:  # fmt: skip
-        """The next documents from ``self.position`` holding about ``need`` tokens: (sources,
-        rows, token counts, their sum, whether any is empty or, unless split or truncated, too
+        """The next documents from ``self.position`` holding ``need`` tokens (each counting at
+        most a row), or up to the end of the read-ahead: (sources, rows, token counts, the sum
+        of the counts capped at a row, whether any is empty or, unless split or truncated, too
         long)."""
         lo = self.loader
         buf = self._buf
@@ -303,8 +305,8 @@ class _PackPlanner:
         end = min(bisect.bisect_left(buf.cum, base + need) + 1, len(buf.cum))
         self.position = buf.start + end
         flagged = buf.flagged[end - 1] - (buf.flagged[i - 1] if i else 0)
-        tokens = buf.tokens[end - 1] - (buf.tokens[i - 1] if i else 0)
-        return buf.sources[i:end], buf.rows[i:end], buf.lengths[i:end], tokens, flagged > 0
+        return buf.sources[i:end], buf.rows[i:end], buf.lengths[i:end], buf.cum[end - 1] - base, \
+            flagged > 0
 
     def batch(self, k: int) -> _Request | None:
         """The request of global batch ``k`` (called with k, k + 1, ...)."""
@@ -315,22 +317,23 @@ class _PackPlanner:
         lo._cursors[k] = self.cursor()  # the state a loader resuming at batch k starts from
         if lo._apply_updates(k, self.position):  # from the first document drawn for batch k
             self._buf = None  # documents planned ahead under the old weights
-        have = self._carry_tokens  # carried pieces go first
+        # Carried pieces go first; a document counts at most a row (the same count the
+        # read-ahead uses), so where the read-ahead ends does not change the batch.
+        have = self._carry_tokens
         docs: list[tuple[npt.NDArray[np.int32], Int64Array, Int64Array]] = []
         while have < b * cap and not self.ended:
             got = self._docs(b * cap - have)
             if got is None:
                 self.ended = True
                 break
-            sources, rows, doc_len, tokens, flagged = got
-            if flagged or lo.overflow == "truncate":
-                if flagged:
-                    sources, rows, doc_len = self._checked(sources, rows, doc_len)
-                if lo.overflow == "truncate":
-                    doc_len = np.minimum(doc_len, cap)
-                tokens = int(doc_len.sum())
+            sources, rows, doc_len, counted, flagged = got
+            if flagged:  # refused, or some skipped / dropped (they count nothing)
+                sources, rows, doc_len = self._checked(sources, rows, doc_len)
+                counted = int(np.minimum(doc_len, cap).sum())
+            if lo.overflow == "truncate":
+                doc_len = np.minimum(doc_len, cap)
             docs.append((sources, rows, doc_len))
-            have += tokens
+            have += counted
         if len(docs) != 1:
             docs = [(np.concatenate([d[0] for d in docs]).astype(np.int32, copy=False),
                      np.concatenate([d[1] for d in docs]).astype(np.int64, copy=False),
@@ -389,17 +392,16 @@ _NO_INTS = np.zeros(0, dtype=np.int64)
 @dataclass(frozen=True)
 class _Docs:
     """Documents planned ahead from mixture position ``start``: sources, rows and token counts;
-    ``cum``: running sum of the counts capped at a row; ``tokens``: running sum of the counts;
-    ``flagged``: running count of documents that need :meth:`_PackPlanner._checked` (empty, or
-    too long unless split or truncated). The running sums are lists: a batch reads a few of
-    their entries, faster from a list than as numpy scalars."""
+    ``cum``: running sum of the counts capped at a row; ``flagged``: running count of documents
+    that need :meth:`_PackPlanner._checked` (empty, or too long unless split or truncated). The
+    running sums are lists: a batch reads a few of their entries, faster from a list than as
+    numpy scalars."""
 
     start: int
     sources: npt.NDArray[np.int32]
     rows: Int64Array
     lengths: Int64Array
     cum: list[int]
-    tokens: list[int]
     flagged: list[int]
 
     @staticmethod
@@ -411,7 +413,7 @@ class _Docs:
             bad |= lengths > cap
         return _Docs(plan.start, np.ascontiguousarray(plan.sources, dtype=np.int32),
                      np.ascontiguousarray(plan.rows, dtype=np.int64), lengths,
-                     np.cumsum(np.minimum(lengths, cap)).tolist(), np.cumsum(lengths).tolist(),
+                     np.cumsum(np.minimum(lengths, cap)).tolist(),
                      np.cumsum(bad).tolist())  # fmt: skip
 
 
