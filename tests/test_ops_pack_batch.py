@@ -199,3 +199,8 @@ def test_wrapped_packing_loader_rows_hold_max_length_tokens() -> None:
         assert batch["input_ids"].shape == (2, 32)
         seen += int((batch["source_ids"] >= 0).sum())
     assert seen == 5 * 2 * 32  # wrapped rows are full
+
+
+def test_a_huge_document_length_is_an_error_not_a_wrapped_count() -> None:
+    with pytest.raises(ValueError, match=r"document 1 has length 9223372036854775807"):
+        pack_batch([], [0, 0], [0, 1], [5, 2**63 - 1], capacity=4096, batch_size=1)

@@ -12,8 +12,9 @@ namespace mixtape {
 
 void pack_batch_cpu(const PackBatchInput& in, const PackBatchOptions& opt, PackBatchResult* out) {
   const int64_t cap = opt.capacity;
-  if (cap < 1) throw std::invalid_argument("pack_batch: capacity must be >= 1, got " +
-                                           std::to_string(cap));
+  if (cap < 1) {
+    throw std::invalid_argument("pack_batch: capacity must be >= 1, got " + std::to_string(cap));
+  }
   if (opt.batch_size < 1) {
     throw std::invalid_argument("pack_batch: batch_size must be >= 1, got " +
                                 std::to_string(opt.batch_size));
@@ -22,11 +23,13 @@ void pack_batch_cpu(const PackBatchInput& in, const PackBatchOptions& opt, PackB
   int64_t n = in.num_carry;
   for (int64_t d = 0; d < in.num_docs; ++d) {
     const int64_t len = in.doc_length[d];
-    if (len < 0) {
+    const int64_t pieces = len > 0 ? (len - 1) / cap + 1 : 0;  // no len + cap - 1 overflow
+    if (len < 0 || pieces > std::numeric_limits<int32_t>::max() - n) {
       throw std::invalid_argument("pack_batch: document " + std::to_string(d) + " has length " +
-                                  std::to_string(len));
+                                  std::to_string(len) + " (capacity " + std::to_string(cap) +
+                                  "; at most 2^31 - 1 pieces per batch)");
     }
-    n += (len + cap - 1) / cap;  // no overflow: len <= INT64_MAX, cap >= 1
+    n += pieces;
   }
   std::vector<int64_t> items(static_cast<size_t>(n) * 4);
   std::vector<int64_t> lengths(static_cast<size_t>(n));
