@@ -196,15 +196,18 @@ def test_without_shared_memory_the_loader_collates_in_the_main_process(
     assert loader._ring is None and same_batches(got, reference(6))
 
 
-def test_a_superseded_iterator_fails_loudly() -> None:
-    """An iterator of the loader used after a newer one started cannot hand out a slot the newer
-    one may be filling: it raises instead. (With persistent workers both share torch's one
-    iterator, which the newer one reset: each batch still goes to one of them, intact.)"""
-    loader = get_loader(make(), 4, num_workers=2, persistent_workers=False, **PACKED)
+@pytest.mark.parametrize(("workers", "persistent"), [(0, False), (2, False), (2, True)])
+def test_a_superseded_iterator_fails_loudly(workers: int, persistent: bool) -> None:
+    """An iterator of the loader used after a newer one started (they share the plan, the workers
+    and the ring) raises, instead of ending early or taking the newer one's batches; the newer
+    one goes on unharmed."""
+    kw = {"persistent_workers": persistent} if workers else {}
+    loader = get_loader(make(), 4, num_workers=workers, **kw, **PACKED)
     stale = iter(loader)
-    next(stale)
+    first = host(next(stale))
     fresh = iter(loader)
-    next(fresh)
-    with pytest.raises(RuntimeError):
-        for _ in range(12):
-            next(stale)
+    got = [host(next(fresh))]
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(stale)
+    got += take(fresh, 5)
+    assert same_batches([first, *got], reference(7))

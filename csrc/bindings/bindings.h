@@ -129,9 +129,11 @@ inline void dispatch_int_dtype(const std::string& dtype, const char* what, Fn&& 
 void bind_device(py::module_& m);
 void bind_pad(py::module_& m);
 void bind_pack(py::module_& m);
+void bind_pack_batch(py::module_& m);
 void bind_mask(py::module_& m);
 void bind_lists(py::module_& m);
 void bind_gather(py::module_& m);
+void bind_pieces(py::module_& m);
 void bind_sample(py::module_& m);
 void bind_datainf(py::module_& m);
 void bind_parallel(py::module_& m);

@@ -33,9 +33,11 @@ PYBIND11_MODULE(_C, m) {
   bind_device(m);
   bind_pad(m);
   bind_pack(m);
+  bind_pack_batch(m);
   bind_mask(m);
   bind_lists(m);
   bind_gather(m);
+  bind_pieces(m);
   bind_sample(m);
   bind_datainf(m);
   bind_parallel(m);

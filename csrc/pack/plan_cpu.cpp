@@ -111,10 +111,10 @@ inline void add_tokens(int64_t* total, int64_t len, int64_t i) {
 }
 
 // Validates the lengths, applies the overflow policy to the counters and returns the number of
-// pieces; `count_by_length[l]` (if given, C + 1 entries) counts the pieces of length l.
+// pieces.
 template <typename T>
-int64_t count_pieces(const T* lengths, int64_t n, const PackPlanOptions& o, PackPlanResult* out,
-                     int64_t* count_by_length) {
+int64_t count_pieces(const T* lengths, int64_t n, const PackPlanOptions& o,
+                     PackPlanResult* out) {
   const int64_t C = o.capacity;
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -126,22 +126,16 @@ int64_t count_pieces(const T* lengths, int64_t n, const PackPlanOptions& o, Pack
     add_tokens(&out->num_tokens, len, i);
     if (len <= C) {
       ++count;
-      if (count_by_length) ++count_by_length[len];
       continue;
     }
     switch (o.overflow) {
       case PackOverflow::kSplit:
         count += (len - 1) / C + 1;  // ceil(len / C) without forming len + C - 1
         ++out->split_docs;
-        if (count_by_length) {
-          count_by_length[C] += len / C;
-          if (len % C) ++count_by_length[len % C];
-        }
         break;
       case PackOverflow::kTruncate:
         ++count;
         out->truncated_tokens += len - C;
-        if (count_by_length) ++count_by_length[C];
         break;
       case PackOverflow::kDrop:
         ++out->dropped_docs;
@@ -163,21 +157,52 @@ struct SortedPieces {
   std::vector<int64_t> doc, start, length;
 };
 
+// Few pieces against a large C (the loader plans ~100 per batch of 4096-token rows): the
+// C-sized tables of the counting sort and of best fit cost more than the work, and evict the
+// caller's data from cache. Below this many pieces both use O(n) memory instead, with the same
+// result.
+inline bool few_pieces(int64_t count, int64_t capacity) {
+  return count <= std::min<int64_t>(256, capacity / 4);
+}
+
 template <typename T>
 SortedPieces sort_pieces(const T* lengths, int64_t n, const PackPlanOptions& o,
                          PackPlanResult* out) {
   const int64_t C = o.capacity;
-  std::vector<int64_t> pos(static_cast<size_t>(C) + 1, 0);
-  const int64_t count = count_pieces(lengths, n, o, out, pos.data());
+  const int64_t count = count_pieces(lengths, n, o, out);
   SortedPieces sp;
   sp.doc.resize(static_cast<size_t>(count));
   sp.start.resize(static_cast<size_t>(count));
   sp.length.resize(static_cast<size_t>(count));
+  if (few_pieces(count, C)) {  // a stable comparison sort: the same order
+    struct Piece {
+      int64_t doc, start, length;
+    };
+    std::vector<Piece> pieces;
+    pieces.reserve(static_cast<size_t>(count));
+    for_each_piece(lengths, n, o, [&](int64_t doc, int64_t start, int64_t len) {
+      pieces.push_back(Piece{doc, start, len});
+    });
+    std::stable_sort(pieces.begin(), pieces.end(),
+                     [](const Piece& a, const Piece& b) { return a.length > b.length; });
+    for (size_t k = 0; k < pieces.size(); ++k) {
+      sp.doc[k] = pieces[k].doc;
+      sp.start[k] = pieces[k].start;
+      sp.length[k] = pieces[k].length;
+    }
+    return sp;
+  }
+  std::vector<int64_t> pos(static_cast<size_t>(C) + 1, 0);
+  for_each_piece(lengths, n, o, [&](int64_t, int64_t, int64_t len) {
+    ++pos[static_cast<size_t>(len)];
+  });
   int64_t at = 0;
   for (int64_t len = C; len >= 1; --len) {  // counts -> first slot of each length
-    const int64_t c = pos[static_cast<size_t>(len)];
+    int64_t& p = pos[static_cast<size_t>(len)];
+    if (p == 0) continue;
+    const int64_t c = p;
     std::fill(sp.length.begin() + at, sp.length.begin() + at + c, len);
-    pos[static_cast<size_t>(len)] = at;
+    p = at;
     at += c;
   }
   for_each_piece(lengths, n, o, [&](int64_t doc, int64_t start, int64_t len) {
@@ -211,6 +236,42 @@ Placement best_fit(const std::vector<int64_t>& length, const PackPlanOptions& o)
   };
   std::vector<Bin> bins;
   bins.reserve(n);
+  if (few_pieces(static_cast<int64_t>(n), o.capacity)) {
+    // The open bins sorted by (remaining capacity, most recently (re)inserted first): the first
+    // with room is what the buckets' BitTree and LIFO lists give.
+    struct Open {
+      int64_t left, stamp, bin;
+    };
+    std::vector<Open> open;
+    open.reserve(n);
+    const auto before = [](const Open& a, const Open& b) {
+      return a.left < b.left || (a.left == b.left && a.stamp > b.stamp);
+    };
+    for (size_t k = 0; k < n; ++k) {
+      const int64_t s = units(length[k], align);
+      const auto it = std::lower_bound(open.begin(), open.end(), s,
+                                       [](const Open& e, int64_t x) { return e.left < x; });
+      int64_t b;
+      if (it == open.end()) {
+        b = static_cast<int64_t>(bins.size());
+        bins.push_back(Bin{cap, 0, -1});
+      } else {
+        b = it->bin;
+        open.erase(it);
+      }
+      Bin& bin = bins[static_cast<size_t>(b)];
+      pl.row[k] = b;
+      pl.column[k] = (cap - bin.left) * align;
+      bin.left -= s;
+      ++bin.docs;
+      if (bin.left > 0 && (max_docs == 0 || bin.docs < max_docs)) {
+        const Open e{bin.left, static_cast<int64_t>(k), b};
+        open.insert(std::upper_bound(open.begin(), open.end(), e, before), e);
+      }
+    }
+    pl.rows = static_cast<int64_t>(bins.size());
+    return pl;
+  }
   std::vector<int64_t> head(static_cast<size_t>(cap) + 1, -1);
   BitTree nonempty(cap + 1);
   for (size_t k = 0; k < n; ++k) {
@@ -300,7 +361,7 @@ void to_rows(const SortedPieces& sp, const Placement& pl, PackPlanResult* out) {
 template <typename T>
 void next_fit(const T* lengths, int64_t n, const PackPlanOptions& o, PackPlanResult* out) {
   const int64_t align = o.align, cap = o.capacity / align, max_docs = o.max_docs_per_row;
-  const size_t count = static_cast<size_t>(count_pieces(lengths, n, o, out, nullptr));
+  const size_t count = static_cast<size_t>(count_pieces(lengths, n, o, out));
   out->doc.resize(count);
   out->start.resize(count);
   out->length.resize(count);

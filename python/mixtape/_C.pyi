@@ -89,6 +89,25 @@ def pack_plan(
     rows_multiple_of: int = 1,
     shuffle_seed: int | None = None,
 ) -> dict[str, Any]: ...
+def pack_batch(
+    carry: npt.NDArray[np.int64],
+    doc_source: npt.NDArray[np.int32],
+    doc_row: npt.NDArray[np.int64],
+    doc_length: npt.NDArray[np.int64],
+    *,
+    capacity: int,
+    batch_size: int,
+    strategy: str = "bfd",
+) -> tuple[
+    npt.NDArray[np.int32],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    int,
+    int,
+]: ...
 def pack_check(
     offsets: npt.NDArray[np.int64],
     row_offsets: npt.NDArray[np.int64],
@@ -212,6 +231,32 @@ def gather_rows(
     out_offsets: npt.NDArray[np.int64],
     out: npt.NDArray[Any],
 ) -> None: ...
+
+class PieceReader(metaclass=_Pybind11Type):
+    """A chunked ragged column's buffers from which pieces of rows are copied (pieces.h)."""
+
+    def __init__(
+        self,
+        values: list[npt.NDArray[Any]],
+        offsets: list[npt.NDArray[Any]],
+        mapping: npt.NDArray[np.int64] | None = None,
+    ) -> None: ...
+    def gather(
+        self,
+        sources: npt.NDArray[np.int32] | None,
+        source: int,
+        rows: npt.NDArray[np.int64],
+        starts: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        out_offsets: npt.NDArray[np.int64],
+        out: npt.NDArray[Any],
+    ) -> int: ...
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+    @property
+    def num_rows(self) -> int: ...
+    @property
+    def num_chunks(self) -> int: ...
 
 # --- datainf ---
 

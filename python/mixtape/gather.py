@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from mixtape.ops import Int64Array, gather_rows
+from mixtape.ops import Int64Array, PieceReader, gather_rows
 
 __all__ = ["ArrowRows", "list_array", "ragged_gather"]
 
@@ -94,9 +94,14 @@ class ArrowRows:
         self.table = table
         self.mapping = None if indices is None else ArrowRows(pa.table({"i": indices}))
         self._index: tuple[Int64Array, list[_Column]] | None = None
+        self._readers: dict[str, PieceReader | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_index": None}
+        return {**self.__dict__, "_index": None, "_readers": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_readers", {})
 
     def _columns(self) -> tuple[Int64Array, list[_Column]]:
         if self._index is None:
@@ -136,6 +141,30 @@ class ArrowRows:
         groups, local = _groups(starts, rows)
         return _gather_list(col, groups, local, rows.size)
 
+    def piece_reader(self, column: str) -> PieceReader | None:
+        """The buffers of one list-of-numbers ``column`` (every record batch, through the row
+        mapping) as a :class:`~mixtape.ops.PieceReader`, built once and cached (not pickled);
+        None where :meth:`gather_ragged` would be None, or for a mapping with nulls."""
+        if column not in self._readers:
+            self._readers[column] = self._piece_reader(column)
+        return self._readers[column]
+
+    def _piece_reader(self, column: str) -> PieceReader | None:
+        if column not in self.table.column_names or not self.table.num_rows:
+            return None
+        _, columns = self._columns()
+        col = columns[self.table.column_names.index(column)]
+        if col.kind != "list":
+            return None
+        mapping = None
+        if self.mapping is not None:
+            if not self.mapping.table.num_rows:
+                return None
+            mcol = self.mapping._columns()[1][0]
+            if mcol.kind != "flat":
+                return None
+            mapping = mcol.flat[0] if len(mcol.flat) == 1 else np.concatenate(mcol.flat)
+        return PieceReader([v for v, _ in col.views], [o for _, o in col.views], mapping)
 
 def _groups(starts: Int64Array, rows: Int64Array) -> tuple[list[tuple[int, npt.NDArray[np.intp]]],
                                                            Int64Array]:  # fmt: skip

@@ -23,6 +23,7 @@ the batch count (a map-style dataset resumes by skipping sampler indices, not da
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import dataclasses
@@ -47,10 +48,10 @@ from mixtape.collate.packed import PackedCollator
 from mixtape.collate.sources import DOC_SOURCE_IDS
 from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
 from mixtape.mixing import MixedDataset, MixPlan, mixture_weights
-from mixtape.ops import OVERFLOW_POLICIES, Int64Array, gather_rows, normalize_weights, pack_plan
+from mixtape.ops import OVERFLOW_POLICIES, Int64Array, _pack_batch, gather_rows, normalize_weights
 from mixtape.ring import Filled, InSlot, Ring
 from mixtape.schedule import WeightScheduler
-from mixtape.sources import take_ragged
+from mixtape.sources import piece_reader, take_ragged
 
 __all__ = ["DataLoaderFactory", "Loader", "get_loader"]
 
@@ -163,21 +164,41 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
 
     def _packed(self, req: _Request) -> _Pieces:
         assert req.starts is not None and req.lengths is not None and req.row_offsets is not None
-        # One read per source of its distinct documents (only the token column), then the
-        # pieces copied straight to their place in the batch's flat tokens.
+        # Each source's pieces copied straight from its column's buffers to their place in the
+        # batch's flat tokens (one C++ pass per source, see ops.PieceReader); a source without
+        # such buffers reads its distinct documents (only the token column), then the pieces.
         out_offsets = np.zeros(req.lengths.size + 1, dtype=np.int64)
         np.cumsum(req.lengths, out=out_offsets[1:])
-        reads = []
-        for k in np.unique(req.sources).tolist():
-            sel = np.flatnonzero(req.sources == k)
-            uniq, inverse = np.unique(req.rows[sel], return_inverse=True)
-            values, doc_offsets = take_ragged(self.mixed.source(k), uniq, self.column)
-            reads.append((sel, values, doc_offsets[inverse.reshape(-1)] + req.starts[sel]))
-        dtype = np.result_type(*(v.dtype for _, v, _ in reads)) if reads else np.int64
+        sources = np.ascontiguousarray(req.sources, dtype=np.int32)
+        rows, starts, lengths = (np.ascontiguousarray(a, dtype=np.int64)
+                                 for a in (req.rows, req.starts, req.lengths))  # fmt: skip
+        readers, reads = [], []
+        for k in np.flatnonzero(np.bincount(sources)).tolist() if sources.size else ():
+            source = self.mixed.source(k)
+            reader = piece_reader(source, self.column)
+            if reader is not None:
+                readers.append((k, source.name, reader))
+                continue
+            sel = np.flatnonzero(sources == k)
+            uniq, inverse = np.unique(rows[sel], return_inverse=True)
+            values, doc_offsets = take_ragged(source, uniq, self.column)
+            reads.append((sel, values, doc_offsets[inverse.reshape(-1)] + starts[sel]))
+        dtypes = [r.dtype for _, _, r in readers] + [v.dtype for _, v, _ in reads]
+        dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.int64)
         flat = np.empty(int(out_offsets[-1]), dtype=dtype)
-        for sel, values, starts in reads:
-            gather_rows(values.astype(dtype, copy=False), starts, req.lengths[sel],
-                        out_offsets[sel], flat)  # fmt: skip
+        for k, name, reader in readers:
+            # Only this source's pieces; another dtype goes through a copy of its own dtype.
+            into = flat if reader.dtype == dtype else np.empty(flat.size, dtype=reader.dtype)
+            try:
+                reader.gather(rows, starts, lengths, out_offsets, into, sources=sources, source=k)
+            except ValueError as e:
+                raise ValueError(f"source {name!r}: {e}") from None
+            if into is not flat:
+                mine = np.repeat(sources == k, lengths)
+                flat[mine] = into[mine]
+        for sel, values, at in reads:
+            gather_rows(values.astype(dtype, copy=False), at, lengths[sel], out_offsets[sel],
+                        flat)  # fmt: skip
         return _Pieces(flat, req.row_offsets, req.lengths, req.sources.astype(np.int32))
 
 
@@ -236,8 +257,9 @@ class _PackPlanner:
     """Packed batches in order, each planned from the documents drawn for it.
 
     Batch ``k`` takes the pieces carried from batch ``k - 1`` plus new mixture positions, in
-    order, until they hold ``batch_size * max_length`` tokens (documents longer than a row are
-    cut into row-sized pieces, or truncated with ``overflow="truncate"``); the planner packs them
+    order, until they hold ``batch_size * max_length`` tokens, a document counting at most a row
+    (documents longer than a row are cut into row-sized pieces, or truncated with
+    ``overflow="truncate"``; dropped ones count nothing); the planner packs them
     into rows, the ``batch_size`` fullest rows are the batch and the pieces of the other rows are
     carried. So every batch is a pure function of the timeline, a weight update due at batch
     ``e`` applies from the first document drawn for ``e``, and the state before batch ``k`` is
@@ -251,40 +273,63 @@ class _PackPlanner:
         self.counting = True  # count dropped / empty documents (not on a replaying copy)
         self.reset(0, [], 0)
 
+    _carry_list: list[list[int]] | None
+    _carry_arr: Int64Array
+    _carry_tokens: int
+
     def reset(self, position: int, carry: list[list[int]], next_batch: int) -> None:
         self.position = position  # next mixture position to draw
-        self.carry = [list(map(int, c)) for c in carry]  # (source, row, start, length) pieces
+        self.carry = carry
         self.next_batch = next_batch
         self.ended = False
-        self._buf: tuple[int, MixPlan, Int64Array] | None = None  # planned ahead: (start, ...)
+        self._buf: _Docs | None = None  # documents planned ahead
+
+    @property
+    def carry(self) -> list[list[int]]:
+        """The carried pieces, (source, row, start, length) each (a list made on first use: the
+        planner keeps them as the int64 [n, 4] array the kernel takes)."""
+        if self._carry_list is None:
+            pieces: list[list[int]] = self._carry_arr.tolist()
+            self._carry_list = pieces
+        return self._carry_list
+
+    @carry.setter
+    def carry(self, pieces: list[list[int]]) -> None:
+        self._carry_list = [list(map(int, c)) for c in pieces]
+        for i, c in enumerate(self._carry_list):
+            if len(c) != 4:
+                raise ValueError(f"packing cursor: carried piece {i} is {c}, expected "
+                                 "[source, row, start, length]")  # fmt: skip
+        self._carry_arr = np.asarray(self._carry_list, dtype=np.int64).reshape(-1, 4)
+        self._carry_tokens = int(self._carry_arr[:, 3].sum())
 
     def cursor(self) -> tuple[int, list[list[int]]]:
         """The state before batch ``next_batch``: next position and carried pieces."""
-        return self.position, [list(c) for c in self.carry]
+        pieces: list[list[int]] = self._carry_arr.tolist()
+        return self.position, pieces
 
-    def _docs(self, need: int) -> tuple[MixPlan, Int64Array] | None:
-        """The next documents from ``self.position`` holding about ``need`` tokens."""
+    def _docs(self, need: int) -> tuple[npt.NDArray[np.int32], Int64Array, Int64Array, int,
+                                        bool] | None:  # fmt: skip
+        """The next documents from ``self.position`` holding ``need`` tokens (each counting at
+        most a row), or up to the end of the read-ahead: (sources, rows, token counts, the sum
+        of the counts capped at a row, whether any is empty or, unless split or truncated, too
+        long)."""
         lo = self.loader
-        stop = lo.mixed.stop_position()
-        if self._buf is None or self._buf[0] != self.position:
+        buf = self._buf
+        if buf is None or not buf.start <= self.position < buf.start + len(buf.cum):
+            stop = lo.mixed.stop_position()
             n = 1024 if stop is None else min(1024, stop - self.position)
             if n <= 0:
                 return None
-            plan = lo.mixed.plan(self.position, n)
-            self._buf = (self.position, plan, lo._lengths(plan))
-        start, plan, lengths = self._buf
-        cum = np.cumsum(np.minimum(lengths, lo.capacity))
-        take = int(np.searchsorted(cum, need)) + 1  # through the document reaching `need`
-        take = min(take, len(plan))
-        head = MixPlan(start, plan.sources[:take], plan.rows[:take], plan.ordinals[:take])
-        if take < len(plan):
-            rest = MixPlan(start + take, plan.sources[take:], plan.rows[take:],
-                           plan.ordinals[take:])  # fmt: skip
-            self._buf = (start + take, rest, lengths[take:])
-        else:
-            self._buf = None
-        self.position = start + take
-        return head, lengths[:take]
+            buf = self._buf = _Docs.of(lo, lo.mixed.plan(self.position, n))
+        i = self.position - buf.start
+        base = buf.cum[i - 1] if i else 0
+        # Through the document reaching `need` (counting at most a row per document).
+        end = min(bisect.bisect_left(buf.cum, base + need) + 1, len(buf.cum))
+        self.position = buf.start + end
+        flagged = buf.flagged[end - 1] - (buf.flagged[i - 1] if i else 0)
+        return buf.sources[i:end], buf.rows[i:end], buf.lengths[i:end], buf.cum[end - 1] - base, \
+            flagged > 0
 
     def batch(self, k: int) -> _Request | None:
         """The request of global batch ``k`` (called with k, k + 1, ...)."""
@@ -295,74 +340,104 @@ class _PackPlanner:
         lo._cursors[k] = self.cursor()  # the state a loader resuming at batch k starts from
         if lo._apply_updates(k, self.position):  # from the first document drawn for batch k
             self._buf = None  # documents planned ahead under the old weights
-        # Pieces: (source, row, start, length), the carried ones first.
-        parts = [np.asarray(self.carry, dtype=np.int64).reshape(-1, 4)]
-        have = int(parts[0][:, 3].sum())
+        # Carried pieces go first; a document counts at most a row (the same count the
+        # read-ahead uses), so where the read-ahead ends does not change the batch.
+        have = self._carry_tokens
+        docs: list[tuple[npt.NDArray[np.int32], Int64Array, Int64Array]] = []
         while have < b * cap and not self.ended:
             got = self._docs(b * cap - have)
             if got is None:
                 self.ended = True
                 break
-            plan, doc_len = got
-            empty = doc_len == 0
-            if empty.any():  # no piece would carry them: refused, or counted and skipped
-                i = int(np.argmax(empty))
-                if not lo.drop_empty:
-                    raise ValueError(
-                        f"source {lo.source_names[int(plan.sources[i])]!r} row "
-                        f"{int(plan.rows[i])} has no tokens ({lo.column!r} is empty or None); "
-                        "pass drop_empty=True to skip empty documents (they are counted in "
-                        "loader.empty_docs)"
-                    )
-                if self.counting:
-                    lo.empty_docs += int(empty.sum())
-            long = doc_len > cap
-            if long.any() and lo.overflow == "error":
-                i = int(np.argmax(long))
-                raise ValueError(
-                    f"source {lo.source_names[int(plan.sources[i])]!r} row {int(plan.rows[i])} "
-                    f"has {int(doc_len[i])} tokens, more than max_length={cap} "
-                    "(overflow='error'; 'split', 'truncate' or 'drop' to go on)"
-                )
-            if long.any() and lo.overflow == "drop":  # counted, never silent
-                if self.counting:
-                    lo.dropped_docs += int(long.sum())
-                keep = ~long
-                plan = MixPlan(plan.start, plan.sources[keep], plan.rows[keep],
-                               plan.ordinals[keep])  # fmt: skip
-                doc_len = doc_len[keep]
+            sources, rows, doc_len, counted, flagged = got
+            if flagged:  # refused, or some skipped / dropped (they count nothing)
+                sources, rows, doc_len = self._checked(sources, rows, doc_len)
+                counted = int(np.minimum(doc_len, cap).sum())
             if lo.overflow == "truncate":
                 doc_len = np.minimum(doc_len, cap)
-            pieces = -(-doc_len // cap)  # a document longer than a row: row-sized pieces
-            idx = np.repeat(np.arange(len(plan)), pieces)
-            first = np.cumsum(pieces) - pieces
-            p_start = (np.arange(idx.size) - first[idx]) * cap
-            p_len = np.minimum(cap, doc_len[idx] - p_start)
-            parts.append(np.stack([plan.sources[idx].astype(np.int64), plan.rows[idx], p_start,
-                                   p_len], axis=1))  # fmt: skip
-            have += int(p_len.sum())
-        items = np.concatenate(parts)
-        if not len(items):
+            docs.append((sources, rows, doc_len))
+            have += counted
+        if len(docs) != 1:
+            docs = [(np.concatenate([d[0] for d in docs]).astype(np.int32, copy=False),
+                     np.concatenate([d[1] for d in docs]).astype(np.int64, copy=False),
+                     np.concatenate([d[2] for d in docs]).astype(np.int64, copy=False))
+                    if docs else (_NO_SOURCES, _NO_INTS, _NO_INTS)]  # fmt: skip
+        # Documents cut into row-sized pieces after the carried ones, packed; the fullest rows
+        # are the batch (in plan order) and the other rows' pieces are carried (ops.pack_batch).
+        res = _pack_batch(self._carry_arr, *docs[0], cap, b, lo.config.packing or "bfd")
+        if res.num_rows == 0:
             return None
-        pp = pack_plan(items[:, 3], cap, strategy=lo.config.packing or "bfd", overflow="error")
-        per_row = np.diff(pp.row_offsets)
-        used = np.bincount(np.repeat(np.arange(pp.num_rows), per_row), weights=pp.length,
-                           minlength=pp.num_rows)  # fmt: skip
-        keep = np.sort(np.argsort(-used, kind="stable")[:b])  # the fullest rows, in plan order
-        if keep.size < b and lo.config.drop_last:
+        if res.row_offsets.size - 1 < b and lo.config.drop_last:
             return None
-        is_kept = np.zeros(pp.num_rows, dtype=bool)
-        is_kept[keep] = True
-        piece_row = np.repeat(np.arange(pp.num_rows), per_row)
-        carried = pp.doc[~is_kept[piece_row]]  # items never split again: all fit in a row
-        self.carry = items[carried].tolist()
+        self._carry_arr, self._carry_list, self._carry_tokens = res.carry, None, res.carry_tokens
         self.next_batch += 1
-        sel = np.flatnonzero(is_kept[piece_row])  # pieces of the kept rows, row by row
-        chosen = items[pp.doc[sel]]
-        row_offsets = np.zeros(keep.size + 1, dtype=np.int64)
-        np.cumsum(per_row[keep], out=row_offsets[1:])
-        return _Request(k, chosen[:, 0].astype(np.int32), chosen[:, 1], chosen[:, 2],
-                        chosen[:, 3], row_offsets)
+        return _Request(k, res.sources, res.rows, res.starts, res.lengths, res.row_offsets)
+
+    def _checked(self, sources: npt.NDArray[np.int32], rows: Int64Array,
+                 doc_len: Int64Array) -> tuple[npt.NDArray[np.int32], Int64Array,
+                                               Int64Array]:  # fmt: skip
+        """Documents with an empty or (under overflow ``error`` / ``drop``) too long one among
+        them: refused, or counted and skipped / dropped."""
+        lo = self.loader
+        cap = lo.capacity
+        empty = doc_len == 0
+        if empty.any():  # no piece would carry them: refused, or counted and skipped
+            i = int(np.argmax(empty))
+            if not lo.drop_empty:
+                raise ValueError(
+                    f"source {lo.source_names[int(sources[i])]!r} row "
+                    f"{int(rows[i])} has no tokens ({lo.column!r} is empty or None); "
+                    "pass drop_empty=True to skip empty documents (they are counted in "
+                    "loader.empty_docs)"
+                )
+            if self.counting:
+                lo.empty_docs += int(empty.sum())
+        long = doc_len > cap
+        if long.any() and lo.overflow == "error":
+            i = int(np.argmax(long))
+            raise ValueError(
+                f"source {lo.source_names[int(sources[i])]!r} row {int(rows[i])} "
+                f"has {int(doc_len[i])} tokens, more than max_length={cap} "
+                "(overflow='error'; 'split', 'truncate' or 'drop' to go on)"
+            )
+        if long.any() and lo.overflow == "drop":  # counted, never silent
+            if self.counting:
+                lo.dropped_docs += int(long.sum())
+            keep = ~long
+            sources, rows, doc_len = sources[keep], rows[keep], doc_len[keep]
+        return sources, rows, doc_len
+
+
+_NO_SOURCES = np.zeros(0, dtype=np.int32)
+_NO_INTS = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class _Docs:
+    """Documents planned ahead from mixture position ``start``: sources, rows and token counts;
+    ``cum``: running sum of the counts capped at a row; ``flagged``: running count of documents
+    that need :meth:`_PackPlanner._checked` (empty, or too long unless split or truncated). The
+    running sums are lists: a batch reads a few of their entries, faster from a list than as
+    numpy scalars."""
+
+    start: int
+    sources: npt.NDArray[np.int32]
+    rows: Int64Array
+    lengths: Int64Array
+    cum: list[int]
+    flagged: list[int]
+
+    @staticmethod
+    def of(lo: Loader, plan: MixPlan) -> _Docs:
+        lengths = lo._lengths(plan)
+        cap = lo.capacity
+        bad = lengths == 0
+        if lo.overflow in ("error", "drop"):
+            bad |= lengths > cap
+        return _Docs(plan.start, np.ascontiguousarray(plan.sources, dtype=np.int32),
+                     np.ascontiguousarray(plan.rows, dtype=np.int64), lengths,
+                     np.cumsum(np.minimum(lengths, cap)).tolist(),
+                     np.cumsum(bad).tolist())  # fmt: skip
 
 
 class _PlanSampler(torch.utils.data.Sampler[_Request]):
@@ -503,6 +578,7 @@ class Loader:
         self._ring: Ring | None = None
         self._reclaim = False
         self._live: weakref.ref[Any] | None = None  # the running torch iterator
+        self._iterations = 0  # iterations started: an older one still iterated raises
         if self.exact:
             self._sampler = None
         else:
@@ -584,14 +660,35 @@ class Loader:
                 changed = True
         return changed
 
+    # Every loaded source's token counts back to back and the start of each source's (views of
+    # it are the values of _lengths_cache): a plan's counts are one gather.
+    _lengths_all: tuple[Int64Array, Int64Array] | None = None
+
     def _lengths(self, plan: MixPlan) -> Int64Array:
         """Token counts of the planned documents (lengths read once per source, from offsets)."""
-        out = np.empty(len(plan), dtype=np.int64)
-        for k in np.unique(plan.sources).tolist():
-            if k not in self._lengths_cache:
-                self._lengths_cache[k] = _source_lengths(self.mixed.source(k), self.column)
-            sel = plan.sources == k
-            out[sel] = self._lengths_cache[k][plan.rows[sel]]
+        cache = self._lengths_cache
+        present = np.flatnonzero(np.bincount(plan.sources)).tolist() if len(plan) else []
+        missing = [k for k in present if k not in cache]
+        if missing or self._lengths_all is None:
+            for k in missing:
+                source = self.mixed.source(k)
+                counts = _source_lengths(source, self.column)
+                if counts.size != source.num_rows:  # else a row would read another source's
+                    raise ValueError(f"source {source.name!r}: {counts.size} token counts for "
+                                     f"{source.num_rows} rows")  # fmt: skip
+                cache[k] = counts
+            base = np.zeros(len(self.source_names), dtype=np.int64)
+            ks = sorted(cache)
+            sizes = [cache[k].size for k in ks]
+            table = np.concatenate([cache[k] for k in ks]) if ks else np.zeros(0, np.int64)
+            at = 0
+            for k, n in zip(ks, sizes, strict=True):
+                base[k] = at
+                cache[k] = table[at: at + n]
+                at += n
+            self._lengths_all = (table, base)
+        table, base = self._lengths_all
+        out: Int64Array = table[base[plan.sources] + plan.rows]
         return out
 
     def _cursor(self, k: int) -> tuple[int, list[list[int]]]:
@@ -666,12 +763,20 @@ class Loader:
         self._restart_if_ended()
         if self._sampler is not None:
             self._sampler.skip = self._consumed * self.config.batch_size
+        self._iterations += 1
+        mine = self._iterations
         self._prepare_ring()
         batches = iter(self.dataloader)
         self._live = weakref.ref(batches)
         if self._planner is not None:
             _widen_result_pipe(batches)
-        for raw in batches:
+        while True:
+            # Checked before asking torch: that may plan a batch, or take the newer iteration's.
+            if mine != self._iterations:
+                raise _superseded()
+            raw = next(batches, _END)
+            if raw is _END:
+                break
             # This frame holds only what the DataLoader returned, never the batch: a ring slot is
             # the trainer's to keep or drop, also while this generator is suspended.
             yield self._deliver(raw)
@@ -853,6 +958,14 @@ class Loader:
         self.dropped_docs = int(state.get("dropped_docs", 0))
         if self._sampler is not None:
             self._sampler.epoch = self._epoch
+
+
+_END = object()
+
+
+def _superseded() -> RuntimeError:
+    return RuntimeError("this iterator of the loader was superseded by a newer iteration of the "
+                        "same loader (they share its plan and workers): iterate one at a time")
 
 
 class _ResumableSampler(torch.utils.data.Sampler[int]):

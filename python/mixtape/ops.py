@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -33,7 +33,9 @@ __all__ = [
     "PACK_FIELDS",
     "PACK_LAYOUTS",
     "PACK_STRATEGIES",
+    "PackBatch",
     "PackPlan",
+    "PieceReader",
     "as_offsets",
     "block_causal_mask",
     "build_info",
@@ -43,6 +45,7 @@ __all__ = [
     "get_num_threads",
     "ints_from_lists",
     "is_left",
+    "pack_batch",
     "pack_fill",
     "pack_plan",
     "pack_rows",
@@ -889,6 +892,66 @@ def pack_plan(
     )
 
 
+class PackBatch(NamedTuple):
+    """One packed batch of :func:`pack_batch`: the kept rows' pieces (row by row, CSR over
+    ``row_offsets``) and the pieces carried to the next batch (``carry``, [n, 4])."""
+
+    sources: npt.NDArray[np.int32]
+    rows: Int64Array
+    starts: Int64Array
+    lengths: Int64Array
+    row_offsets: Int64Array
+    carry: Int64Array  # [n, 4]: source, row, start, length
+    num_rows: int  # rows of the plan; min(batch_size, num_rows) were kept
+    carry_tokens: int  # tokens of the carried pieces
+
+
+def pack_batch(
+    carry: Any,
+    doc_sources: Any,
+    doc_rows: Any,
+    doc_lengths: Any,
+    *,
+    capacity: int,
+    batch_size: int,
+    strategy: str = "bfd",
+) -> PackBatch:
+    """One batch of the packing loader's planner, in one C++ call.
+
+    The carried pieces ([n, 4]: source, row, start, length), then each document cut into pieces
+    of at most ``capacity`` tokens (empty documents give none), are packed by :func:`pack_plan`
+    (``strategy``); the ``batch_size`` rows holding the most tokens (ties: the earlier row) are
+    the batch, in plan order, and the pieces of the other rows are carried, in plan order.
+    """
+    check_choice("strategy", strategy, PACK_STRATEGIES)
+    c = np.ascontiguousarray(carry, dtype=np.int64)
+    if c.size == 0:
+        c = c.reshape(0, 4)
+    if c.ndim != 2 or c.shape[1] != 4:
+        raise ValueError(f"pack_batch: carry must have shape (n, 4), got {c.shape}")
+    return _pack_batch(c, np.ascontiguousarray(doc_sources, dtype=np.int32),
+                       _index_array(doc_rows), _index_array(doc_lengths),
+                       operator.index(capacity), operator.index(batch_size), strategy)
+
+
+def _index_array(a: Any) -> Int64Array:
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "iu" and arr.size:
+        raise TypeError(f"pack_batch: expected integers, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"pack_batch: value {int(arr.max())} does not fit int64")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _pack_batch(carry: Int64Array, doc_sources: npt.NDArray[np.int32], doc_rows: Int64Array,
+                doc_lengths: Int64Array, capacity: int, batch_size: int,
+                strategy: str) -> PackBatch:  # fmt: skip
+    """:func:`pack_batch` on arrays already of the kernel's dtypes and shapes (the loader's
+    planner builds them so; the kernel checks sizes and values, not conversions)."""
+    return PackBatch(*_C.pack_batch(carry, doc_sources, doc_rows, doc_lengths, capacity=capacity,
+                                    batch_size=batch_size, strategy=strategy))  # fmt: skip
+
+
 def _padded_cu_seqlens(plan: PackPlan) -> Int64Array:
     """Boundaries over the rows * C flattened tokens: every piece and every padding run is one
     segment (a row start, then each piece's start and end; repeated boundaries removed)."""
@@ -1531,6 +1594,53 @@ def gather_rows(
         raise ValueError(f"gather_rows: values must be 1-D, got shape {vals.shape}")
     cols = [np.ascontiguousarray(a, dtype=np.int64) for a in (starts, lengths, out_offsets)]
     _C.gather_rows(vals, cols[0], cols[1], cols[2], out)
+
+
+class PieceReader:
+    """A chunked list-of-numbers column (an Arrow list column's buffers: per record batch, values
+    and offsets; optionally a row mapping) from which pieces of rows are copied into a flat
+    output in one C++ pass (the packing loader's read: no copy of whole documents first).
+
+    ``values[c]`` / ``offsets[c]``: chunk ``c``'s values (1-D numeric, one dtype for all chunks)
+    and offsets (int32 or int64, ``rows + 1`` entries, into that chunk's values); ``mapping``:
+    the table row of every row (HF's ``select`` / ``shuffle`` indices), or None. The buffers are
+    held, not copied. ``name`` prefixes error messages (the source's name).
+    """
+
+    def __init__(self, values: Sequence[npt.NDArray[Any]], offsets: Sequence[npt.NDArray[Any]],
+                 mapping: npt.NDArray[Any] | None = None, *, name: str = "") -> None:  # fmt: skip
+        vals = [np.ascontiguousarray(v) for v in values]
+        for c, v in enumerate(vals):
+            if v.dtype.kind not in "biuf" or v.dtype.kind == "b":
+                raise TypeError(f"PieceReader: chunk {c} values must be numeric, got {v.dtype}")
+        offs = [np.ascontiguousarray(o) for o in offsets]
+        m = None
+        if mapping is not None:
+            arr = np.asarray(mapping)
+            if arr.dtype.kind not in "iu":
+                raise TypeError(f"PieceReader: mapping must hold integers, got {arr.dtype}")
+            # uint64 rows past int64 become negative here: the kernel rejects them by range.
+            m = arr.view(np.int64) if arr.dtype == np.uint64 else arr.astype(np.int64, copy=False)
+            m = np.ascontiguousarray(m)
+        self.name = name
+        self._reader = _C.PieceReader(vals, offs, m)
+        self.dtype: np.dtype[Any] = np.dtype(self._reader.dtype)
+        self.num_rows = int(self._reader.num_rows)
+
+    def gather(self, rows: Int64Array, starts: Int64Array, lengths: Int64Array,
+               out_offsets: Int64Array, out: npt.NDArray[Any], *,
+               sources: npt.NDArray[np.int32] | None = None, source: int = 0) -> int:  # fmt: skip
+        """Copy piece ``k`` (``lengths[k]`` elements of row ``rows[k]`` from its element
+        ``starts[k]``) to ``out[out_offsets[k]:]``; with ``sources``, only the pieces whose
+        ``sources[k] == source``. Arrays are taken as they are (int64, ``sources`` int32,
+        contiguous; ``out`` of this column's dtype): TypeError otherwise. Everything is checked
+        before anything is written (ValueError naming the piece and its row). Returns the number
+        of pieces copied."""
+        try:
+            return int(self._reader.gather(sources, source, rows, starts, lengths, out_offsets,
+                                           out))  # fmt: skip
+        except ValueError as e:
+            raise ValueError(f"source {self.name!r}: {e}" if self.name else str(e)) from None
 
 
 # --- datainf -----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import pyarrow as pa
 import torch.utils.data
 
 from mixtape.gather import ArrowRows, list_array
-from mixtape.ops import Int64Array
+from mixtape.ops import Int64Array, PieceReader
 
 __all__ = [
     "ArrowTableSource",
@@ -220,6 +220,12 @@ def take_ragged(source: Source, rows: Int64Array,
     return ragged_column(source.take_arrow(rows), column, f"source {source.name!r}", rows)
 
 
+def piece_reader(source: Source, column: str) -> PieceReader | None:
+    """``source.piece_reader(column)`` for built-in sources; None (read through
+    :func:`take_ragged`) for foreign ones."""
+    return source.piece_reader(column) if isinstance(source, BaseSource) else None
+
+
 class BaseSource(abc.ABC):
     """Shared behaviour of the built-in sources; subclasses implement ``_take`` and ``_stream``
     (``_take_arrow`` when they have a faster path than converting ``_take``'s records).
@@ -314,6 +320,13 @@ class BaseSource(abc.ABC):
         """A faster :meth:`take_ragged` where the source has one, else None."""
         return None
 
+    def piece_reader(self, column: str) -> PieceReader | None:
+        """The list-of-numbers ``column`` as a :class:`~mixtape.ops.PieceReader` (the packing
+        loader copies its pieces straight from it) where the source reads it as
+        :meth:`take_ragged` does, else None. Rows given to it are not checked by :meth:`_rows`
+        (the reader checks every row against its own range)."""
+        return None
+
     def stream(self, start: int = 0) -> Iterator[dict[str, Any]]:
         """One pass in the source's own order from ordinal ``start`` (past the end: nothing)."""
         if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
@@ -385,6 +398,9 @@ class ArrowTableSource(BaseSource):
                      column: str) -> tuple[npt.NDArray[Any], Int64Array] | None:  # fmt: skip
         return None if self.text_field is not None else self._arrow.gather_ragged(rows, column)
 
+    def piece_reader(self, column: str) -> PieceReader | None:
+        return None if self.text_field is not None else self._arrow.piece_reader(column)
+
     def _take(self, rows: Int64Array) -> list[dict[str, Any]]:
         return list(self._arrow.gather(rows).to_pylist())
 
@@ -450,6 +466,11 @@ class HFDatasetSource(BaseSource):
         if self._custom or self.text_field is not None:  # the transform / checks of take_arrow
             return None
         return self._arrow.gather_ragged(rows, column)
+
+    def piece_reader(self, column: str) -> PieceReader | None:
+        if self._custom or self.text_field is not None:
+            return None
+        return self._arrow.piece_reader(column)
 
     def _take(self, rows: Int64Array) -> list[dict[str, Any]]:
         if self._custom:
