@@ -76,6 +76,22 @@ class _Request:
     row_offsets: Int64Array | None = None  # packed: pieces of each row (CSR)
     slot: tuple[int, int] | None = None  # packed, with workers: ring (slot, generation) to fill
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """A packed request crosses to a worker as one int64 buffer, not six pickled arrays
+        (pickled in the main process's queue thread, which competes with it for the GIL)."""
+        if self.starts is None or self.lengths is None or self.row_offsets is None:
+            return (_Request, (self.index, self.sources, self.rows, None, None, None, self.slot))
+        n = self.lengths.size
+        buf = np.concatenate([self.sources, self.rows, self.starts, self.lengths,
+                              self.row_offsets], dtype=np.int64)  # fmt: skip
+        return (_packed_request, (self.index, n, buf.tobytes(), self.slot))
+
+
+def _packed_request(index: int, n: int, data: bytes, slot: tuple[int, int] | None) -> _Request:
+    buf = np.frombuffer(data, dtype=np.int64)  # read-only views: the worker only reads them
+    return _Request(index, buf[:n].astype(np.int32), buf[n: 2 * n], buf[2 * n: 3 * n],
+                    buf[3 * n: 4 * n], buf[4 * n:], slot)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class _Pieces:

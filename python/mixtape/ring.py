@@ -17,6 +17,7 @@ path (correct, only slower).
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -62,6 +63,29 @@ class Filled:
     alias: dict[str, str] = field(default_factory=dict)
     tensors: frozenset[str] = frozenset()
     fallback: Any = None
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Plain tuples across the pipe (a dtype pickles slowly): pickled in the worker's queue
+        thread, unpickled in the main process, once per batch."""
+        fields = None if self.fields is None else tuple(
+            (k, (v.offset, v.shape, v.dtype.str, v.tensor)) if isinstance(v, InSlot) else (k, v)
+            for k, v in self.fields.items())  # fmt: skip
+        slotted = None if self.fields is None else frozenset(
+            k for k, v in self.fields.items() if isinstance(v, InSlot))  # fmt: skip
+        return (_filled, (self.ring, self.slot, self.generation, fields, slotted,
+                          tuple(self.alias.items()), self.tensors, self.fallback))  # fmt: skip
+
+
+def _filled(ring: int, slot: int, generation: int, fields: Any, slotted: Any, alias: Any,
+            tensors: frozenset[str], fallback: Any) -> Filled:  # fmt: skip
+    out = None if fields is None else {
+        k: InSlot(v[0], v[1], _dtype(v[2]), v[3]) if k in slotted else v for k, v in fields}
+    return Filled(ring, slot, generation, out, dict(alias), tensors, fallback)
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype(s: str) -> np.dtype[Any]:
+    return np.dtype(s)
 
 
 class Ring:
