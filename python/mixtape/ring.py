@@ -83,7 +83,7 @@ def _filled(ring: int, slot: int, generation: int, fields: Any, slotted: Any, al
     return Filled(ring, slot, generation, out, dict(alias), tensors, fallback)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dtype(s: str) -> np.dtype[Any]:
     return np.dtype(s)
 
