@@ -4,7 +4,7 @@ Data of the ``loader-e2e`` case (3 x 100k pre-tokenized HF Datasets, .5/.3/.2, b
 packed 4096-token rows). Prints, over ``--batches`` batches after the first:
 
 - with no workers: wall time per batch and its parts (planning in the sampler, reading the pieces,
-  collating; the rest is the DataLoader and the loop), the mean of each;
+  collating; the rest is the DataLoader and the loop), the mean of each, and the one-off costs;
 - with ``--workers`` workers: wall time, main-process CPU and the workers' CPU per batch, and
   the one-off costs (building the loader, the first batch while the workers start, the shut-down
   joining them; ``mixtape bench``'s loader case counts all three), for the three ways a packed
@@ -106,11 +106,13 @@ def main(argv: list[str]) -> int:
         for _ in range(args.repeat):
             for v in parts.values():
                 v.clear()
-            wall = _run(dss, 0, args.batches)["wall"]
+            r = _run(dss, 0, args.batches)
             means = {k: float(np.mean(v[-args.batches:])) for k, v in parts.items()}
-            rest = wall - sum(means.values())
-            print(f"  {wall * 1e3:.3f} ms: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in
-                                                       means.items()) + f", rest {rest * 1e3:.3f}")
+            rest = r["wall"] - sum(means.values())
+            print(f"  {r['wall'] * 1e3:.3f} ms: " + ", ".join(
+                f"{k} {v * 1e3:.3f}" for k, v in means.items()) + f", rest {rest * 1e3:.3f}; "
+                f"building / first batch / shut-down {r['build'] * 1e3:.1f} / "
+                f"{r['first'] * 1e3:.1f} / {r['shutdown'] * 1e3:.1f} ms")  # fmt: skip
     finally:
         for u in undo:
             u()
