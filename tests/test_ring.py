@@ -211,3 +211,29 @@ def test_a_superseded_iterator_fails_loudly(workers: int, persistent: bool) -> N
         next(stale)
     got += take(fresh, 5)
     assert same_batches([first, *got], reference(7))
+
+
+@pytest.mark.slow
+def test_memory_and_slots_stay_flat_over_10k_batches() -> None:
+    """Leases, finalisers and descriptors do not pile up: resident memory stays flat and every
+    slot is free again once the batches are dropped."""
+    import resource
+    import weakref
+
+    loader = get_loader(make(), 4, num_workers=2, **PACKED)
+    it = iter(loader)
+    for _ in range(1000):
+        next(it)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(10_000):
+        next(it)
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb < 20_000, f"resident memory grew by {grown_kb} KB over 10k batches"
+    ring = loader._ring
+    assert ring is not None
+    leases = [f for f in weakref.finalize._registry  # type: ignore[attr-defined]
+              if (f.peek() or (None, None))[1] == ring._release]  # fmt: skip
+    assert len(leases) <= ring.slots  # one per batch still held, none left behind
+    del it
+    gc.collect()
+    assert len(ring._free) + len(ring._inflight) == ring.slots
