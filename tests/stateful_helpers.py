@@ -109,3 +109,15 @@ def assert_state_refused_in_workers(
     with pytest.raises(ValueError, match="num_workers=0"):
         obj.state_dict()
     del it
+
+
+def rss_growth_kb(it: Iterator[Any], warmup: int, n: int) -> int:
+    """Peak resident memory (KB) added while taking ``n`` items of ``it`` after ``warmup``."""
+    import resource
+
+    for _ in range(warmup):
+        next(it)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(n):
+        next(it)
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)

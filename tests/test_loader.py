@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from stateful_helpers import host, same_batches
+from stateful_helpers import host, rss_growth_kb, same_batches
 from stateful_helpers import take_batches as take
 
 from mixtape import DataLoaderConfig, MixedDataset
@@ -276,16 +276,8 @@ def test_bad_options() -> None:
 
 @pytest.mark.slow
 def test_memory_does_not_grow_with_batches() -> None:
-    import resource
-
     loader = get_loader(make(), 8)
-    it = iter(loader)
-    for _ in range(2000):
-        next(it)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(10_000):
-        next(it)
-    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    grown_kb = rss_growth_kb(iter(loader), 2000, 10_000)
     assert grown_kb < 50_000, f"resident memory grew by {grown_kb} KB over 10k batches"
     assert len(loader._cursors) == 0
 

@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from stateful_helpers import host, same, same_batches
+from stateful_helpers import host, rss_growth_kb, same, same_batches
 from stateful_helpers import take_batches as take
 
 from mixtape import MixedDataset
@@ -217,17 +217,11 @@ def test_a_superseded_iterator_fails_loudly(workers: int, persistent: bool) -> N
 def test_memory_and_slots_stay_flat_over_10k_batches() -> None:
     """Leases, finalisers and descriptors do not pile up: resident memory stays flat and every
     slot is free again once the batches are dropped."""
-    import resource
     import weakref
 
     loader = get_loader(make(), 4, num_workers=2, **PACKED)
     it = iter(loader)
-    for _ in range(1000):
-        next(it)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(10_000):
-        next(it)
-    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    grown_kb = rss_growth_kb(it, 1000, 10_000)
     assert grown_kb < 20_000, f"resident memory grew by {grown_kb} KB over 10k batches"
     ring = loader._ring
     assert ring is not None

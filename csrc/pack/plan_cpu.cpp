@@ -236,6 +236,15 @@ Placement best_fit(const std::vector<int64_t>& length, const PackPlanOptions& o)
   };
   std::vector<Bin> bins;
   bins.reserve(n);
+  // Puts the k-th piece (s units) into bin b; true while the bin takes more pieces.
+  const auto place = [&](size_t k, int64_t b, int64_t s) {
+    Bin& bin = bins[static_cast<size_t>(b)];
+    pl.row[k] = b;
+    pl.column[k] = (cap - bin.left) * align;
+    bin.left -= s;
+    ++bin.docs;
+    return bin.left > 0 && (max_docs == 0 || bin.docs < max_docs);
+  };
   if (few_pieces(static_cast<int64_t>(n), o.capacity)) {
     // The open bins sorted by (remaining capacity, most recently (re)inserted first): the first
     // with room is what the buckets' BitTree and LIFO lists give.
@@ -259,13 +268,8 @@ Placement best_fit(const std::vector<int64_t>& length, const PackPlanOptions& o)
         b = it->bin;
         open.erase(it);
       }
-      Bin& bin = bins[static_cast<size_t>(b)];
-      pl.row[k] = b;
-      pl.column[k] = (cap - bin.left) * align;
-      bin.left -= s;
-      ++bin.docs;
-      if (bin.left > 0 && (max_docs == 0 || bin.docs < max_docs)) {
-        const Open e{bin.left, static_cast<int64_t>(k), b};
+      if (place(k, b, s)) {
+        const Open e{bins[static_cast<size_t>(b)].left, static_cast<int64_t>(k), b};
         open.insert(std::upper_bound(open.begin(), open.end(), e, before), e);
       }
     }
@@ -286,12 +290,8 @@ Placement best_fit(const std::vector<int64_t>& length, const PackPlanOptions& o)
       head[static_cast<size_t>(r)] = bins[static_cast<size_t>(b)].next;
       if (head[static_cast<size_t>(r)] < 0) nonempty.erase(r);
     }
-    Bin& bin = bins[static_cast<size_t>(b)];
-    pl.row[k] = b;
-    pl.column[k] = (cap - bin.left) * align;
-    bin.left -= s;
-    ++bin.docs;
-    if (bin.left > 0 && (max_docs == 0 || bin.docs < max_docs)) {
+    if (place(k, b, s)) {
+      Bin& bin = bins[static_cast<size_t>(b)];
       int64_t& h = head[static_cast<size_t>(bin.left)];
       bin.next = h;
       if (h < 0) nonempty.insert(bin.left);
