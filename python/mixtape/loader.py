@@ -3,9 +3,10 @@
 For a :class:`~mixtape.MixedDataset` of map-style sources, batch ``k`` is a pure function of
 (config, seed, weight timeline, k). The main process turns ``k`` into a plan (which source and
 row every example, or every packed piece, comes from: the compiled sampler, then the pack
-planner over the documents drawn for each batch) inside the DataLoader's sampler; workers only
-fetch the planned rows (and collate unpacked batches; a packed batch crosses as its pieces'
-int32 tokens and is collated in the main process, see :class:`_Pieces`). Hence:
+planner over the documents drawn for each batch) inside the DataLoader's sampler; workers fetch
+the planned rows and collate them (a packed batch into a slot of the loader's shared-memory
+:class:`~mixtape.ring.Ring`, which the main process wraps without a copy; without a free slot it
+crosses as its pieces, see :class:`_Pieces`, and is collated here). Hence:
 
 - the same config and seed give the same batches for any ``num_workers`` (persistent or not);
 - the state is the number of batches the trainer received plus the weight timeline, so
