@@ -221,7 +221,7 @@ def test_packed_loss_is_not_the_unmasked_loss() -> None:
 
 
 def test_the_packaged_config_is_configs_demo_yaml() -> None:
-    """The installed package carries configs/demo.yaml (a symlink in the source tree)."""
+    """The installed package carries a copy of configs/demo.yaml: the two files must not drift."""
     repo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     packaged = Path(run.__file__).with_name("demo.yaml")
     assert packaged.read_text() == repo.read_text()
