@@ -7,11 +7,10 @@ packed 4096-token rows). Prints, over ``--batches`` batches after the first:
   collating; the rest is the DataLoader and the loop), the mean of each, and the one-off costs;
 - with ``--workers`` workers: wall time, main-process CPU and the workers' CPU per batch, and
   the one-off costs (building the loader, the first batch while the workers start, the shut-down
-  joining them; ``mixtape bench``'s loader case counts all three), for the three ways a packed
-  batch can reach the main process, alternating so they share the machine's load: collated by
-  the worker into the loader's shared-memory ring (the default), or sent as its pieces and
-  collated in the main process (no ring) through the result pipe the loader widens to 1 MB, or
-  through the default 64 KB pipe.
+  joining them; ``mixtape bench``'s loader case counts all three), alternating so they share
+  the machine's load: workers collating into the loader's shared-memory ring 4 batches per
+  DataLoader task (the default) or 1, or a batch sent as its pieces and collated in the main
+  process (no ring) through the result pipe the loader widens to 1 MB, or the default 64 KB.
 
     python benchmarks/loader_stages.py [--batches 300] [--workers 2] [--repeat 3]
 """
@@ -61,7 +60,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run(dss: list[Any], workers: int, batches: int) -> dict[str, float]:
+def _run(dss: list[Any], workers: int, batches: int,
+         per_task: int | None = None) -> dict[str, float]:  # fmt: skip
     """Seconds: building the mixture and loader, the first batch (worker start-up included),
     then per batch over ``batches`` more (wall, main-process CPU, the workers' CPU), and the
     shut-down (workers joined)."""
@@ -69,7 +69,8 @@ def _run(dss: list[Any], workers: int, batches: int) -> dict[str, float]:
     mixed = MixedDataset(dict(zip(NAMES, dss, strict=True)), dict(zip(NAMES, WEIGHTS, strict=True)),
                          seed=0)  # fmt: skip
     loader = get_loader(mixed, 8, packing="bfd", max_length=4096, collate_fn="packed",
-                        collate_kwargs={"attention": "flash"}, num_workers=workers)  # fmt: skip
+                        collate_kwargs={"attention": "flash"}, num_workers=workers,
+                        batches_per_task=per_task)  # fmt: skip
     out = {"build": time.perf_counter() - t}
     t = time.perf_counter()
     it = iter(loader)
@@ -118,24 +119,26 @@ def main(argv: list[str]) -> int:
             u()
 
     widen, layout = loader_mod._widen_result_pipe, loader_mod.Loader._ring_layout
-    variants: list[tuple[str, Any, Any]] = [
-        ("ring (default)", widen, layout),
-        ("pieces, pipe 1 MB", widen, lambda self, c: None),
-        ("pieces, pipe 64 KB", lambda batches: None, lambda self, c: None),
+    no_ring = lambda self, c: None  # noqa: E731
+    variants: list[tuple[str, Any, Any, int | None]] = [
+        ("ring, 4 per task (default)", widen, layout, None),
+        ("ring, 1 per task", widen, layout, 1),
+        ("pieces, 1 per task", widen, no_ring, 1),
+        ("pieces, 1, pipe 64 KB", lambda batches: None, no_ring, 1),
     ]
     print(f"{args.workers} workers, per batch: wall / main-process CPU / workers' CPU; then "
           "building the loader, the first batch (workers starting) and the shut-down:")
     for _ in range(args.repeat):
-        for label, pipe, ring in variants:
+        for label, pipe, ring, per_task in variants:
             loader_mod._widen_result_pipe = pipe
             loader_mod.Loader._ring_layout = ring  # type: ignore[method-assign]
             try:
-                r = _run(dss, args.workers, args.batches)
+                r = _run(dss, args.workers, args.batches, per_task)
             finally:
                 loader_mod._widen_result_pipe = widen
                 loader_mod.Loader._ring_layout = layout  # type: ignore[method-assign]
             ms = {k: v * 1e3 for k, v in r.items()}
-            print(f"  {label:<20} {ms['wall']:.3f} / {ms['cpu']:.3f} / {ms['workers']:.3f} ms; "
+            print(f"  {label:<27} {ms['wall']:.3f} / {ms['cpu']:.3f} / {ms['workers']:.3f} ms; "
                   f"{ms['build']:.1f} / {ms['first']:.1f} / {ms['shutdown']:.1f} ms")
     return 0
 

@@ -499,7 +499,8 @@ def test_example_file(tmp_path: Path) -> None:
     assert cfg.influence is not None and not cfg.influence.enabled
     assert cfg.probe_source == "books"
     r = cfg.resolved()
-    assert (r.loader.num_workers, r.loader.prefetch_factor, r.loader.horizon) == (2, 2, 5)
+    assert (r.loader.num_workers, r.loader.prefetch_factor, r.loader.batches_per_task,
+            r.loader.horizon) == (2, 2, 4, 20)  # fmt: skip
     assert (r.loader.packing, r.loader.max_length) == ("bfd", 1024)
     assert r.influence is not None and (r.influence.seed, r.influence.batch_size) == (1234, 8)
 

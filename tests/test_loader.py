@@ -126,6 +126,50 @@ def test_update_lands_at_b_plus_horizon_for_any_worker_count(packed: bool) -> No
         assert all(set(s[s >= 0].tolist()) == {2} for s in src[10:])
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("per_task", [2, 3])
+def test_tasks_of_several_batches_change_nothing_but_the_horizon(
+        packed: bool, per_task: int) -> None:  # fmt: skip
+    """Workers making ``per_task`` consecutive batches per DataLoader task give the same batches
+    (also at the end of a finite mixture, whose last task is short), weight updates land at
+    b + horizon with the larger default horizon, and a state taken inside a task resumes."""
+    opts = PACKED if packed else {}
+    kw = {"num_workers": 2, "batches_per_task": per_task}
+    horizon = (2 * 2 + 1) * per_task  # tasks planned ahead of the trainer, plus the current one
+    loader = get_loader(make("first_exhausted"), 4, **kw, **opts)
+    assert loader.horizon == horizon
+    assert same_batches(take(loader), take(get_loader(make("first_exhausted"), 4, **opts)))
+    runs = []
+    for workers in ({}, kw):
+        run = get_loader(make(), 4, horizon=horizon, **workers, **opts)
+        got = []
+        for i, batch in enumerate(run):
+            got.append(host(batch))
+            if i == 3:
+                assert run.update_weights({"a": 0, "b": 0, "c": 1}) == 3 + horizon
+            if i == 30:
+                break
+        runs.append(got)
+    assert same_batches(runs[0], runs[1])
+    first = get_loader(make(), 4, **kw, **opts)
+    got = take(first, per_task + 1)  # inside the second task
+    second = get_loader(make(), 4, **opts)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    got += take(second, 10)
+    assert same_batches(got, take(get_loader(make(), 4, **opts), per_task + 11))
+
+
+def test_batches_per_task_needs_workers_and_room_in_the_horizon() -> None:
+    with pytest.raises(ValueError, match="batches_per_task is 2 with num_workers=0"):
+        get_loader(make(), 4, batches_per_task=2, **PACKED)
+    with pytest.raises(ValueError, match=r"\(2 x 2 \+ 1\) x 4 = 20 batches"):
+        get_loader(make(), 4, num_workers=2, batches_per_task=4, horizon=10, **PACKED)
+    # a given horizon makes the automatic choice smaller instead
+    assert get_loader(make(), 4, num_workers=2, horizon=10, **PACKED).config.batches_per_task == 2
+    assert get_loader(make(), 4, num_workers=2, **PACKED).config.batches_per_task == 4
+    assert get_loader(make(), 4, num_workers=2).config.batches_per_task == 1  # not packing
+
+
 def test_horizon_smaller_than_in_flight_is_an_error() -> None:
     with pytest.raises(ValueError, match="horizon"):
         get_loader(make(), 4, num_workers=2, horizon=3)

@@ -113,7 +113,8 @@ def test_dropped_batches_return_their_slots(monkeypatch: pytest.MonkeyPatch,
     misses = _misses(monkeypatch)
     loader = get_loader(make(), 4, num_workers=2, persistent_workers=persistent, **PACKED)
     got = take(loader, 40)
-    assert loader._ring is not None and loader._ring.slots == 2 * 2 + 4
+    assert loader.config.batches_per_task == 4  # a packing loader's default with workers
+    assert loader._ring is not None and loader._ring.slots == (2 * 2 + 1) * 4 + 3
     assert not misses  # every batch went through a slot: each was free again in time
     assert same_batches(got, reference(40))
 
@@ -166,7 +167,7 @@ def test_no_ring_without_workers_or_with_a_host_mask() -> None:
     assert same_batches(take(loader, 3), take(get_loader(make(), 4, **sdpa), 3))
     device = {**PACKED, "collate_kwargs": {"attention": "sdpa", "mask": "device"}}
     loader = get_loader(make(), 4, num_workers=1, **device)
-    assert loader._ring_shape == (1 * 2 + 4, 4 * 8 * 4 * 16)
+    assert loader._ring_shape == ((1 * 2 + 1) * 4 + 3, 4 * 8 * 4 * 16)
     assert same_batches(take(loader, 6), take(get_loader(make(), 4, **device), 6))
 
 

@@ -47,7 +47,7 @@ import torch.utils.data
 
 from mixtape.collate.packed import PackedCollator
 from mixtape.collate.sources import DOC_SOURCE_IDS
-from mixtape.loader_config import DataLoaderConfig, make_generator, seed_worker
+from mixtape.loader_config import RING_BUDGET, DataLoaderConfig, make_generator, seed_worker
 from mixtape.mixing import MixedDataset, MixPlan, mixture_weights
 from mixtape.ops import OVERFLOW_POLICIES, Int64Array, _pack_batch, gather_rows, normalize_weights
 from mixtape.ring import Filled, InSlot, Ring
@@ -57,7 +57,6 @@ from mixtape.sources import piece_reader, take_ragged
 __all__ = ["DataLoaderFactory", "Loader", "get_loader"]
 
 STATE_VERSION = 1
-_RING_BUDGET = 32 << 20  # shared memory per loader for batches collated by workers (bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +142,9 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
     def __len__(self) -> int:  # pragma: no cover - indices come from the plan sampler
         raise TypeError("batches are addressed by plan, not by position")
 
-    def __getitem__(self, req: _Request) -> Any:
+    def __getitem__(self, req: _Request | tuple[_Request, ...]) -> Any:
+        if isinstance(req, tuple):  # a task of several batches: one answer each
+            return tuple(self[r] for r in req)
         if self.packed:
             pieces = self._packed(req)
             if req.slot is not None and self.ring is not None and self.pieces_collate is not None:
@@ -457,7 +458,7 @@ class _Docs:
                      np.cumsum(bad).tolist())  # fmt: skip
 
 
-class _PlanSampler(torch.utils.data.Sampler[_Request]):
+class _PlanSampler(torch.utils.data.Sampler[Any]):
     """The DataLoader's sampler: yields this rank's batch requests, planned on demand.
 
     It holds the loader weakly: a loader -> DataLoader -> sampler -> loader cycle would leave
@@ -468,7 +469,7 @@ class _PlanSampler(torch.utils.data.Sampler[_Request]):
     def __init__(self, loader: Loader) -> None:
         self._loader = weakref.ref(loader)
 
-    def __iter__(self) -> Iterator[_Request]:
+    def __iter__(self) -> Iterator[_Request | tuple[_Request, ...]]:
         loader = self._loader()
         if loader is None:
             return iter(())
@@ -480,15 +481,25 @@ class _PlanSampler(torch.utils.data.Sampler[_Request]):
         return 0 if loader is None else len(loader)
 
 
-def _requests(ref: weakref.ref[Loader]) -> Iterator[_Request]:
-    """Requests from the loader behind ``ref``, holding it only while planning one."""
+def _requests(ref: weakref.ref[Loader]) -> Iterator[_Request | tuple[_Request, ...]]:
+    """Requests from the loader behind ``ref``, holding it only while planning one; grouped by
+    ``batches_per_task`` (a tuple per DataLoader task when more than one)."""
+    loader = ref()
+    per_task = 1 if loader is None else int(loader.config.batches_per_task or 1)
+    del loader
     while True:
-        loader = ref()
-        req = None if loader is None else loader._next_request()
-        del loader
-        if req is None:
+        task: list[_Request] = []
+        while len(task) < per_task:
+            loader = ref()
+            req = None if loader is None else loader._next_request()
+            del loader
+            if req is None:
+                break
+            task.append(req)
+        if task:
+            yield task[0] if per_task == 1 else tuple(task)
+        if len(task) < per_task:
             return
-        yield req
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,10 +627,12 @@ class Loader:
             cells = -(-cells // col.pad_to_multiple_of) * col.pad_to_multiple_of
         slot_bytes = 4 * 8 * cells  # ids, labels, positions, source ids (int64)
         assert c.prefetch_factor is not None
-        # In flight, the batch being handed over, the one the trainer still holds while asking
-        # for it, and two spare (e.g. a batch kept for logging); past that, batches are collated
-        # in this process until slots come back.
-        slots = min(c.num_workers * c.prefetch_factor + 4, _RING_BUDGET // slot_bytes)
+        # The tasks in flight and the one being handed over, the batch the trainer still holds
+        # while asking for the next, and two spare (e.g. a batch kept for logging); past that,
+        # batches are collated in this process until slots come back.
+        per_task = int(c.batches_per_task or 1)
+        slots = min((c.num_workers * c.prefetch_factor + 1) * per_task + 3,
+                    RING_BUDGET // slot_bytes)  # fmt: skip
         return (slots, slot_bytes) if slots >= 1 else None
 
     # --- planning ---------------------------------------------------------------------------
@@ -796,7 +809,10 @@ class Loader:
                 break
             # This frame holds only what the DataLoader returned, never the batch: a ring slot is
             # the trainer's to keep or drop, also while this generator is suspended.
-            yield self._deliver(raw)
+            for one in raw if isinstance(raw, tuple) else (raw,):
+                if mine != self._iterations:
+                    raise _superseded()
+                yield self._deliver(one)
         self._ended = True
 
     def _deliver(self, raw: Any) -> Any:

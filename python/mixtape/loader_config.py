@@ -55,15 +55,23 @@ def make_generator(seed: int) -> torch.Generator:
     return g
 
 
+RING_BUDGET = 32 << 20  # shared memory per loader for batches collated by workers (bytes)
+
+
 @dataclass(frozen=True)
 class DataLoaderConfig:
     """How batches are loaded; ``None`` means chosen by :meth:`resolved`.
 
     ``pin_memory``: CUDA available. ``prefetch_factor``: 2 with workers, ``None`` without (torch
     refuses a prefetch factor without workers). ``persistent_workers``: ``num_workers > 0``.
-    ``horizon`` (batches between a weight update being asked for and taking effect): at least
-    ``num_workers * prefetch_factor + 1``, the most batches in flight plus one (1 without
-    workers); the default is that minimum. ``packing``: a planner strategy
+    ``batches_per_task``: consecutive batches a worker makes per DataLoader task (a
+    ``MixedDataset`` loader; each task costs a round trip through torch's queues, so packing
+    loaders take 4 by default, fewer when the workers' shared-memory ring would pass
+    ``RING_BUDGET`` or a given horizon would be too short; 1 otherwise, and always without
+    workers). ``horizon`` (batches between a weight update being asked for and taking
+    effect): at least ``(num_workers * prefetch_factor + 1) * batches_per_task``, the most
+    batches planned ahead of the trainer plus one (1 without workers); the default is that
+    minimum. ``packing``: a planner strategy
     (``ops.PACK_STRATEGIES``), which needs ``max_length``. ``rank`` / ``world_size``: given
     together, else read from ``torch.distributed`` when it is initialised (else 0 / 1).
     ``collate_fn``: a collator registered in :class:`~mixtape.CollatorRegistry` (built with
@@ -82,6 +90,7 @@ class DataLoaderConfig:
     packing: str | None = None
     max_length: int | None = None
     horizon: int | None = None
+    batches_per_task: int | None = None
     rank: int | None = None
     world_size: int | None = None
     collate_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -128,16 +137,23 @@ class DataLoaderConfig:
                 raise ValueError(f"{w('max_length')} is required with packing={self.packing!r} "
                                  f"(the tokens per packed row)")  # fmt: skip
         optional(check_int, w("max_length"), self.max_length, minimum=1)
+        optional(check_int, w("batches_per_task"), self.batches_per_task, minimum=1)
+        if workers == 0 and (self.batches_per_task or 1) > 1:
+            raise ValueError(f"{w('batches_per_task')} is {self.batches_per_task} with "
+                             f"num_workers=0; it groups the batches of worker tasks: leave it "
+                             f"unset")  # fmt: skip
         if self.horizon is not None:
             check_int(w("horizon"), self.horizon, minimum=1)
             if self.horizon < self.min_horizon:
                 pf = self.prefetch_factor or 2
-                raise ValueError(f"{w('horizon')} is {self.horizon}, but up to num_workers x "
-                                 f"prefetch_factor = {workers} x {pf} = {workers * pf} batches "
-                                 f"can be in flight, so a weight update can take effect "
-                                 f"reproducibly only {self.min_horizon} or more batches after it "
-                                 f"is asked for; set horizon >= {self.min_horizon} or leave it "
-                                 f"unset")  # fmt: skip
+                g = self.task_batches
+                raise ValueError(f"{w('horizon')} is {self.horizon}, but (num_workers x "
+                                 f"prefetch_factor + 1) x batches_per_task = ({workers} x {pf} + "
+                                 f"1) x {g} = {self.min_horizon} batches can be planned ahead of "
+                                 f"the trainer, so a weight update can take effect reproducibly "
+                                 f"only {self.min_horizon} or more batches after it is asked "
+                                 f"for; set horizon >= {self.min_horizon} (or fewer "
+                                 f"batches_per_task) or leave it unset")  # fmt: skip
         if (self.rank is None) != (self.world_size is None):
             raise ValueError(f"{w('rank')} and world_size are given together (or both left "
                              f"unset, read from torch.distributed); got rank={self.rank!r}, "
@@ -149,11 +165,27 @@ class DataLoaderConfig:
                 raise ValueError(f"{w('rank')} must be in [0, world_size={ws}), got {self.rank}")
 
     @property
+    def task_batches(self) -> int:
+        """``batches_per_task``, or the automatic choice (see the class docstring)."""
+        if self.batches_per_task is not None:
+            return self.batches_per_task
+        if self.num_workers == 0 or self.packing is None or self.max_length is None:
+            return 1
+        tasks = self.num_workers * (self.prefetch_factor or 2) + 1
+        for g in (4, 3, 2):
+            ring = (tasks * g + 3) * 32 * self.batch_size * self.max_length  # see Loader
+            if ring <= RING_BUDGET and (self.horizon is None or self.horizon >= tasks * g):
+                return g
+        return 1
+
+    @property
     def min_horizon(self) -> int:
-        """The smallest valid horizon: ``num_workers * prefetch_factor + 1`` (1 without workers)."""
+        """The smallest valid horizon: ``(num_workers * prefetch_factor + 1) * batches_per_task``
+        (1 without workers): after the trainer received batch ``b``, torch has asked for at most
+        ``num_workers * prefetch_factor`` tasks beyond the one ``b`` came in."""
         if self.num_workers == 0:
             return 1
-        return self.num_workers * (self.prefetch_factor or 2) + 1
+        return (self.num_workers * (self.prefetch_factor or 2) + 1) * self.task_batches
 
     def resolved(self) -> DataLoaderConfig:
         """A copy with every automatic (``None``) choice made for this machine and process."""
@@ -173,6 +205,7 @@ class DataLoaderConfig:
                 workers > 0 if self.persistent_workers is None else self.persistent_workers
             ),
             horizon=self.min_horizon if self.horizon is None else self.horizon,
+            batches_per_task=self.task_batches,
             rank=rank,
             world_size=world,
         )

@@ -176,7 +176,8 @@ def _auto_horizon(loader: Any, workers: int) -> int:
     """The loader's automatic horizon (batches in flight + 1) with ``workers`` workers."""
     return int(dataclasses.replace(
         loader, num_workers=workers, horizon=None, persistent_workers=None,
-        prefetch_factor=loader.prefetch_factor if workers else None).resolved().horizon)
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        batches_per_task=loader.batches_per_task if workers else None).resolved().horizon)
 
 
 def load_config(opts: DemoOptions) -> Any:
@@ -192,8 +193,10 @@ def load_config(opts: DemoOptions) -> Any:
     if opts.workers is not None:
         persistent = loader.persistent_workers if opts.workers else None
         prefetch = loader.prefetch_factor if opts.workers else None
+        per_task = loader.batches_per_task if opts.workers else None
         loader = dataclasses.replace(loader, num_workers=opts.workers, horizon=None,
-                                     persistent_workers=persistent, prefetch_factor=prefetch)
+                                     persistent_workers=persistent, prefetch_factor=prefetch,
+                                     batches_per_task=per_task)  # fmt: skip
     if loader.horizon is None:
         # The resume check continues in a fresh process with another worker count (1 if this
         # run has none, else 0); weight updates land at b + horizon, so both processes must use
@@ -717,7 +720,8 @@ def resume_main(ckpt: Path, steps: int, workers: int, out: Path) -> int:
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(
         cfg.loader, num_workers=workers, horizon=cfg.loader.horizon,
         persistent_workers=True if workers else None,
-        prefetch_factor=cfg.loader.prefetch_factor if workers else None))  # fmt: skip
+        prefetch_factor=cfg.loader.prefetch_factor if workers else None,
+        batches_per_task=cfg.loader.batches_per_task if workers else None))  # fmt: skip
     names = [str(s.path).removeprefix(EMBEDDED) for s in cfg.mixture.sources]
     data = {n: hf.load_from_disk(str(ckpt / "data" / n)) for n in names}
     vocab = Tokenizer.from_file(str(ckpt / "tokenizer.json")).get_vocab_size()
