@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from packing_fixtures import as_dataset, make_docs, tiny_model
+from stateful_helpers import same
 
 from mixtape.packing import pack_sequences
 
@@ -658,6 +659,9 @@ def test_collate_pieces_equals_the_collator_on_the_rows(
     })  # fmt: skip
     want = collate(table)
     got = collate.collate_pieces(values, lengths, row_offsets, sources)
+    longest = max([sum(r) for r in rows], default=0)
+    hinted = collate.collate_pieces(values, lengths, row_offsets, sources, max_row=longest)
+    assert same(hinted, got)  # the width known ahead changes nothing
     assert list(got) == list(want)
     for key, value in want.items():
         if hasattr(value, "numpy"):

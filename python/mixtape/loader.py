@@ -148,7 +148,8 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
         if self.packed:
             pieces = self._packed(req)
             if req.slot is not None and self.ring is not None and self.pieces_collate is not None:
-                return self._into_slot(req.slot, self.ring, self.pieces_collate, pieces)
+                return self._into_slot(req.slot, self.ring, self.pieces_collate, pieces,
+                                       self.capacity)  # fmt: skip
             if self.collate is None:  # collated in the main process
                 return pieces
             batch = self.collate(pieces.table(self.column))
@@ -160,12 +161,12 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
 
     @staticmethod
     def _into_slot(ticket: tuple[int, int], ring: Ring, collate: PackedCollator,
-                   pieces: _Pieces) -> Filled:  # fmt: skip
+                   pieces: _Pieces, max_row: int) -> Filled:  # fmt: skip
         """The batch collated into the ticket's ring slot (the main process wraps it, no copy);
         the pieces themselves when it does not fit."""
         with collate._out.into(ring.slot_view(ticket[0])):
             batch = collate.collate_pieces(pieces.flat, pieces.lengths, pieces.row_offsets,
-                                           pieces.sources)  # fmt: skip
+                                           pieces.sources, max_row=max_row)  # fmt: skip
         filled = ring.describe(ticket, batch)
         if not any(isinstance(v, InSlot) for v in (filled.fields or {}).values()):
             return Filled(ring.token, *ticket, None, fallback=pieces)
@@ -856,7 +857,7 @@ class Loader:
         if self._collate is None:  # packing without a collator: the rows as an Arrow table
             return pieces.table(self.column)
         batch = self._collate.collate_pieces(pieces.flat, pieces.lengths, pieces.row_offsets,
-                                             pieces.sources)  # fmt: skip
+                                             pieces.sources, max_row=self.capacity)  # fmt: skip
         if self.config.pin_memory and isinstance(batch, dict) and torch.cuda.is_available():
             batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v
                      for k, v in batch.items()}  # fmt: skip

@@ -393,14 +393,16 @@ class PackedCollator:
         return self._collate(plan, ids, piece_src, labels, tokens, rest)
 
     def collate_pieces(self, values: Any, lengths: Int64Array, row_offsets: Int64Array,
-                       sources: Any = None) -> dict[str, Any]:  # fmt: skip
+                       sources: Any = None, *, max_row: int | None = None) -> dict[str, Any]:
         """The batch of rows given as pieces: ``values`` holds the pieces' tokens back to back,
         piece ``i`` has ``lengths[i]`` tokens, row ``r`` holds pieces ``row_offsets[r]:
         row_offsets[r + 1]`` (``sources``: each piece's source id). The same result as calling
         the collator on those rows with ``seq_lengths`` (and ``doc_source_ids``), without the
-        parsing: the packing loader's path."""
+        parsing: the packing loader's path. ``max_row``: no row holds more tokens (as the
+        loader's ``max_length``; checked), which spares a pass to find the width when
+        ``pad_to_multiple_of`` is at least that."""
         if not self.padding_free:
-            return self._pieces_padded(values, lengths, row_offsets, sources)
+            return self._pieces_padded(values, lengths, row_offsets, sources, max_row)
         ids = Ragged(np.asarray(values), np.zeros(lengths.size + 1, dtype=np.int64))
         np.cumsum(lengths, out=ids.offsets[1:])
         if ids.values.size != ids.offsets[-1]:
@@ -428,15 +430,20 @@ class PackedCollator:
             token_src = np.repeat(piece_src, lengths)  # piece i is ids.values[offsets[i]:...]
         return self._collate(plan, ids, piece_src, None, [], {}, token_src)
 
-    def _pieces_padded(self, values: Any, lengths: Any, row_offsets: Any,
-                       sources: Any) -> dict[str, Any]:  # fmt: skip
+    def _pieces_padded(self, values: Any, lengths: Any, row_offsets: Any, sources: Any,
+                       max_row: int | None) -> dict[str, Any]:  # fmt: skip
         """collate_pieces for rows padded to a width: every field in one kernel pass."""
         lengths = np.asarray(lengths, dtype=np.int64)
         row_offsets = np.asarray(row_offsets, dtype=np.int64)
-        ends = np.zeros(lengths.size + 1, dtype=np.int64)
-        np.cumsum(lengths, out=ends[1:])
-        longest = int(np.diff(ends[row_offsets]).max()) if row_offsets.size > 1 else 0
-        shape = (row_offsets.size - 1, padded_length(longest, None, self.pad_to_multiple_of))
+        m = self.pad_to_multiple_of
+        if m is not None and max_row is not None and max_row <= m and lengths.size:
+            width = m  # some row holds a token, none more than max_row <= m (the kernel checks)
+        else:
+            ends = np.zeros(lengths.size + 1, dtype=np.int64)
+            np.cumsum(lengths, out=ends[1:])
+            longest = int(np.diff(ends[row_offsets]).max()) if row_offsets.size > 1 else 0
+            width = padded_length(longest, None, m)
+        shape = (row_offsets.size - 1, width)
         piece_src = None
         if sources is not None:
             piece_src = self._sources.check_ids(np.asarray(sources), DOC_SOURCE_IDS)
