@@ -87,13 +87,14 @@ class DataLoaderBuilder:
         return self._with(batch_size=batch_size)
 
     def with_workers(self, num_workers: int, *, pin_memory: bool | None = None,
-                     prefetch_factor: int | None = None,
-                     persistent_workers: bool | None = None) -> DataLoaderBuilder:  # fmt: skip
+                     prefetch_factor: int | None = None, persistent_workers: bool | None = None,
+                     batches_per_task: int | None = None) -> DataLoaderBuilder:  # fmt: skip
         """DataLoader workers; ``None`` options are chosen automatically (pin memory when CUDA is
-        available; prefetch 2 and persistent workers when there are workers)."""
+        available; prefetch 2 and persistent workers when there are workers; batches per worker
+        task as :class:`DataLoaderConfig` says)."""
         return self._with(num_workers=num_workers, pin_memory=pin_memory,
-                          prefetch_factor=prefetch_factor,
-                          persistent_workers=persistent_workers)  # fmt: skip
+                          prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                          batches_per_task=batches_per_task)  # fmt: skip
 
     def with_distributed(self, rank: int, world_size: int) -> DataLoaderBuilder:
         """Serve rank ``rank`` of ``world_size`` (default: read from torch.distributed)."""
