@@ -71,7 +71,8 @@ def test_builder_fills_the_config() -> None:
     # each step returns a new builder: a half-built one can be branched
     small = b.with_batch_size(2)
     assert b.config().batch_size == 32 and small.config().batch_size == 2
-    tasks = b.with_workers(2, prefetch_factor=3, persistent_workers=False, batches_per_task=2)
+    tasks = b.with_workers(2, prefetch_factor=3, persistent_workers=False,
+                           batches_per_task=2).with_horizon(14)
     assert (tasks.config().prefetch_factor, tasks.config().persistent_workers,
             tasks.config().batches_per_task) == (3, False, 2)  # fmt: skip
 
