@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,22 @@ def test_quick_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
             assert our_impl in result["ours"]
             for peer, ratio in peers.items():
                 assert ratio == pytest.approx(result["peers"][peer] / result["ours"][our_impl])
+
+
+def test_loader_case_splits_a_run_and_joins_the_workers() -> None:
+    torch = pytest.importorskip("torch")
+    from mixtape.bench.loader import _phases
+
+    made: list[Any] = []
+
+    def make() -> Any:
+        rows = [{"input_ids": torch.ones(3, dtype=torch.long)}] * 4
+        made.append(torch.utils.data.DataLoader(rows, batch_size=1, num_workers=1,
+                                                persistent_workers=True))  # fmt: skip
+        return made[-1]
+
+    phases, tokens = _phases(make, 3, True)  # the first batch is start-up: 3 more of 3 tokens
+    assert tokens == 9 and min(phases) >= 0 and phases.total == pytest.approx(sum(phases))
+    assert not any(w.is_alive() for w in made[-1]._iterator._workers)
+    with pytest.raises(RuntimeError, match="ended after 3 of 4 batches"):
+        _phases(make, 4, False)
