@@ -397,3 +397,64 @@ def test_empty_documents_are_refused_or_counted(empty: Any) -> None:
     assert loader.empty_docs == counted
     real = np.concatenate([b["source_ids"].numpy().ravel() for b in got])
     assert set(real.tolist()) <= {-1, 0, 1}
+
+
+def _first_and_length(rows: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user collate_fn whose batch is a tuple: each row's first token and its length."""
+    ids = rows.column("input_ids").to_pylist()
+    return torch.tensor([r[0] for r in ids]), torch.tensor([len(r) for r in ids])
+
+
+def _stack_pairs(rows: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.stack(t) for t in zip(*rows, strict=True))
+
+
+@pytest.mark.parametrize(("workers", "per_task"), [(0, None), (2, 1), (2, 3)])
+def test_a_batch_that_is_a_tuple_is_one_batch(workers: int, per_task: int | None) -> None:
+    # Tasks of several batches travel as a marked tuple; a user's tuple batch is not one.
+    def pairs(loader: Any) -> list[tuple[list[int], list[int]]]:
+        out = []
+        for first, length in itertools.islice(loader, 6):
+            out.append((first.tolist(), length.tolist()))
+        return out
+
+    ref = pairs(get_loader(make(), 4, collate_fn=_first_and_length))
+    assert len(ref) == 6 and all(len(f) == 4 for f, _ in ref)
+    loader = get_loader(make(), 4, collate_fn=_first_and_length, num_workers=workers,
+                        batches_per_task=per_task)  # fmt: skip
+    assert pairs(loader) == ref and loader.batches_consumed == 6
+    plain = torch.utils.data.TensorDataset(torch.arange(8), torch.arange(8) * 10)
+    got = [tuple(t.tolist() for t in b)
+           for b in get_loader(plain, 4, shuffle=False, collate_fn=_stack_pairs)]  # fmt: skip
+    assert got == [([0, 1, 2, 3], [0, 10, 20, 30]), ([4, 5, 6, 7], [40, 50, 60, 70])]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_load_state_dict_refuses_what_would_not_resume_exactly(packed: bool) -> None:
+    opts = PACKED if packed else {}
+    # An iterated loader: its plan, prefetch and live iterator are past any state.
+    loader = get_loader(make(), 4, **opts)
+    it = iter(loader)
+    take(it, 2)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="needs a loader that has not been iterated"):
+        loader.load_state_dict(state)
+    # A mixture whose weights changed after the state was taken: the change would stay in force.
+    loader.update_weights({"a": 0.1, "b": 0.1, "c": 0.8})
+    take(it, 3)
+    assert len(loader.mixed.weight_timeline) == 2
+    with pytest.raises(ValueError, match=r"timeline entry 1 \(position \d+: .*\) is not in the "
+                                         r"state \(nothing\)"):  # fmt: skip
+        get_loader(loader.mixed, 4, **opts).load_state_dict(state)
+    # The same mixture with a state that has the change: resumes where the first loader is.
+    later = loader.state_dict()
+    rest = take(it, 4)
+    again = get_loader(loader.mixed, 4, **opts)
+    again.load_state_dict(json.loads(json.dumps(later)))
+    assert same_batches(take(again, 4), rest)
+    # Another mixture's state: the first entry (initial weights) differs.
+    other = MixedDataset({"a": ds(0, 200), "b": ds(1000, 100), "c": ds(2000, 50)},
+                         {"a": 0.2, "b": 0.3, "c": 0.5}, seed=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"timeline entry 0 \(position 0: "):
+        get_loader(other, 4, **opts).load_state_dict(state)
+

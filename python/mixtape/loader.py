@@ -125,6 +125,14 @@ def _identity(x: Any) -> Any:
     return x
 
 
+class _Task(tuple):  # type: ignore[type-arg]
+    """The batches of one DataLoader task, in order (``batches_per_task`` > 1). A marked tuple,
+    so that a batch that is itself a tuple (a user ``collate_fn``'s ``(x, y)``) is never taken
+    for a task; torch's pin-memory thread rebuilds tuples with their own type."""
+
+    __slots__ = ()
+
+
 class _Fetcher(torch.utils.data.Dataset[Any]):
     """Fetches and collates a planned batch (runs in the workers; holds no planning state)."""
 
@@ -142,9 +150,9 @@ class _Fetcher(torch.utils.data.Dataset[Any]):
     def __len__(self) -> int:  # pragma: no cover - indices come from the plan sampler
         raise TypeError("batches are addressed by plan, not by position")
 
-    def __getitem__(self, req: _Request | tuple[_Request, ...]) -> Any:
-        if isinstance(req, tuple):  # a task of several batches: one answer each
-            return tuple(self[r] for r in req)
+    def __getitem__(self, req: _Request | _Task) -> Any:
+        if isinstance(req, _Task):  # a task of several batches: one answer each
+            return _Task(self[r] for r in req)
         if self.packed:
             pieces = self._packed(req)
             if req.slot is not None and self.ring is not None and self.pieces_collate is not None:
@@ -470,7 +478,7 @@ class _PlanSampler(torch.utils.data.Sampler[Any]):
     def __init__(self, loader: Loader) -> None:
         self._loader = weakref.ref(loader)
 
-    def __iter__(self) -> Iterator[_Request | tuple[_Request, ...]]:
+    def __iter__(self) -> Iterator[_Request | _Task]:
         loader = self._loader()
         if loader is None:
             return iter(())
@@ -482,9 +490,9 @@ class _PlanSampler(torch.utils.data.Sampler[Any]):
         return 0 if loader is None else len(loader)
 
 
-def _requests(ref: weakref.ref[Loader]) -> Iterator[_Request | tuple[_Request, ...]]:
+def _requests(ref: weakref.ref[Loader]) -> Iterator[_Request | _Task]:
     """Requests from the loader behind ``ref``, holding it only while planning one; grouped by
-    ``batches_per_task`` (a tuple per DataLoader task when more than one)."""
+    ``batches_per_task`` (a :class:`_Task` per DataLoader task when more than one)."""
     loader = ref()
     per_task = 1 if loader is None else int(loader.config.batches_per_task or 1)
     del loader
@@ -498,7 +506,7 @@ def _requests(ref: weakref.ref[Loader]) -> Iterator[_Request | tuple[_Request, .
                 break
             task.append(req)
         if task:
-            yield task[0] if per_task == 1 else tuple(task)
+            yield task[0] if per_task == 1 else _Task(task)
         if len(task) < per_task:
             return
 
@@ -810,7 +818,7 @@ class Loader:
                 break
             # This frame holds only what the DataLoader returned, never the batch: a ring slot is
             # the trainer's to keep or drop, also while this generator is suspended.
-            for one in raw if isinstance(raw, tuple) else (raw,):
+            for one in raw if isinstance(raw, _Task) else (raw,):
                 if mine != self._iterations:
                     raise _superseded()
                 yield self._deliver(one)
@@ -967,6 +975,13 @@ class Loader:
         if int(state["world_size"]) != self.world_size:
             raise ValueError(f"state was saved with world_size {state['world_size']}, this "
                              f"loader has {self.world_size}")  # fmt: skip
+        if self._iterations:
+            raise ValueError(f"load_state_dict needs a loader that has not been iterated (this one "
+                             f"has served {self._consumed} batches and planned ahead of them): "
+                             "build a fresh loader, over a fresh MixedDataset, to resume or "
+                             "rewind")  # fmt: skip
+        if self.exact:
+            self._check_timeline(state["timeline"])
         self._consumed = int(state["batches"])
         if self.exact and not state.get("schedule", True):
             self._schedule = None  # an update had replaced it
@@ -992,6 +1007,22 @@ class Loader:
         self.dropped_docs = int(state.get("dropped_docs", 0))
         if self._sampler is not None:
             self._sampler.epoch = self._epoch
+
+    def _check_timeline(self, saved: Sequence[Any]) -> None:
+        """The mixture's weight timeline must be the start of the state's: an entry the state
+        lacks (weights changed after it was taken, or another mixture) would stay in force."""
+        here = [(p, [w[n] for n in self.source_names]) for p, w in self.mixed.weight_timeline]
+        for i, (p, w) in enumerate(here):
+            sp, sw = (int(saved[i][0]), [float(x) for x in saved[i][1]]) if i < len(saved) \
+                else (None, None)  # fmt: skip
+            if sp != p or sw is None or not np.allclose(sw, w, rtol=1e-12, atol=0):
+                theirs = "nothing" if sw is None else f"position {sp}: {sw}"
+                raise ValueError(f"loader state: the mixture's weight timeline entry {i} "
+                                 f"(position {p}: {w}) is not in the state ({theirs}): the state "
+                                 "is of another mixture, or its weights changed after the state "
+                                 "was taken; load it into a fresh loader over a fresh "
+                                 "MixedDataset built as the saved one was")  # fmt: skip
+
 
 
 _END = object()

@@ -98,7 +98,9 @@ def _phases(make: Callable[[], Iterable[dict[str, Any]]], n: int,
     tokens = _drain(it, n, count)
     t2 = time.perf_counter()
     live = getattr(src, "_live", None)  # a mixtape Loader: its running torch iterator
-    workers = live() if live is not None else getattr(src, "_iterator", None) or it
+    workers = live() if live is not None else getattr(src, "_iterator", None)
+    if workers is None:  # not `or`: the truth test of an iterator may call its __len__
+        workers = it
     shutdown = getattr(workers, "_shutdown_workers", None)  # torch's multi-process iterator
     if shutdown is not None:
         shutdown()
