@@ -191,8 +191,12 @@ def test_mixture_weight_places() -> None:
         MixtureConfig(sources("a", "a"))
     with pytest.raises(ValueError, match=r"sources is empty"):
         MixtureConfig(())
-    # each source's weight, 1 when not given
-    assert MixtureConfig(sources("a", "b", a=3.0)).static_weights() == {"a": 3.0, "b": 1.0}
+    # each source's weight; all or none (a default of 1 beside 0.7 / 0.3 would dominate)
+    assert MixtureConfig(sources("a", "b", a=3.0, b=1.0)).static_weights() == {"a": 3.0, "b": 1.0}
+    assert MixtureConfig(sources("a", "b")).static_weights() == {"a": 1.0, "b": 1.0}
+    with pytest.raises(ValueError, match=r"source\(s\) \['web', 'code'\] have a weight but "
+                                         r"\['math'\] do not"):  # fmt: skip
+        MixtureConfig(sources("web", "code", "math", web=0.7, code=0.3))
     m = MixtureConfig(sources("a", "b"), weights={"b": 1, "a": 2})
     assert list(m.static_weights() or {}) == ["a", "b"]  # source order
     points: list[Any] = [{"step": 0, "weights": {"a": 1, "b": 0}}, (10, {"a": 0, "b": 1})]
@@ -273,7 +277,8 @@ def test_data_config_types() -> None:
 
 
 def test_build_mixture_static_and_scheduled(tmp_path: Path) -> None:
-    cfg = DataConfig(mixture=MixtureConfig(sources("a", "b", a=3.0), mode="block", block_size=50,
+    cfg = DataConfig(mixture=MixtureConfig(sources("a", "b", a=3.0, b=1.0), mode="block",
+                                           block_size=50,
                                            stop_strategy="all_exhausted"),
                      loader=DataLoaderConfig(4, seed=8))  # fmt: skip
     args = cfg.build_mixture()

@@ -300,7 +300,8 @@ def _check_weights(where: str, weights: object, names: Sequence[str]) -> dict[st
 class MixtureConfig:
     """The sources and how they are mixed.
 
-    Weights come from exactly one place: each source's ``weight`` (1 when none is given),
+    Weights come from exactly one place: each source's ``weight`` (on every source, or on none:
+    equal weights),
     ``weights`` (every source named), or ``weight_schedule``: points ``(step, weights)`` (or
     ``{step:, weights:}``) with increasing steps, each naming every source, interpolated by
     ``weight_schedule_type`` (step | linear | cosine; default step). ``mode``: greedy | random |
@@ -352,6 +353,10 @@ class MixtureConfig:
         elif self.weight_schedule_type is not None:
             raise ValueError(f"{w('weight_schedule_type')} is {self.weight_schedule_type!r} but "
                              f"there is no weight_schedule")  # fmt: skip
+        missing = [s.name for s in self.sources if s.weight is None]
+        if given and missing:  # a default of 1 beside weights like 0.7 / 0.3 would dominate
+            raise ValueError(f"{w('sources')}: source(s) {given} have a weight but {missing} "
+                             f"do not: give every source a weight, or none (equal weights)")
         static = self.static_weights()
         if static is not None and not any(static.values()):
             raise ValueError(f"{w('sources')}: every source has weight 0; at least one needs "
@@ -402,7 +407,8 @@ class MixtureConfig:
         return [s.name for s in self.sources]
 
     def static_weights(self) -> dict[str, float] | None:
-        """The fixed weights (``weights``, else each source's, default 1), None with a schedule."""
+        """The fixed weights (``weights``, else each source's; equal when none is given), None
+        with a schedule."""
         if self.weight_schedule is not None:
             return None
         if self.weights is not None:
