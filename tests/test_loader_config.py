@@ -202,3 +202,12 @@ def test_collate_fn_by_name() -> None:
     batch = collate([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert DataLoaderConfig(2, collate_fn=len).build_collate_fn() is len
+
+
+def test_max_length_without_packing_is_refused_when_resolved() -> None:
+    # A YAML loader section may give max_length for a packing section to agree with, so the
+    # check waits for the cascade; a loader built without packing would truncate nothing.
+    cfg = DataLoaderConfig(4, max_length=8)
+    with pytest.raises(ValueError, match="max_length is 8 without packing"):
+        cfg.resolved()
+    assert DataLoaderConfig(4, packing="bfd", max_length=8).resolved().max_length == 8

@@ -189,6 +189,10 @@ class DataLoaderConfig:
 
     def resolved(self) -> DataLoaderConfig:
         """A copy with every automatic (``None``) choice made for this machine and process."""
+        if self.packing is None and self.max_length is not None:  # it would truncate nothing
+            raise ValueError(f"DataLoaderConfig.max_length is {self.max_length} without packing: "
+                             "it is the tokens per packed row; to truncate documents give the "
+                             "tokenizer (or the tokenize stage) max_length, or set packing")
         workers = self.num_workers
         rank, world = self.rank, self.world_size
         if world is None:
