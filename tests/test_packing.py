@@ -1099,3 +1099,16 @@ def test_packing_stream_bad_sources() -> None:
         list(PackingStream([{"input_ids": [1], "__source__": 0}, {"input_ids": [2]}], 8))
     plain = list(PackingStream([{"input_ids": [1], "__source__": 0}], 8, source_key=None))
     assert "source_ids" not in plain[0]
+
+
+def test_packing_stream_state_after_a_pass_resumes_to_the_next_pass() -> None:
+    docs = stream_docs(60, seed=4)
+    first = PackingStream(docs, 96, batch_size=2)
+    assert list(first)
+    state = first.state_dict()
+    resumed = PackingStream(docs, 96, batch_size=2)
+    resumed.load_state_dict(state)
+    again, other = list(first), list(resumed)
+    assert again and len(other) == len(again)
+    for x, y in zip(again, other, strict=True):
+        assert np.array_equal(x["input_ids"], y["input_ids"])

@@ -4,6 +4,7 @@ references: the tokenizer called directly, the callable applied by hand, the rec
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import re
 from typing import Any
@@ -416,3 +417,21 @@ def test_create_preprocessed_dataset(tmp_path: Any, byt5: Any) -> None:
                                            split="train")) == 41  # fmt: skip
     with pytest.raises(ValueError, match=r"streaming=False needs a datasets\.Dataset"):
         create_preprocessed_dataset(hf().to_iterable_dataset(), byt5, streaming=False)
+
+
+def test_state_after_a_pass_resumes_to_the_next_pass_and_its_epoch() -> None:
+    # A checkpoint at an epoch's end: the next pass is a whole pass, not the empty rest of the
+    # ended one; and set_epoch carries over for a loop that does not call it again.
+    a = make_stream()
+    a.set_epoch(2)
+    first = [x["id"] for x in a]
+    state = json.loads(json.dumps(a.state_dict()))
+    nxt = [x["id"] for x in a]
+    b = make_stream()
+    b.load_state_dict(state)
+    assert b.epoch == 2 and [x["id"] for x in b] == nxt and sorted(nxt) == sorted(first)
+    a.set_epoch(3)
+    c = make_stream()
+    c.load_state_dict(state)
+    c.set_epoch(3)
+    assert [x["id"] for x in c] == [x["id"] for x in a] != nxt

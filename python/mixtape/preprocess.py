@@ -850,7 +850,7 @@ class StreamingPreprocessedDataset(torch.utils.data.IterableDataset[dict[str, An
             "pending": copy.deepcopy(list(self._pending)), "buffer": copy.deepcopy(self._buffer),
             "rng": None if self._rng is None else copy.deepcopy(self._rng.bit_generator.state),
             "errors": dict(self._errors), "exhausted": self._exhausted,
-            "yielded": self._yielded,
+            "finished": self._finished, "next_epoch": self.epoch, "yielded": self._yielded,
         }  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -873,6 +873,9 @@ class StreamingPreprocessedDataset(torch.utils.data.IterableDataset[dict[str, An
             self._rng = np.random.Generator(bit_generator)
         self._errors = collections.Counter({str(k): int(v) for k, v in state["errors"].items()})
         self._exhausted = bool(state["exhausted"])  # a finished pass resumes to its end: nothing
+        # Taken after the pass ended: the next iter() starts the next pass, as on the original.
+        self._finished = bool(state.get("finished", False))
+        self._epoch.value = int(state.get("next_epoch", state["epoch"]))  # set_epoch carries on
         self._yielded = int(state["yielded"])
 
     def __repr__(self) -> str:

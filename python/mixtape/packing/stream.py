@@ -378,6 +378,7 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         state: dict[str, Any] = {
             "capacity": self.capacity, "strategy": self.strategy,
             "consumed": self._consumed, "exhausted": self._exhausted,
+            "finished": self._finished,
             "carry_values": carry_values, "carry_offsets": carry_offsets,
             "pending": None if self._pending is None else _plan_state(self._pending),
             "pending_values": self._pending_values.copy(),
@@ -401,6 +402,9 @@ class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         self._iterated_by.claim()  # this process holds the state now
         self._consumed = int(state["consumed"])
         self._exhausted = bool(state["exhausted"])
+        # A state taken after a pass ended: the next iter() starts the next pass, as it would
+        # have on the object the state was taken from (not an empty rest of the ended one).
+        self._finished = bool(state.get("finished", False))
         self._labels = state.get("labels")
         self._sources = state.get("sources")
         if self._sources and state.get("source_names") != self.source_names:
