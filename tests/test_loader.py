@@ -458,3 +458,64 @@ def test_load_state_dict_refuses_what_would_not_resume_exactly(packed: bool) -> 
     with pytest.raises(ValueError, match=r"timeline entry 0 \(position 0: "):
         get_loader(other, 4, **opts).load_state_dict(state)
 
+
+
+RECORDS = [{"text": "x" * (1 + i % 5), "id": i} for i in range(20)]
+
+
+def _lengths(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {"input_ids": [[1] * len(t) for t in batch["text"]], "id": batch["id"]}
+
+
+def _ids(rows: list[dict[str, Any]]) -> list[int]:
+    return [int(r["id"]) for r in rows]
+
+
+def _iterable(kind: str, **kw: Any) -> Any:
+    from mixtape import StreamingPreprocessedDataset
+
+    if kind == "hf":
+        return datasets.Dataset.from_list(RECORDS).to_iterable_dataset(num_shards=2)
+    return StreamingPreprocessedDataset(RECORDS, _lengths, buffer_size=0, remove_columns=["text"],
+                                        **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["hf", "streaming"])
+def test_an_iterable_dataset_resumes_from_its_own_state(kind: str) -> None:
+    # The loader's state holds the dataset's own position (it used to hold only the batch count,
+    # so a resumed loader started from the first record).
+    loader = get_loader(_iterable(kind), 4, shuffle=False, collate_fn=_ids)
+    it = iter(loader)
+    assert [next(it), next(it)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    state = loader.state_dict()
+    resumed = get_loader(_iterable(kind), 4, shuffle=False, collate_fn=_ids)
+    resumed.load_state_dict(state)
+    assert list(resumed) == [[8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
+    with_workers = get_loader(_iterable(kind), 4, shuffle=False, collate_fn=_ids, num_workers=1)
+    next(iter(with_workers))
+    with pytest.raises(ValueError, match="read by 1 DataLoader workers, each holding its own"):
+        with_workers.state_dict()
+    stateless = get_loader(_Counting(), 4, shuffle=False)
+    next(iter(stateless))
+    with pytest.raises(ValueError, match="has no state_dict"):
+        stateless.state_dict()
+
+
+class _Counting(torch.utils.data.IterableDataset[int]):
+    def __iter__(self) -> Any:
+        return iter(range(12))
+
+
+def test_an_iterable_dataset_is_split_between_ranks() -> None:
+    hf = [get_loader(_iterable("hf"), 4, shuffle=False, collate_fn=_ids, rank=r, world_size=2)
+          for r in range(2)]  # fmt: skip
+    served = [[i for b in loader for i in b] for loader in hf]
+    assert not set(served[0]) & set(served[1]) and sorted(served[0] + served[1]) == list(range(20))
+    with pytest.raises(ValueError, match="shards itself as rank 0 of 1"):
+        get_loader(_iterable("streaming"), 4, shuffle=False, rank=1, world_size=2)
+    own = [get_loader(_iterable("streaming", rank=r, world_size=2), 4, shuffle=False,
+                      collate_fn=_ids, rank=r, world_size=2) for r in range(2)]  # fmt: skip
+    served = [[i for b in loader for i in b] for loader in own]
+    assert not set(served[0]) & set(served[1]) and sorted(served[0] + served[1]) == list(range(20))
+    with pytest.warns(UserWarning, match="cannot be split by the loader"):
+        get_loader(_Counting(), 4, shuffle=False, rank=0, world_size=2)

@@ -601,6 +601,8 @@ class Loader:
                                  "sources; pack other data with pack_sequences or "
                                  "PackingStream")  # fmt: skip
             self._planner = None
+            if isinstance(dataset, torch.utils.data.IterableDataset):
+                dataset = _split_iterable(dataset, self.rank, self.world_size)
             kw = self.config.to_dataloader_kwargs(dataset)
             self._sampler: _ResumableSampler | None = None
             if not isinstance(dataset, torch.utils.data.IterableDataset):
@@ -951,6 +953,8 @@ class Loader:
             "epoch": self._epoch,
             "dropped_docs": self.dropped_docs,
         }
+        if not self.exact and self._sampler is None:  # an IterableDataset: its own position
+            state["dataset"] = self._iterable_state()
         if self.exact:
             mix = self.mixed
             timeline = [[p, [w[n] for n in self.source_names]] for p, w in mix.weight_timeline]
@@ -982,6 +986,11 @@ class Loader:
                              "rewind")  # fmt: skip
         if self.exact:
             self._check_timeline(state["timeline"])
+        elif self._sampler is None:  # an IterableDataset resumes from its own state
+            if "dataset" not in state:
+                raise ValueError("loader state has no position of the IterableDataset (a state "
+                                 "of another kind of loader?): it would resume from the start")
+            self.dataloader.dataset.load_state_dict(state["dataset"])  # type: ignore[attr-defined]
         self._consumed = int(state["batches"])
         if self.exact and not state.get("schedule", True):
             self._schedule = None  # an update had replaced it
@@ -1008,6 +1017,22 @@ class Loader:
         if self._sampler is not None:
             self._sampler.epoch = self._epoch
 
+    def _iterable_state(self) -> Any:
+        """The IterableDataset's own state, which is the consumer's only without workers (each
+        worker iterates its own copy); anything else would resume from the start."""
+        ds = self.dataloader.dataset
+        state_fn = getattr(ds, "state_dict", None)
+        if self.config.num_workers or state_fn is None or not hasattr(ds, "load_state_dict"):
+            why = (f"is read by {self.config.num_workers} DataLoader workers, each holding its "
+                   "own position" if self.config.num_workers else "has no state_dict()")
+            raise ValueError(f"Loader.state_dict(): the {type(ds).__name__} {why}, so a state "
+                             "would resume from its start. Resume needs num_workers=0 and a "
+                             "dataset with state_dict() / load_state_dict() (a "
+                             "StreamingPreprocessedDataset, an HF IterableDataset, a "
+                             "MixedDataset), or a MixedDataset of map-style sources (exact with "
+                             "any worker count)")  # fmt: skip
+        return state_fn()
+
     def _check_timeline(self, saved: Sequence[Any]) -> None:
         """The mixture's weight timeline must be the start of the state's: an entry the state
         lacks (weights changed after it was taken, or another mixture) would stay in force."""
@@ -1031,6 +1056,46 @@ _END = object()
 def _superseded() -> RuntimeError:
     return RuntimeError("this iterator of the loader was superseded by a newer iteration of the "
                         "same loader (they share its plan and workers): iterate one at a time")
+
+
+def _split_iterable(dataset: Any, rank: int, world: int) -> Any:
+    """The IterableDataset rank ``rank`` of ``world`` iterates: an HF IterableDataset is split
+    by node; a dataset that shards itself must shard as the loader's config says (every rank
+    would otherwise read every record)."""
+    if world == 1:
+        return dataset
+    from mixtape.preprocess import StreamingPreprocessedDataset
+
+    if isinstance(dataset, (StreamingPreprocessedDataset, MixedDataset)):
+        got = dataset._rank_world() if isinstance(dataset, StreamingPreprocessedDataset) else \
+            dataset._shard()[2:]  # fmt: skip
+        if tuple(got) != (rank, world):
+            how = ("build it with rank=, world_size=" if isinstance(
+                dataset, StreamingPreprocessedDataset) else "initialise torch.distributed")
+            raise ValueError(f"the loader serves rank {rank} of {world}, but the "
+                             f"{type(dataset).__name__} shards itself as rank {got[0]} of "
+                             f"{got[1]} (from its arguments or the process group): {how} so "
+                             "the two agree")  # fmt: skip
+        return dataset
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        datasets = None
+    if datasets is not None and isinstance(dataset, datasets.IterableDataset):
+        split = getattr(dataset, "_distributed", None)
+        if split is None:
+            from datasets.distributed import split_dataset_by_node
+
+            return split_dataset_by_node(dataset, rank=rank, world_size=world)
+        if (split.rank, split.world_size) != (rank, world):
+            raise ValueError(f"the loader serves rank {rank} of {world}, but the HF "
+                             f"IterableDataset is split for rank {split.rank} of "
+                             f"{split.world_size}")  # fmt: skip
+        return dataset
+    warnings.warn(f"mixtape loader: rank {rank} of {world}, but a {type(dataset).__name__} "
+                  "(an IterableDataset) cannot be split by the loader: it must shard itself by "
+                  "rank, or every rank reads every record", stacklevel=3)  # fmt: skip
+    return dataset
 
 
 class _ResumableSampler(torch.utils.data.Sampler[int]):

@@ -297,6 +297,14 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         Positions before it keep their sources; it must not precede the last timeline entry.
         From there on the schedule (if any) no longer applies.
         """
+        owner = int(self._iterated_by.value)
+        if owner and owner != os.getpid():  # the workers' copies would keep the old weights
+            raise ValueError(
+                f"MixedDataset.update_weights(): the dataset is iterated in another process (pid "
+                f"{owner}, a DataLoader worker), which this copy's update would never reach. Use "
+                "mixtape.get_loader (its update_weights reaches every worker at an exact batch) "
+                "or num_workers=0"
+            )
         w = mixture_weights(weights, self.source_names, self._objs)
         p = self._position if position is None else ops.check_int("position", position, 0,
                                                                    ops.MAX_POSITION)  # fmt: skip
