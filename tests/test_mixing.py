@@ -240,6 +240,22 @@ def test_state_refused_while_workers_iterate() -> None:
     assert_state_refused_in_workers(lambda: MixedDataset(sources(a=20, b=20)), num_workers=1)
 
 
+def test_weights_refused_while_workers_iterate() -> None:
+    # The workers' copies would never see the update (an influence tracker recorded it as
+    # applied while the batches kept the old mixture).
+    mixed = MixedDataset(sources(a=20, b=20))
+    it = iter(torch.utils.data.DataLoader(mixed, batch_size=2, num_workers=1,
+                                          collate_fn=lambda rows: rows))  # fmt: skip
+    next(it)
+    with pytest.raises(ValueError, match=r"update_weights\(\): the dataset is iterated in another "
+                                         "process"):  # fmt: skip
+        mixed.update_weights({"a": 1.0, "b": 0.0})
+    del it
+    alone = MixedDataset(sources(a=20, b=20))
+    next(iter(alone))
+    alone.update_weights({"a": 1.0, "b": 0.0})  # iterated here: fine
+
+
 # ---------------------------------------------------------------------------------------------
 # Workers
 # ---------------------------------------------------------------------------------------------
