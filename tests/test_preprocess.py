@@ -435,3 +435,20 @@ def test_state_after_a_pass_resumes_to_the_next_pass_and_its_epoch() -> None:
     c.load_state_dict(state)
     c.set_epoch(3)
     assert [x["id"] for x in c] == [x["id"] for x in a] != nxt
+
+
+def test_skips_are_logged_as_they_happen(caplog: pytest.LogCaptureFixture) -> None:
+    # A DataLoader worker's end-of-pass summary never comes when training stops first: the
+    # 1st, 10th, 100th ... skip of a pass is logged when it happens.
+    recs = [{"text": None if i % 2 == 0 else "abc", "id": i} for i in range(40)]
+    ds = StreamingPreprocessedDataset(recs, lambda b: {"n": [len(t) for t in b["text"]]},
+                                      skip_errors=True, batch_size=4, buffer_size=0)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="mixtape"):
+        it = iter(ds)
+        next(it)
+        assert "skipped 1 record(s) so far this pass" in caplog.text
+        assert "TypeError" in caplog.text
+        for _ in range(9):
+            next(it)
+        assert "skipped 10 record(s) so far" in caplog.text
+        assert "skipped 2 record(s)" not in caplog.text

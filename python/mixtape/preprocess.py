@@ -764,6 +764,12 @@ class StreamingPreprocessedDataset(torch.utils.data.IterableDataset[dict[str, An
 
     def _count(self, error: BaseException) -> None:
         self._errors[type(error).__name__] += 1
+        n = sum(self._errors.values())
+        if n == 10 ** (len(str(n)) - 1):  # the 1st, 10th, 100th, ... skip of the pass, as it
+            # happens: a worker's end-of-pass summary never comes when training stops first
+            logger.warning("%s: skipped %d record(s) so far this pass (skip_errors=True), the "
+                           "latest: %s: %s", self._where, n, type(error).__name__,
+                           str(error)[:200])  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         layout = self.shard_layout()
