@@ -88,8 +88,9 @@ def select_parameters(
     ``params``: fnmatch patterns on names; ``last_k_blocks``: every parameter of the last k
     blocks (the ``nn.ModuleList`` of same-class modules holding the most parameters:
     ``transformer.h`` / ``model.layers``);
-    ``lora``: names containing ``lora_``. None set: LoRA parameters if any, else the last block,
-    else every parameter that requires grad.
+    ``lora``: names containing ``lora_``. None set: LoRA parameters if any, else the trainable
+    parameters of the last block that has any, else every parameter that requires grad (the
+    head, when every block is frozen).
     """
     named = dict(model.named_parameters())
     names = list(named)
@@ -115,8 +116,16 @@ def select_parameters(
     if lora_names:
         return {n: named[n] for n in lora_names}
     if blocks is not None:
+        # Influence through weights training never moves says nothing: the last block that
+        # trains (head-only / partial fine-tuning freezes the top or every block), its
+        # trainable parameters only.
         prefix, idx = blocks
-        return {n: named[n] for n in names if n.startswith(f"{prefix}{idx[-1]}.")}
+        for i in reversed(idx):
+            chosen = [n for n in names
+                      if n.startswith(f"{prefix}{i}.") and named[n].requires_grad]  # fmt: skip
+            if chosen:
+                return {n: named[n] for n in chosen}
+        # every block frozen (head-only fine-tuning): what trains, below
     chosen = [n for n in names if named[n].requires_grad]
     if not chosen:
         raise ValueError("the model has no trainable parameter to score")
@@ -175,11 +184,12 @@ HOOK_MODULES = ("Linear", "Conv1D", "LayerNorm", "RMSNorm")
 
 
 def _hook_kind(module: nn.Module) -> str | None:
-    """"linear" (y = x W^T + b), "conv1d" (transformers' y = x W + b), "layernorm"
-    (``nn.LayerNorm``, in closed form), "local" (another norm layer, scored by re-running it
+    """"linear" (``nn.Linear``'s own forward: y = x W^T + b), "conv1d" (transformers' y = x W
+    + b), "layernorm" (``nn.LayerNorm``'s own forward, in closed form), "local" (another norm
+    layer, or an ``nn.Linear`` subclass with its own forward: scored by re-running the module
     alone), or None (not supported by the hooks path)."""
     if isinstance(module, nn.Linear):
-        return "linear"
+        return "linear" if _plain_linear(module) else "local"
     if _is_conv1d(module):
         return "conv1d"
     if isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
@@ -192,12 +202,12 @@ def _hook_kind(module: nn.Module) -> str | None:
 
 def _owners(model: nn.Module, params: Mapping[str, torch.Tensor]
             ) -> dict[str, tuple[nn.Module, dict[str, str]]]:  # fmt: skip
-    """{module name: (module, {its own parameter name: chosen name})} for every module holding a
-    chosen parameter directly (a tied parameter has several owners; their parts are summed)."""
+    """{module name: (module, {own parameter name: chosen name})} per module object holding a
+    chosen parameter, under its first name (a tied parameter's owners' parts are summed)."""
     by_id = {id(p): k for k, p in params.items()}
     out: dict[str, tuple[nn.Module, dict[str, str]]] = {}
     found: set[str] = set()
-    for mname, module in model.named_modules(remove_duplicate=False):
+    for mname, module in model.named_modules():  # each module object once, by its first name
         for lname, p in module.named_parameters(recurse=False):
             full = by_id.get(id(p))
             if full is not None:
@@ -518,15 +528,25 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (or subclass) that keeps ``nn.Linear.forward``: y = x W^T + b exactly."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 def ghost_modules(model: nn.Module, params: Mapping[str, Any]) -> dict[str, nn.Module]:
-    """The linear modules (``nn.Linear``, transformers' ``Conv1D``) whose weights are among
-    ``params``; every chosen parameter must be such a weight or its bias."""
+    """The linear modules (``nn.Linear`` with its own forward, transformers' ``Conv1D``) whose
+    weights are among ``params``; every chosen parameter must be such a weight or its bias."""
     mods: dict[str, nn.Module] = {}
     covered: set[str] = set()
+    custom: list[str] = []
     for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            continue
         w = f"{name}.weight" if name else "weight"
+        if isinstance(module, nn.Linear) and not _plain_linear(module):
+            if w in params:  # y is not x W^T + b: its gradient is not D^T X
+                custom.append(f"{name!r} ({type(module).__name__} overrides forward)")
+            continue
+        if not (_plain_linear(module) or _is_conv1d(module)):
+            continue
         if w in params:
             mods[name] = module
             covered.add(w)
@@ -534,8 +554,9 @@ def ghost_modules(model: nn.Module, params: Mapping[str, Any]) -> dict[str, nn.M
                 covered.add(f"{name}.bias" if name else "bias")
     missing = [p for p in params if p not in covered]
     if missing:
+        why = f" ({', '.join(custom[:4])})" if custom else ""
         raise ValueError(f"the ghost backend scores linear layers only: {missing[:4]} "
-                         "are not the weight or bias of a chosen nn.Linear / Conv1D (use "
+                         f"are not the weight or bias of a chosen nn.Linear / Conv1D{why} (use "
                          "backend='vmap', or params matching linear weights)")  # fmt: skip
     if not mods:
         raise ValueError("no linear layer among the chosen parameters")

@@ -84,6 +84,62 @@ def examples_to_batch(
             "labels": labels.to(device)}  # fmt: skip
 
 
+def _matrix(v: Any) -> torch.Tensor | None:
+    """``v`` as a 2-D tensor (a tensor, a numpy array or rectangular lists), else None."""
+    try:
+        t = _tensor(v)
+    except (TypeError, ValueError, RuntimeError):
+        return None  # ragged rows
+    return t if t.dim() == 2 else None
+
+
+def _tensor(v: Any) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+
+
+def _pad_right(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with left padding moved after each row's tokens (GPT-2 / Llama number positions
+    from the row's start, not the mask); a mask with gaps in a row leaves the batch as it is."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    real = mask != 0
+    n_real = real.sum(dim=1)
+    first = real.long().argmax(dim=1)  # 0 for a row without tokens
+    pos = torch.arange(mask.shape[1], device=mask.device)[None]
+    run = (pos >= first[:, None]) & (pos < (first + n_real)[:, None])
+    if not bool((run == real).all()) or not bool(first.any()):
+        return batch  # not one run of tokens per row, or right-padded already
+    src = (pos + first[:, None]) % mask.shape[1]  # the leading padding wraps to the end
+    return {k: v.gather(1, src) if tuple(v.shape) == tuple(mask.shape) else v
+            for k, v in batch.items()}  # fmt: skip
+
+
+def _unpadded_rows(p: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Examples from a batch of ragged rows (``input_ids``, optional ``labels``), each cut to
+    the positions its ``attention_mask`` (when given) marks as tokens."""
+    mask = p.get("attention_mask")
+    out: list[dict[str, Any]] = []
+    for i in range(len(p["input_ids"])):
+        ex = {k: _as_list(p[k][i]) for k in ("input_ids", "labels") if k in p}
+        if mask is not None:
+            row = _as_list(mask[i])
+            if len(row) != len(ex["input_ids"]):
+                raise ValueError(f"probe row {i}: attention_mask has {len(row)} entries, "
+                                 f"input_ids {len(ex['input_ids'])}")  # fmt: skip
+            keep = [j for j, m in enumerate(row) if m]
+            ex = {k: [v[j] for j in keep] if len(v) == len(row) else v for k, v in ex.items()}
+        out.append(ex)
+    return out
+
+
+def _as_list(v: Any) -> list[Any]:
+    v = v.tolist() if hasattr(v, "tolist") else v
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(f"probe rows must be sequences of token ids, got {v!r}")
+    return list(v)
+
+
 def _world() -> tuple[int, int]:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
@@ -279,23 +335,24 @@ class InfluenceTracker:
                                  where=where)  # fmt: skip
 
     def _load_probe(self) -> dict[str, torch.Tensor]:
-        """The probe as a padded batch: a batch dict, a list of examples, a map-style dataset, or
-        a mixture source name / data file path."""
+        """The probe as a right-padded batch: a batch dict (tensors, numpy arrays or lists; its
+        attention_mask honoured), examples, a map-style dataset, or a source name / data path."""
         p = self.probe_input
         cap = self.config.probe_samples
         if isinstance(p, Mapping) and "input_ids" in p:
-            ids = p["input_ids"]
-            if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            ids = _matrix(p["input_ids"])
+            if ids is not None:  # a padded batch: tensors, numpy arrays or rectangular lists
                 if ids.shape[0] == 0:
                     raise ValueError("empty probe set: the probe batch has 0 rows")
                 keep = slice(0, cap)
-                batch = {k: torch.as_tensor(v)[keep].to(self.device) for k, v in p.items()
+                batch = {k: (ids if k == "input_ids" else _tensor(v))[keep].to(self.device)
+                         for k, v in p.items()
                          if k in ("input_ids", "attention_mask", "labels")}  # fmt: skip
+                batch = _pad_right(batch)
                 if self.config.max_length is not None:
                     batch = {k: v[:, : self.config.max_length] for k, v in batch.items()}
                 return batch
-            n = len(ids)
-            examples = [{k: p[k][i] for k in p if k in ("input_ids", "labels")} for i in range(n)]
+            examples = _unpadded_rows(p)
         elif isinstance(p, str):
             from mixtape.sources import as_source
 
