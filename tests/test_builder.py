@@ -313,3 +313,18 @@ def test_each_pass_is_the_next_epoch_and_state_resumes() -> None:
     assert len(part) + len(rest) == 8
     with pytest.raises(ValueError, match=r"expected a state_dict"):
         fresh.load_state_dict({})
+
+
+def test_validation_over_ranks_serves_each_example_once() -> None:
+    # Padding every rank to the same count (as DistributedSampler does) would count some
+    # validation examples twice in a metric; training keeps even shares.
+    seqs = [torch.arange(1, 2 + i) for i in range(10)]
+    served: list[int] = []
+    train: list[int] = []
+    for rank in range(2):
+        dm = UniversalDataModule(seqs[:5], val_data=seqs[5:], batch_size=2, rank=rank,
+                                 world_size=2)  # fmt: skip
+        served += [int(n) for b in dm.val_dataloader() for n in b["attention_mask"].sum(1)]
+        train += [int(n) for b in dm.train_dataloader() for n in b["attention_mask"].sum(1)]
+    assert sorted(served) == [6, 7, 8, 9, 10]
+    assert len(train) == 6 and set(train) == {1, 2, 3, 4, 5}  # one example twice, as torch

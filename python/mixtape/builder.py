@@ -437,15 +437,17 @@ class UniversalDataModule:
         return self._train_loader
 
     def val_dataloader(self) -> Loader:
-        """The validation loader, unshuffled, every example (no ``drop_last``)."""
+        """The validation loader, unshuffled, every example once (no ``drop_last``; over several
+        ranks, uneven shares rather than examples repeated to even them, which would count twice
+        in a metric)."""
         self.setup("validate")
         if self.val_dataset is None:
             raise ValueError("UniversalDataModule: no validation set; pass val_data or a "
                              "val_split (a fraction in (0, 1) or a count)")  # fmt: skip
         if self._val_loader is None:
             cfg = dataclasses.replace(self.config, shuffle=False, drop_last=False)
-            self._val_loader = DataLoaderFactory().create_dataloader(self.val_dataset, cfg,
-                                                                     **self.loader_own)  # fmt: skip
+            self._val_loader = DataLoaderFactory().create_dataloader(
+                self.val_dataset, cfg, even_shards=False, **self.loader_own)
         return self._val_loader
 
     def state_dict(self) -> dict[str, Any]:

@@ -527,11 +527,15 @@ class Loader:
     collator (give its
     ``attention`` in ``collate_kwargs``); ``source_ids`` per example, or per token when packed
     (-1 on padding), say which source each came from (names in ``source_names``).
+    ``even_shards=False`` (a map-style dataset over several ranks): ranks serve uneven shares,
+    no example twice, instead of padding every rank to the same count (for evaluation).
     """
 
     def __init__(self, dataset: Any, config: DataLoaderConfig, *, overflow: str = "split",
-                 column: str = "input_ids", drop_empty: bool = False) -> None:  # fmt: skip
+                 column: str = "input_ids", drop_empty: bool = False,
+                 even_shards: bool = True) -> None:  # fmt: skip
         self.dataset = dataset
+        self.even_shards = bool(even_shards)
         self.config = config.resolved()
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {list(OVERFLOW_POLICIES)}, got {overflow!r}")
@@ -607,7 +611,7 @@ class Loader:
             self._sampler: _ResumableSampler | None = None
             if not isinstance(dataset, torch.utils.data.IterableDataset):
                 # A sampler that resumes by skipping indices (no batch is fetched to skip it).
-                self._sampler = _ResumableSampler(len(dataset), c)
+                self._sampler = _ResumableSampler(len(dataset), c, pad=self.even_shards)
                 for key in ("shuffle", "sampler"):
                     kw.pop(key, None)
                 kw["sampler"] = self._sampler
@@ -1103,11 +1107,12 @@ class _ResumableSampler(torch.utils.data.Sampler[int]):
     (as ``DistributedSampler`` deals it), from ``skip`` on, so a resumed loader skips indices,
     not batches."""
 
-    def __init__(self, n: int, config: DataLoaderConfig) -> None:
+    def __init__(self, n: int, config: DataLoaderConfig, pad: bool = True) -> None:
         assert config.rank is not None and config.world_size is not None
         self.n, self.shuffle, self.seed = n, config.shuffle, config.seed
         self.rank, self.world = config.rank, config.world_size
         self.drop_last = config.drop_last
+        self.pad = pad  # False: uneven shares, no index twice (evaluation)
         self.epoch = 0
         self.skip = 0
 
@@ -1121,7 +1126,7 @@ class _ResumableSampler(torch.utils.data.Sampler[int]):
         if self.world > 1:
             if self.drop_last:
                 idx = idx[: self.n - self.n % self.world]
-            elif self.n % self.world:
+            elif self.n % self.world and self.pad:
                 idx += idx[: self.world - self.n % self.world]  # padded, as DistributedSampler
             idx = idx[self.rank :: self.world]
         return idx
