@@ -3,6 +3,7 @@ updates, determinism, errors that change nothing, loaders, all-reduce across ran
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -97,11 +98,14 @@ def run(cfg: InfluenceConfig, steps: int = 20, data: Any = None) -> InfluenceTra
 def test_config_from_section_and_checks() -> None:
     sec = InfluenceSection(probe="target", method="grad_dot", update_interval=7,
                            params=["out.*"], smoothing=0.2)  # fmt: skip
-    cfg = InfluenceConfig.from_section(sec)
+    # seed / batch_size None inherit from the data config: resolved, or given here
+    with pytest.raises(ValueError, match=r"seed is None, inherited from the data config"):
+        InfluenceConfig.from_section(sec)
+    cfg = InfluenceConfig.from_section(dataclasses.replace(sec, seed=3, batch_size=4))
     assert (cfg.method, cfg.update_interval, cfg.params, cfg.smoothing) == \
         ("grad_dot", 7, ("out.*",), 0.2)  # fmt: skip
-    assert cfg.probe == "target" and cfg.damping == 0.1 and cfg.seed == 0  # None -> defaults
-    assert InfluenceConfig.from_section(sec, seed=5).seed == 5
+    assert cfg.probe == "target" and cfg.damping == 0.1 and (cfg.seed, cfg.batch_size) == (3, 4)
+    assert InfluenceConfig.from_section(sec, seed=5, batch_size=2).seed == 5
     for method in ("datainf", "grad_dot", "cosine"):
         assert InfluenceSection(probe="a", method=method).method == method
     with pytest.raises(ValueError, match=r"damping must be a finite number > 0.0, got 0"):

@@ -299,7 +299,9 @@ def make_tracker(opts: DemoOptions, cfg: Any, loader: Any, model: Any, probe: Se
     section = cfg.resolved().influence
     if section is None:  # --influence over a config without the section: its defaults
         section = InfluenceSection(probe=probe_source(cfg))
-        section = dataclasses.replace(section, seed=int(cfg.resolved().loader.seed))
+        loader_cfg = cfg.resolved().loader
+        section = dataclasses.replace(section, seed=int(loader_cfg.seed),
+                                      batch_size=int(loader_cfg.batch_size))
     extra: dict[str, Any] = {} if section.params is not None else {"last_k_blocks": 1}
     config = InfluenceConfig.from_section(
         section, enabled=True, update_interval=opts.influence_interval,

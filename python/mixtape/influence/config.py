@@ -133,16 +133,24 @@ class InfluenceConfig:
 
     @classmethod
     def from_section(cls, section: Any, **overrides: Any) -> InfluenceConfig:
-        """From a :class:`mixtape.config.InfluenceSection` (resolved or not): its probe string
-        stays a source name / path for the tracker to open; ``damping`` None is the rule's 0.1;
-        ``seed`` / ``batch_size`` None keep this class's defaults. ``overrides`` win."""
+        """From a resolved :class:`mixtape.config.InfluenceSection` (``DataConfig.resolved()
+        .influence``): its probe string stays a source name / path for the tracker to open;
+        ``damping`` None is the rule's 0.1. ``seed`` / ``batch_size`` None (inherited from the
+        data config until resolved) are an error unless ``overrides`` give them: this class's
+        defaults would silently replace the data config's. ``overrides`` win."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
         for key in section.keys():  # noqa: SIM118  (InfluenceSection: keys(), no __iter__)
             value = section[key] if isinstance(section, Mapping) else getattr(section, key)
             if key not in names:
                 raise ValueError(f"InfluenceConfig.from_section: unknown field {key!r}")
-            if value is None and key in ("damping", "seed", "batch_size"):
+            if value is None and key == "damping":
+                continue
+            if value is None and key in ("seed", "batch_size"):
+                if key not in overrides:
+                    raise ValueError(f"InfluenceConfig.from_section: {key} is None, inherited "
+                                     "from the data config: pass DataConfig.resolved().influence "
+                                     f"(or {key}=...)")  # fmt: skip
                 continue
             kw[key] = value
         kw.update(overrides)
