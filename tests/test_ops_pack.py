@@ -526,7 +526,8 @@ def reference_fill(
         "seq_idx": seq.reshape(shape),
         "loss_mask": (labels != label_pad).reshape(shape),
         "cu_seqlens": np.array(cu, np.int32),
-        "max_seqlen": int(plan.length.max()) if plan.num_pieces else 0,
+        # the longest segment of cu_seqlens (padding runs included), as a varlen kernel needs
+        "max_seqlen": int(np.diff(cu).max()) if plan.num_pieces else 0,
         "doc_lens": plan.length.astype(np.int32),
         "doc_ids": plan.doc,
     }

@@ -996,7 +996,12 @@ def _piece_fields(
             padded[: cu.size] = cu
             out["cu_seqlens_padded"] = padded
     if "max_seqlen" in wanted:
-        out["max_seqlen"] = int(plan.length.max()) if plan.num_pieces else 0
+        # The longest segment of cu_seqlens: in the padded layout, padding runs are segments too
+        # (a varlen kernel given a smaller max_seqlen leaves their queries uncomputed).
+        longest = int(plan.length.max()) if plan.num_pieces else 0
+        if not flat and plan.num_pieces:
+            longest = max(longest, int(np.diff(_padded_cu_seqlens(plan)).max()))
+        out["max_seqlen"] = longest
     if "doc_lens" in wanted:
         out["doc_lens"] = plan.length.astype(np.int32)
     if "doc_ids" in wanted:

@@ -50,6 +50,29 @@ def model_attention(model: Any = None, config: Any = None) -> str:
     )
 
 
+def sliding_window(model: Any = None, config: Any = None) -> int | None:
+    """The sliding-window size of a transformers model or config when some layer uses one
+    (``sliding_window`` with ``layer_types`` naming ``sliding_attention``, or without
+    ``layer_types`` unless ``use_sliding_window`` is false), else None."""
+    if config is None:
+        config = getattr(model, "config", None)
+    if config is None:
+        return None
+
+    def get(key: str, default: Any = None) -> Any:
+        if isinstance(config, Mapping):
+            return config.get(key, default)
+        return getattr(config, key, default)
+
+    window = get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    types = get("layer_types")
+    if types is not None:
+        return window if "sliding_attention" in list(types) else None
+    return None if get("use_sliding_window", True) is False else window
+
+
 def resolve_attention(attention: str | None, model: Any = None, config: Any = None) -> str:
     """The collator's ``attention``: given, or read from ``model``/``config``; never a default.
 

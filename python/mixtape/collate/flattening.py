@@ -121,8 +121,10 @@ class FlatteningCollator:
                 result[key] = self._out.wrap(cu)
             longest = int(lengths.max())
             result["max_length_q"] = result["max_length_k"] = longest
-        tokens, rest = split_fields(c, ids.offsets, (self.input_key, "labels", "attention_mask"),
-                                    DEFAULT_PAD_VALUES, self.input_key)  # fmt: skip
+        # position_ids / seq_idx are the flattening's own (per document, as HF's collator): an
+        # example's own would erase the document boundaries attention finds from them.
+        skip = (self.input_key, "labels", "attention_mask", "position_ids", "seq_idx")
+        tokens, rest = split_fields(c, ids.offsets, skip, DEFAULT_PAD_VALUES, self.input_key)
         for col in tokens:
             buf = self._out.empty((1, total), col.values.dtype)
             np.copyto(buf[0], col.values)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from mixtape.collate.attention import PACKED_ATTENTION, resolve_attention
+from mixtape.collate.attention import PACKED_ATTENTION, resolve_attention, sliding_window
 from mixtape.collate.output import (
     DEFAULT_PAD_VALUES,
     Output,
@@ -327,6 +327,17 @@ class PackedCollator:
         self._sources = SourceNames(source_names)
         self.source_names = self._sources.names
         self._out = Output(return_tensors, pin_memory)
+        # sdpa / eager masks are block-causal with no window: a longer document is refused
+        self.sliding_window = sliding_window(model, config) if attention in ("sdpa", "eager") \
+            else None  # fmt: skip
+
+    def _check_window(self, longest: int) -> None:
+        if self.sliding_window is not None and longest > self.sliding_window:
+            raise ValueError(
+                f"a document of {longest} tokens is longer than the model's sliding window "
+                f"({self.sliding_window}): the packed {self.attention} mask is block-causal with "
+                "no window, so it would attend past it; use attention='flash' (the window goes "
+                f"to the kernel) or documents of at most {self.sliding_window} tokens")
 
     def __repr__(self) -> str:
         return (
@@ -454,6 +465,8 @@ class PackedCollator:
             out["tags"] = arena.take()
             fields.append("tags")
         if self.attention in ("sdpa", "eager"):
+            if self.sliding_window is not None and lengths.size:
+                self._check_window(int(lengths.max()))
             out["seq_idx"] = (self._out.empty(shape, np.int32) if self.mask == "device"
                               else np.empty(shape, np.int32))  # fmt: skip
             fields.append("seq_idx")
@@ -495,6 +508,8 @@ class PackedCollator:
         arena = self._out.arena(3 + (piece_src is not None), shape)
         full = {"input_ids": arena.take(), "labels": arena.take(), "position_ids": arena.take()}
         fields = ["input_ids", "position_ids"] + (["labels"] if labels is None else [])
+        if self.sliding_window is not None and plan.num_pieces:
+            self._check_window(int(plan.length.max()))
         if self.attention in ("sdpa", "eager") or (piece_src is not None and token_src is None):
             fields.append("seq_idx")
         if self.attention == "flash":

@@ -282,6 +282,11 @@ def _rows_table(
     ) if token_fields else {}  # fmt: skip
     if first_piece and "seq_idx" in filled:
         seq_idx = filled["seq_idx"]
+        last = first_piece + plan.num_pieces - 1
+        if last > np.iinfo(seq_idx.dtype).max:  # it would wrap to negatives (-1 is padding)
+            raise ValueError(f"seq_idx: piece {last} of the output does not fit "
+                             f"{seq_idx.dtype}; leave seq_idx out of fields (doc_source_ids / "
+                             "seq_lengths mark the documents)")  # fmt: skip
         seq_idx[seq_idx >= 0] += first_piece  # -1 marks padding
     # Token offsets of the rows in the ragged layout: pieces back to back, row after row.
     piece_ends = np.concatenate([np.zeros(1, np.int64), np.cumsum(plan.length)])

@@ -61,7 +61,16 @@ def _concat_ragged(
     offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
     if not parts:
         return np.zeros((width, 0), dtype), offsets
-    return np.concatenate(parts, axis=1).astype(dtype, copy=False), offsets
+    joined = np.concatenate(parts, axis=1)
+    target = np.dtype(dtype)
+    if joined.dtype != target and joined.size and np.issubdtype(target, np.integer):
+        info = np.iinfo(target)  # a cast would wrap an id beyond the range silently
+        lo, hi = int(joined.min()), int(joined.max())
+        if lo < info.min or hi > info.max:
+            bad = hi if hi > info.max else lo
+            raise ValueError(f"PackingStream: token id {bad} does not fit dtype {target}; use "
+                             "dtype=np.int64")  # fmt: skip
+    return joined.astype(target, copy=False), offsets
 
 
 class PackingStream(torch.utils.data.IterableDataset[dict[str, Any]]):
