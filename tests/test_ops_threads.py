@@ -316,3 +316,40 @@ def test_dataloader_workers_use_one_thread(init: Any) -> None:
         assert all(item["threads"] == 1 and item["workers"] == 0 for item in items)
     else:
         assert all(item["threads"] == 2 and item["workers"] <= 1 for item in items)
+
+
+class _KernelDataset(torch.utils.data.Dataset[Any]):
+    """Item i runs one kernel wrapper first thing in the worker, then reads the pool's count."""
+
+    def __init__(self) -> None:
+        values = np.arange(1, 200_001, dtype=np.int64)
+        starts = np.arange(0, 200_000, 1000, dtype=np.int64)
+        lengths = np.full(200, 1000, dtype=np.int64)
+        self.calls = [
+            lambda: ops.gather_rows(values, starts, lengths, starts,
+                                    np.empty(200_000, np.int64)),
+            lambda: ops.pack_rows(values[:64], np.array([32, 32]), np.array([0, 2]),
+                                  capacity=64),
+            lambda: ops.pack_plan(np.full(1000, 7), capacity=64),
+        ]
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def __getitem__(self, i: int) -> int:
+        self.calls[i]()
+        return int(ops._C.get_num_threads())  # the count the kernel ran with
+
+
+def test_every_kernel_wrapper_takes_one_thread_in_a_worker() -> None:
+    # Only some wrappers applied the worker default: gather_rows ran on every core in a worker.
+    old = ops.get_num_threads()
+    mixtape.set_num_threads(4)
+    try:
+        for i in range(len(_KernelDataset())):
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(_KernelDataset(), [i]), batch_size=None, num_workers=1,
+                multiprocessing_context="fork")  # fmt: skip
+            assert list(loader) == [1], i
+    finally:
+        ops.set_num_threads(old)

@@ -98,6 +98,13 @@ def _decide_threads() -> None:
         _C.set_num_threads(1)
 
 
+def _threads_ready() -> None:
+    """This process's thread default applied before a parallel kernel (1 in a DataLoader
+    worker): every kernel wrapper calls it, or N workers would each start all cores' threads."""
+    if not _threads_decided:
+        _decide_threads()
+
+
 def set_num_threads(n: int) -> None:
     """Threads the CPU kernels may use in this process (the caller's included; >= 1).
 
@@ -115,8 +122,7 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     """Threads the CPU kernels may use in this process (see :func:`set_num_threads`)."""
-    if not _threads_decided:
-        _decide_threads()
+    _threads_ready()
     return int(_C.get_num_threads())
 
 
@@ -227,8 +233,7 @@ def pad(
     buffers (numpy arrays or CPU tensors, e.g. pinned) to write into.
     Returns ``{"input_ids", "attention_mask"?, "labels"?}`` as numpy arrays (tensors on CUDA).
     """
-    if not _threads_decided:
-        _decide_threads()
+    _threads_ready()
     pad_left = is_left("padding_side", padding_side)
     truncate_left = is_left("truncation_side", truncation_side)
     if _is_cuda_tensor(values):
@@ -870,6 +875,7 @@ def pack_plan(
     if shuffle_seed is not None and not 0 <= shuffle_seed < 2**64:
         raise ValueError(f"shuffle_seed must be in [0, 2**64), got {shuffle_seed}")
     arr = _check_lengths(lengths)
+    _threads_ready()
     r = _C.pack_plan(
         arr, capacity=capacity, strategy=strategy, overflow=overflow,
         max_docs_per_row=max_docs_per_row or 0, align=align,
@@ -948,6 +954,7 @@ def _pack_batch(carry: Int64Array, doc_sources: npt.NDArray[np.int32], doc_rows:
                 strategy: str) -> PackBatch:  # fmt: skip
     """:func:`pack_batch` on arrays already of the kernel's dtypes and shapes (the loader's
     planner builds them so; the kernel checks sizes and values, not conversions)."""
+    _threads_ready()
     return PackBatch(*_C.pack_batch(carry, doc_sources, doc_rows, doc_lengths, capacity=capacity,
                                     batch_size=batch_size, strategy=strategy))  # fmt: skip
 
@@ -1034,8 +1041,7 @@ def pack_fill(
     ``out`` supplies token-field buffers to write into (host only; e.g. pinned, reused between
     batches: a fresh 240 MB output costs more in page faults than the fill itself).
     """
-    if not _threads_decided:
-        _decide_threads()
+    _threads_ready()
     check_choice("layout", layout, PACK_LAYOUTS)
     if isinstance(fields, str):
         raise TypeError(f"fields must be a sequence of names, got the string {fields!r}")
@@ -1157,6 +1163,7 @@ def pack_rows(
                                  f"shape {shape}, got {given.dtype} {given.shape}")  # fmt: skip
             result[key] = given
     cu = np.empty(2 * lens.size + shape[0] + 1, dtype=np.int32) if "cu_seqlens" in wanted else None
+    _threads_ready()
     n_cu, longest, negative = _C.pack_rows(
         vals, lens, offs, tag, capacity=int(capacity), pad_value=pad_value,
         label_pad_value=label_pad_value, position_start=position_start, tag_pad=tag_pad,
@@ -1294,8 +1301,7 @@ def block_causal_mask(
     """
     import torch
 
-    if not _threads_decided:
-        _decide_threads()
+    _threads_ready()
     s = torch.as_tensor(seq_idx)
     if s.dim() != 2:
         raise ValueError(f"seq_idx must be [rows, C], got shape {tuple(s.shape)}")
@@ -1504,6 +1510,7 @@ def sample_sources(
         if out_ordinals is None:
             out_ordinals = np.empty(count, dtype=np.int64)
     end = np.empty(w.size, dtype=np.int64)
+    _threads_ready()
     new_anchor = _C.sample_sources(
         w,
         c,
@@ -1564,6 +1571,7 @@ def permute_rows(
     lengths = per_element("length", length)
     sources = per_element("source", source)
     out = np.empty(ords.size, dtype=np.int64)
+    _threads_ready()
     _C.permute_rows(ords, lengths, sources, seed=seed, shuffle=bool(shuffle), out=out)
     return out
 
@@ -1598,6 +1606,7 @@ def gather_rows(
     if vals.ndim != 1:
         raise ValueError(f"gather_rows: values must be 1-D, got shape {vals.shape}")
     cols = [np.ascontiguousarray(a, dtype=np.int64) for a in (starts, lengths, out_offsets)]
+    _threads_ready()
     _C.gather_rows(vals, cols[0], cols[1], cols[2], out)
 
 
@@ -1829,6 +1838,7 @@ def datainf(
     influence = None if stats_only else np.empty(n, dtype=np.float32)
     lam = None if stats_only else np.empty(count)
     layer_scores = np.empty((count, n), dtype=np.float32) if per_layer and not stats_only else None
+    _threads_ready()
     bad_layer, bad_row = _C.datainf(
         host, vs, keys, fixed, damping=damping, projection_dim=k, seed=_u64(seed, "seed"),
         stats_only=stats_only, out_influence=influence, out_per_layer=layer_scores, out_a=a,
