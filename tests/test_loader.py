@@ -519,3 +519,22 @@ def test_an_iterable_dataset_is_split_between_ranks() -> None:
     assert not set(served[0]) & set(served[1]) and sorted(served[0] + served[1]) == list(range(20))
     with pytest.warns(UserWarning, match="cannot be split by the loader"):
         get_loader(_Counting(), 4, shuffle=False, rank=0, world_size=2)
+
+
+def test_taking_exactly_an_epoch_ends_it() -> None:
+    # A trainer steps len(loader) times and never asks for one more: the next iter() is the
+    # next epoch (it was empty: the loader resumed at its end).
+    loader = get_loader(make("first_exhausted"), 4)
+    n = len(loader)
+    first = take(iter(loader), n)
+    state = loader.state_dict()
+    second = take(loader)
+    assert len(second) == n and same_batches(first, second)
+    resumed = get_loader(make("first_exhausted"), 4)
+    resumed.load_state_dict(state)  # saved at the epoch's end: resumes at the next epoch
+    assert same_batches(take(resumed), second)
+    plain = get_loader(list(range(10)), 4, collate_fn=lambda xs: xs)
+    epoch0 = list(itertools.islice(iter(plain), len(plain)))
+    epoch1 = list(plain)
+    flat0 = sorted(x for b in epoch0 for x in b)
+    assert len(epoch1) == 3 and flat0 == sorted(x for b in epoch1 for x in b) == list(range(10))

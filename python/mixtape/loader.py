@@ -879,7 +879,11 @@ class Loader:
 
     def _restart_if_ended(self) -> None:
         """A loader iterated to its end starts again from the first batch (a new epoch over the
-        same sequence), as a DataLoader does; the weight timeline is kept."""
+        same sequence), as a DataLoader does; the weight timeline is kept. Taking exactly the
+        epoch's batches is its end too: a trainer stepping ``len(loader)`` times never asks for
+        one more, and the next epoch would be empty."""
+        if not self._ended and self._consumed and self._consumed == self._epoch_batches():
+            self._ended = True
         if self._ended:
             self._ended = False
             self._consumed = 0
@@ -887,6 +891,16 @@ class Loader:
             self._epoch += 1
             if self._sampler is not None:
                 self._sampler.epoch = self._epoch
+
+    def _epoch_batches(self) -> int | None:
+        """This rank's batches per epoch when known ahead (None: packing, iterable datasets,
+        infinite mixtures)."""
+        if self._sampler is not None:
+            n, b = len(self._sampler._indices()), self.config.batch_size
+            return n // b if self.config.drop_last else -(-n // b)
+        if self.exact and self._planner is None and self.mixed.stop_position() is not None:
+            return len(self)
+        return None
 
     def __len__(self) -> int:
         if not self.exact:
