@@ -282,12 +282,13 @@ def test_other_fields_stacked_or_passed_through() -> None:
     assert out["ragged"] == [[1], [2, 3]]  # not in pad_values: passed through
 
 
-def test_given_attention_mask_recomputed_or_kept() -> None:
-    batch = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 0]},
+def test_given_attention_mask_zeros_honoured_or_kept() -> None:
+    """A given mask's zeros are kept (as 0/1); keep_attention_mask=True keeps its values."""
+    batch = [{"input_ids": [1, 2, 3], "attention_mask": [2, 1, 0]},
              {"input_ids": [4], "attention_mask": [1]}]  # fmt: skip
-    assert as_lists(create_collate_fn(0)(batch)["attention_mask"]) == [[1, 1, 1], [1, 0, 0]]
+    assert as_lists(create_collate_fn(0)(batch)["attention_mask"]) == [[1, 1, 0], [1, 0, 0]]
     kept = create_collate_fn(0, keep_attention_mask=True)(batch)["attention_mask"]
-    assert as_lists(kept) == [[1, 1, 0], [1, 0, 0]]
+    assert as_lists(kept) == [[2, 1, 0], [1, 0, 0]]
 
 
 def test_padding_max_length_mode_and_numpy_output() -> None:

@@ -34,6 +34,7 @@ from mixtape.ragged import (
     check_same_lengths,
     field_of,
     is_sequence_column,
+    numeric_ragged,
 )
 from mixtape.validation import check_int
 
@@ -47,6 +48,18 @@ ReturnTensors = bool | Literal["pt", "np"]
 # --------------------------------------------------------------------------------------------
 
 
+def has_zero(col: Any) -> bool:
+    """Whether a column of per-token numbers (a mask) holds a 0; False for other columns.
+
+    Lists of Python lists (the usual ``attention_mask`` of ones) are not converted: ``count(1)``
+    finds the cached int 1 by identity, so a row of ones costs a pointer scan.
+    """
+    if isinstance(col, list) and all(type(r) is list for r in col):
+        return not all(r.count(1) == len(r) or all(r) for r in col)
+    got = numeric_ragged(col, "attention_mask") if is_sequence_column(col) else None
+    return got is not None and not bool(got[0].all())
+
+
 class PaddingCollator:
     """Pads ``input_ids`` (+ ``attention_mask``, ragged ``labels``) of a batch in one kernel pass.
 
@@ -58,9 +71,11 @@ class PaddingCollator:
     ids, integers as int64 with their ``pad_values`` entry (default ``token_type_ids`` → 0,
     ``special_tokens_mask`` → 1, others 0), floats as float32 with 0.0; per-example numbers and
     equal-shape arrays are stacked; anything else is passed through. A batch may also be a list
-    of bare id sequences (read as ``input_key``). Differences from transformers: ``max_length``
-    truncates (at ``truncation_side``), and the examples' own ``attention_mask`` is recomputed
-    from lengths unless ``keep_attention_mask=True`` (pad it instead, for masks holding zeros).
+    of bare id sequences (read as ``input_key``). ``max_length`` truncates (at ``truncation_side``),
+    unlike transformers. The examples' own ``attention_mask`` is honoured: where it holds 0 (e.g.
+    examples tokenized with ``padding="max_length"``) the output mask is 0 too; a mask of all ones
+    is not read again (the mask comes from lengths). ``keep_attention_mask=True`` pads the given
+    mask as is (keeping values other than 0/1).
 
     ``source_names`` (the mixture's source names, in mixture order) turns each example's
     ``__source__`` (a name, or an id already) into ``source_ids`` int64 [B], the index of the name
@@ -176,34 +191,40 @@ class PaddingCollator:
 
     def _collate_inputs(
         self, c: Columns, labels: Ragged | None, *, return_labels: bool, shift_labels: bool,
-        skip: Iterable[str] = (),
+        skip: Iterable[str] = (), mask_labels: bool = False,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Pad ids, mask, labels and the per-token fields: the numpy results, and the fields
-        neither padded nor in ``skip`` (for :meth:`_finish` to stack or pass through)."""
+        neither padded nor in ``skip`` (for :meth:`_finish` to stack or pass through).
+
+        ``mask_labels``: labels become ``label_pad_token_id`` where a given mask holds 0.
+        """
         sources = self._sources.take(c)
         ids = as_ragged(field_of(c, self.input_key), self.input_key)
         if labels is not None:
             check_same_lengths(labels, ids, "labels", self.input_key)
         length = self.row_length(ids.lengths, self.max_length)
-        given_mask = self.keep_attention_mask and "attention_mask" in c.cols
+        given = self._given_mask(c, ids, mask_labels)
         owned = {self.input_key, "attention_mask", *skip}
         tokens, rest = split_fields(c, ids.offsets, owned, self.pad_values, self.input_key)
         ints = [t for t in tokens if not t.is_float]
         want_labels = return_labels or labels is not None
-        slots = 1 + self.return_attention_mask + want_labels + len(ints)
+        slots = 1 + (self.return_attention_mask or given is not None) + want_labels + len(ints)
         arena = self._out.arena(slots, (len(ids), length))
         res = self._pad(
             ids, labels, length=length, max_length=self.max_length, name=self.input_key,
-            pad_value=self.pad_token_id, mask=self.return_attention_mask and not given_mask,
+            pad_value=self.pad_token_id, mask=self.return_attention_mask and given is None,
             return_labels=return_labels,
             shift_labels=shift_labels, arena=arena,
         )  # fmt: skip
         out: dict[str, Any] = {self.input_key: res["input_ids"]}
-        if given_mask and self.return_attention_mask:
-            mask = as_ragged(c.cols["attention_mask"], "attention_mask")
-            check_same_lengths(mask, ids, "attention_mask", self.input_key)
-            out["attention_mask"] = self._pad_column(mask.values, mask.offsets, "attention_mask",
-                                                     0, length, arena)  # fmt: skip
+        if given is not None:
+            mask, zeros = given
+            padded = self._pad_column(mask.values, mask.offsets, "attention_mask", 0, length,
+                                      arena)  # fmt: skip
+            if self.return_attention_mask:
+                out["attention_mask"] = padded
+            if zeros and mask_labels and "labels" in res:
+                self._mask_labels(res["labels"], padded, shift_labels)
         elif "attention_mask" in res:
             out["attention_mask"] = res["attention_mask"]
         index = None
@@ -220,6 +241,36 @@ class PaddingCollator:
         if sources is not None:
             out[SOURCE_IDS] = sources
         return out, rest
+
+    def _given_mask(self, c: Columns, ids: Ragged, mask_labels: bool) -> tuple[Ragged, bool] | None:
+        """The examples' ``attention_mask`` to pad (and whether it holds a 0), or None to build
+        the mask from lengths: when it is not kept and holds no 0 (checked cheaply), or absent."""
+        col = c.cols.get("attention_mask")
+        if col is None:
+            return None
+        if self.keep_attention_mask and self.return_attention_mask:
+            mask = as_ragged(col, "attention_mask")
+            check_same_lengths(mask, ids, "attention_mask", self.input_key)
+            return mask, bool(mask_labels and not mask.values.all())
+        if not (self.return_attention_mask or mask_labels) or not has_zero(col):
+            return None  # the fast path: a mask of ones is the mask from lengths
+        got = numeric_ragged(col, "attention_mask")
+        if got is None:  # not numbers (a 0 among other objects): ignored, as before
+            return None
+        values, offsets = got
+        mask = Ragged((values != 0).astype(np.int64), offsets)
+        check_same_lengths(mask, ids, "attention_mask", self.input_key)
+        return mask, True
+
+    def _mask_labels(
+        self, labels: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], shifted: bool
+    ) -> None:
+        """Labels → ``label_pad_token_id`` where ``mask`` is 0 (and, shifted, where the next
+        token's mask is 0: that token is the label)."""
+        off = mask == 0
+        if shifted and mask.shape[1] > 1:
+            off[:, :-1] |= off[:, 1:]
+        np.putmask(labels, off, self.label_pad_token_id)
 
     def _pad_column(
         self, values: Any, offsets: Any, key: str, value: int, length: int, arena: Arena
@@ -263,10 +314,12 @@ class PaddingCollator:
 class CausalLMCollator(PaddingCollator):
     """Causal-LM batches: labels are the ids (or the examples' own ``labels``), −100 on padding.
 
-    Padding is found by length, never by comparing to ``pad_token_id``, so with pad == eos the real
-    EOS tokens keep their labels (transformers' ``DataCollatorForLanguageModeling(mlm=False)``
-    masks every token equal to the pad id). ``shift_labels=True`` stores at position k the label
-    of token k + 1 (the last token of each example gets −100), for models that do not shift.
+    Padding is found by length and by the examples' own ``attention_mask`` (labels are −100 where
+    it holds 0), never by comparing to ``pad_token_id``, so with pad == eos the real EOS tokens
+    keep their labels (transformers' ``DataCollatorForLanguageModeling(mlm=False)`` masks every
+    token equal to the pad id). ``shift_labels=True`` stores at position k the label of token
+    k + 1 (the last token of each example, and a token whose next token is masked, get −100),
+    for models that do not shift.
     """
 
     def __init__(self, pad_token_id: int, shift_labels: bool = False, **kwargs: Any) -> None:
@@ -278,9 +331,9 @@ class CausalLMCollator(PaddingCollator):
         labels = None
         if "labels" in c.cols:
             labels = as_ragged(c.cols["labels"], "labels")
-        out, rest = self._collate_inputs(
-            c, labels, return_labels=True, shift_labels=self.shift_labels, skip=("labels",)
-        )
+        out, rest = self._collate_inputs(c, labels, return_labels=True,
+                                         shift_labels=self.shift_labels, skip=("labels",),
+                                         mask_labels=True)  # fmt: skip
         return self._finish(out, rest)
 
 
@@ -291,9 +344,10 @@ class Seq2SeqCollator(PaddingCollator):
     by one with the start token in front and −100 replaced by ``pad_token_id`` (what transformers'
     ``shift_tokens_right`` / ``prepare_decoder_input_ids_from_labels`` compute). The labels may
     be named ``label`` (output as ``labels``); labels None in every example give ``labels`` None
-    and no ``decoder_input_ids``, as ``DataCollatorForSeq2Seq``. Labels are cut to
-    ``max_label_length`` (at ``truncation_side``) when given; with ``padding="max_length"`` they
-    are padded to ``max_label_length`` (or ``max_length``).
+    and no ``decoder_input_ids``, as ``DataCollatorForSeq2Seq``. Labels are cut only to
+    ``max_label_length`` (at ``truncation_side``) when given, never to the encoder's
+    ``max_length``; with ``padding="max_length"`` they are padded to ``max_label_length`` (or to
+    ``max_length``, or the longest label when longer, as ``DataCollatorForSeq2Seq`` pads them).
     """
 
     def __init__(
@@ -319,10 +373,8 @@ class Seq2SeqCollator(PaddingCollator):
         unlabelled = label_key is not None and all_none(label_col)
         if label_key is not None and not unlabelled:
             labels = as_ragged(label_col, label_key)
-            max_len = self.max_label_length
-            if max_len is None and self.padding == "max_length":
-                max_len = self.max_length
-            length = self.row_length(labels.lengths, max_len)
+            max_len = self.max_label_length  # the only cut: never the encoder's max_length
+            length = self.label_row_length(labels.lengths)
             start = self.decoder_start_token_id
             want_dec = start is not None
             arena = self._out.arena(1 + want_dec, (len(labels), length))
@@ -337,6 +389,17 @@ class Seq2SeqCollator(PaddingCollator):
         if unlabelled:  # every example's labels are None (a test split): labels=None, as HF
             result["labels"] = None
         return result
+
+    def label_row_length(self, lengths: npt.NDArray[np.int64]) -> int:
+        """Columns of the padded labels: the longest label (cut to ``max_label_length``), or with
+        ``padding="max_length"`` ``max_label_length`` (else ``max_length``, or the longest label
+        when longer), rounded up to ``pad_to_multiple_of``."""
+        if self.max_label_length is not None:
+            return self.row_length(lengths, self.max_label_length)
+        longest = int(lengths.max()) if lengths.size else 0
+        if self.padding == "max_length" and self.max_length is not None:
+            longest = max(longest, self.max_length)
+        return ops.padded_length(longest, None, self.pad_to_multiple_of)
 
     def _shift_right(
         self, labels: npt.NDArray[np.int64], start: int, dec: npt.NDArray[np.int64]
@@ -371,7 +434,7 @@ def create_collate_fn(
 def create_causal_lm_collate(
     pad_token_id: int, shift_labels: bool = False, **kwargs: Any
 ) -> CausalLMCollator:
-    """Causal-LM collator: labels from the ids, −100 on padding by length; see CausalLMCollator."""
+    """Causal-LM collator: labels from the ids, −100 on padding; see CausalLMCollator."""
     return CausalLMCollator(pad_token_id, shift_labels=shift_labels, **kwargs)
 
 
