@@ -538,3 +538,24 @@ def test_taking_exactly_an_epoch_ends_it() -> None:
     epoch1 = list(plain)
     flat0 = sorted(x for b in epoch0 for x in b)
     assert len(epoch1) == 3 and flat0 == sorted(x for b in epoch1 for x in b) == list(range(10))
+
+
+def test_the_state_keeps_the_runs_horizon_and_packing() -> None:
+    # The automatic horizon depends on the worker count: resumed with another count, updates
+    # asked after the resume would land at other batches.
+    two = get_loader(make(), 4, num_workers=2)
+    take(iter(two), 3)
+    state = json.loads(json.dumps(two.state_dict()))
+    del two
+    zero = get_loader(make(), 4)
+    zero.load_state_dict(state)
+    assert (state["horizon"], zero.horizon) == (5, 5)
+    with pytest.raises(ValueError, match="saved with horizon 5, this loader has horizon=7"):
+        get_loader(make(), 4, horizon=7).load_state_dict(state)
+    small = json.loads(json.dumps(get_loader(make(), 4).state_dict()))  # horizon 1
+    with pytest.raises(ValueError, match=r"saved with horizon 1, but with 2 workers up to 5"):
+        get_loader(make(), 4, num_workers=2).load_state_dict(small)
+    packed = json.loads(json.dumps(get_loader(make(), 4, **PACKED).state_dict()))
+    with pytest.raises(ValueError, match="saved with packing='bfd', max_length=16; this loader "
+                                         "has packing=None"):  # fmt: skip
+        get_loader(make(), 4).load_state_dict(packed)

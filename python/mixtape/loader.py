@@ -536,6 +536,7 @@ class Loader:
                  even_shards: bool = True) -> None:  # fmt: skip
         self.dataset = dataset
         self.even_shards = bool(even_shards)
+        self._horizon_given = config.horizon is not None  # else the automatic one
         self.config = config.resolved()
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {list(OVERFLOW_POLICIES)}, got {overflow!r}")
@@ -933,9 +934,14 @@ class Loader:
             raise ValueError("update_weights needs a MixedDataset of map-style sources")
         if self.world_size > 1 and torch.distributed.is_available() and \
                 torch.distributed.is_initialized():  # fmt: skip
-            box = [mixture_weights(weights, self.source_names).tolist()]
+            box: list[Any] = [(mixture_weights(weights, self.source_names).tolist(),
+                               self._consumed)]  # fmt: skip
             torch.distributed.broadcast_object_list(box, src=0)
-            weights = box[0]
+            weights, at = box[0]
+            if at != self._consumed:  # the ranks would switch at different global batches
+                raise ValueError(f"update_weights: rank 0 called it after {at} batches, rank "
+                                 f"{self.rank} after {self._consumed}: call it on every rank at "
+                                 "the same step")  # fmt: skip
         w = mixture_weights(weights, self.source_names).tolist()
         effect_local = self._consumed - 1 + self.horizon
         effect = max(0, effect_local) * self.world_size
@@ -970,6 +976,8 @@ class Loader:
             "pending": [[e, w] for e, w in self._pending],
             "epoch": self._epoch,
             "dropped_docs": self.dropped_docs,
+            "horizon": self.horizon,
+            "packing": [self.config.packing, self.config.max_length],
         }
         if not self.exact and self._sampler is None:  # an IterableDataset: its own position
             state["dataset"] = self._iterable_state()
@@ -997,6 +1005,12 @@ class Loader:
         if int(state["world_size"]) != self.world_size:
             raise ValueError(f"state was saved with world_size {state['world_size']}, this "
                              f"loader has {self.world_size}")  # fmt: skip
+        packing = state.get("packing")
+        if packing is not None and list(packing) != [self.config.packing, self.config.max_length]:
+            raise ValueError(f"state was saved with packing={packing[0]!r}, max_length="
+                             f"{packing[1]}; this loader has packing={self.config.packing!r}, "
+                             f"max_length={self.config.max_length}: its batches would differ")
+        self._restore_horizon(state.get("horizon"))
         if self._iterations:
             raise ValueError(f"load_state_dict needs a loader that has not been iterated (this one "
                              f"has served {self._consumed} batches and planned ahead of them): "
@@ -1034,6 +1048,23 @@ class Loader:
         self.dropped_docs = int(state.get("dropped_docs", 0))
         if self._sampler is not None:
             self._sampler.epoch = self._epoch
+
+    def _restore_horizon(self, saved: Any) -> None:
+        """The run's horizon: updates asked after the resume land where they would have (the
+        automatic horizon depends on the worker count, which may differ now)."""
+        if saved is None or int(saved) == self.horizon:
+            return
+        saved = int(saved)
+        if self._horizon_given:
+            raise ValueError(f"state was saved with horizon {saved}, this loader has horizon="
+                             f"{self.horizon}: weight updates would land at other batches; "
+                             f"leave horizon unset (the state's is used) or set {saved}")
+        if saved < self.config.min_horizon:
+            raise ValueError(f"state was saved with horizon {saved}, but with "
+                             f"{self.config.num_workers} workers up to {self.config.min_horizon} "
+                             f"batches can be in flight: resume with fewer workers (or prefetch), "
+                             f"or give the original run horizon >= {self.config.min_horizon}")
+        self.horizon = saved
 
     def _iterable_state(self) -> Any:
         """The IterableDataset's own state, which is the consumer's only without workers (each
