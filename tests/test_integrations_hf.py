@@ -172,6 +172,30 @@ def test_resume_without_a_saved_mixture_is_an_error(tmp_path: Any) -> None:
         train_dataset_run(tmp_path, make(), 4, 0, resume=str(tmp_path / "checkpoint-2"))
 
 
+
+def test_resume_refuses_another_runs_checkpoint_and_a_late_callback(tmp_path: Any) -> None:
+    # A plain Trainer resumed from a folder outside output_dir: output_dir's checkpoint of the
+    # same step is another run's, whose mixture state would have been loaded.
+    train_dataset_run(tmp_path / "x", make(), 2, 0, save_strategy="steps", save_steps=2)
+    m, _ = model()  # another run (it logs every step) into y, with a checkpoint at step 2
+    y_args = TrainingArguments(str(tmp_path / "y"), per_device_train_batch_size=B, max_steps=2,
+                               report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
+                               save_strategy="steps", save_steps=2)  # fmt: skip
+    other = make()
+    Trainer(model=m, args=y_args, train_dataset=other, callbacks=[MixtureCheckpointCallback(other)],
+            data_collator=mixtape.create_causal_lm_collate(pad_token_id=0)).train()
+    with pytest.raises(ValueError, match="hold another run's trainer state"):
+        train_dataset_run(tmp_path / "y", make(), 4, 0, resume=str(tmp_path / "x/checkpoint-2"))
+    # Added after __init__: the Trainer decided about data skipping and its RNG restore first.
+    m, _ = model()
+    mixed = make()
+    trainer = Trainer(model=m, args=targs(tmp_path / "x", 4), train_dataset=mixed,
+                      data_collator=mixtape.create_causal_lm_collate(pad_token_id=0))  # fmt: skip
+    trainer.add_callback(MixtureCheckpointCallback(mixed))
+    with pytest.raises(ValueError, match=r"added after the Trainer was built \(add_callback\)"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "x/checkpoint-2"))
+
+
 # --------------------------------------------------------------------------------------------
 # MixtapeTrainer with a Loader
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ class MixtureCheckpointCallback(TrainerCallback):
         # Set before train() reads it: the Trainer then neither replays the trained batches nor
         # loses its RNG restore (both depend on this flag when the training state is loaded).
         args.ignore_data_skip = True
+        self._init_seen = True
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:  # fmt: skip
@@ -87,6 +88,11 @@ class MixtureCheckpointCallback(TrainerCallback):
         else:
             self._check_loader_setup(args)
         if state.global_step > 0:
+            if not getattr(self, "_init_seen", False):
+                raise ValueError("MixtureCheckpointCallback was added after the Trainer was built "
+                                 "(add_callback): on resume the Trainer had already decided to "
+                                 "skip data and how to restore its RNG before this callback could "
+                                 "change it; pass it in Trainer(callbacks=[...])")  # fmt: skip
             self.load(self._find_checkpoint(args, state), args, state)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -172,12 +178,18 @@ class MixtureCheckpointCallback(TrainerCallback):
             candidates.append(os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}"))
             if isinstance(args.resume_from_checkpoint, str):
                 candidates.append(args.resume_from_checkpoint)
+        other = []
         for folder in candidates:
             if os.path.isfile(os.path.join(folder, STATE_FILE)):
+                if self.resume_from is None and not _same_trainer_state(folder, state):
+                    other.append(folder)  # another run's checkpoint at the same step
+                    continue
                 return folder
+        why = f" ({other} hold another run's trainer state)" if other else ""
         raise ValueError(f"the Trainer resumes at step {state.global_step} but no {STATE_FILE} "
-                         f"was found in {candidates}; give MixtureCheckpointCallback(resume_from="
-                         "checkpoint_dir) or use MixtapeTrainer")  # fmt: skip
+                         f"was found in {candidates}{why}; give "
+                         "MixtureCheckpointCallback(resume_from=checkpoint_dir) or use "
+                         "MixtapeTrainer")  # fmt: skip
 
     # --- checks -----------------------------------------------------------------------------
 
@@ -202,6 +214,19 @@ class MixtureCheckpointCallback(TrainerCallback):
         loader = self.source
         assert isinstance(loader, Loader)
         _check_loader(loader, args)
+
+
+def _same_trainer_state(folder: str, state: TrainerState) -> bool:
+    """Whether ``folder``'s trainer_state.json is the one the Trainer resumed from (a plain
+    Trainer's ``train(resume_from_checkpoint=path)`` does not tell callbacks the path)."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return True  # nothing to compare with: the folder naming is all there is
+    return bool(saved.get("global_step") == state.global_step
+                and saved.get("total_flos") == state.total_flos
+                and saved.get("log_history") == state.log_history)
 
 
 def _check_loader(loader: Loader, args: TrainingArguments) -> None:
