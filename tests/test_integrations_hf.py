@@ -173,6 +173,33 @@ def test_resume_without_a_saved_mixture_is_an_error(tmp_path: Any) -> None:
 
 
 
+class _StopAt(TrainerCallback):  # type: ignore[misc]
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_keeps_the_dropout_stream(tmp_path: Any) -> None:
+    # The Trainer restores its RNG before iter(train_dataloader); a DataLoader without its own
+    # generator drew its base seed from that RNG, shifting every dropout mask after the resume.
+    def run(out: Any, resume: str | None = None, stop: int | None = None) -> list[torch.Tensor]:
+        m, _ = model()  # GPT-2's default dropout, 0.1
+        mixed = make()
+        callbacks = [MixtureCheckpointCallback(mixed)] + ([_StopAt(stop)] if stop else [])
+        Trainer(model=m, args=targs(out, 6, save_strategy="steps", save_steps=3),
+                train_dataset=mixed, callbacks=callbacks,
+                data_collator=mixtape.create_causal_lm_collate(pad_token_id=0),
+                ).train(resume_from_checkpoint=resume)  # fmt: skip
+        return [p.detach().clone() for p in m.parameters()]
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "run", stop=3)
+    resumed = run(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-3"))
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed, strict=True))
+
 def test_resume_refuses_another_runs_checkpoint_and_a_late_callback(tmp_path: Any) -> None:
     # A plain Trainer resumed from a folder outside output_dir: output_dir's checkpoint of the
     # same step is another run's, whose mixture state would have been loaded.

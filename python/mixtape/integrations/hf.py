@@ -26,6 +26,7 @@ import json
 import os
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -204,6 +205,13 @@ class MixtureCheckpointCallback(TrainerCallback):
         if dataloader is not None and getattr(dataloader, "dataset", mixed) is not mixed:
             raise ValueError("MixtureCheckpointCallback was given a MixedDataset the Trainer "
                              "does not read (train_dataset is another object)")  # fmt: skip
+        base = getattr(dataloader, "base_dataloader", dataloader)  # under accelerate's wrapper
+        if base is not None and getattr(base, "generator", None) is None:
+            # Else iter() draws the DataLoader's base seed from the global RNG, which a resumed
+            # Trainer has just restored: every dropout mask after the resume would shift.
+            generator = torch.Generator()
+            generator.manual_seed(int(args.seed))
+            base.generator = generator
         if mixed.batch_size != args.per_device_train_batch_size:
             raise ValueError(f"MixedDataset.batch_size is {mixed.batch_size}, "
                              f"per_device_train_batch_size {args.per_device_train_batch_size}: "
