@@ -301,3 +301,32 @@ def test_dataloader_workers_resume_at_an_odd_batch() -> None:
     got = [b for _, b in zip(range(4), loader, strict=False)]
     probe = make()
     assert got == [[r["input_ids"] for r in probe.take(probe.plan(k * B, B))] for k in range(3, 7)]
+
+
+def test_mid_epoch_resume_of_a_finite_mixture_is_refused_where_the_trainer_would_differ(
+        tmp_path: Any) -> None:  # fmt: skip
+    # The Trainer counts a resumed epoch from its start: with an accumulation that does not
+    # divide the epoch its last, partial step was dropped; a MixedDataset as train_dataset
+    # started the next epoch at the restored position.
+    def finite() -> MixedDataset:
+        return make(stop_strategy="first_exhausted")
+
+    per_epoch = len(mixtape.get_loader(finite(), B))
+    ga = next(g for g in (2, 3, 4, 5) if per_epoch % g)
+
+    def loader_trainer(out: Any) -> Any:
+        m, _ = model()
+        args = targs(out, 3 * per_epoch, gradient_accumulation_steps=ga, save_strategy="steps",
+                     save_steps=2)  # fmt: skip
+        return MixtapeTrainer(model=m, args=args, train_loader=mixtape.get_loader(finite(), B),
+                              callbacks=[_StopAt(2)])  # fmt: skip
+
+    loader_trainer(tmp_path / "l").train()
+    with pytest.raises(ValueError, match=f"not a multiple of gradient_accumulation_steps={ga}"):
+        loader_trainer(tmp_path / "l").train(resume_from_checkpoint=True)
+    stop = finite().stop_position()
+    assert stop is not None
+    train_dataset_run(tmp_path / "d", finite(), 2, 0, save_strategy="steps", save_steps=2)
+    with pytest.raises(ValueError, match="with training going past the epoch"):
+        train_dataset_run(tmp_path / "d", finite(), stop // B + 2, 2,
+                          resume=str(tmp_path / "d" / "checkpoint-2"))

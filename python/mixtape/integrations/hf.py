@@ -169,7 +169,34 @@ class MixtureCheckpointCallback(TrainerCallback):
             raise ValueError(f"{path} holds a {record['kind']} state, this callback restores a "
                              f"{kind}")  # fmt: skip
         self.source.load_state_dict(record["state"])
+        self._check_mid_epoch(record, args, state)
         self.loaded_from = folder
+
+    def _check_mid_epoch(self, record: dict[str, Any], args: TrainingArguments,
+                         state: TrainerState) -> None:  # fmt: skip
+        """Resuming a finite mixture mid-epoch is refused where the Trainer's own epoch count
+        (which restarts at the resumed epoch's first batch) would train other batches."""
+        ga = int(args.gradient_accumulation_steps)
+        if isinstance(self.source, Loader):
+            per_epoch = self.source._epoch_batches()
+            done = self.source.batches_consumed
+            if per_epoch and ga > 1 and per_epoch % ga and done % per_epoch:
+                raise ValueError(
+                    f"resuming mid-epoch a finite mixture whose epoch of {per_epoch} batches is "
+                    f"not a multiple of gradient_accumulation_steps={ga}: the Trainer counts "
+                    "the resumed epoch from its start and would drop its last, partial step. "
+                    "Save at epoch ends (save_strategy='epoch'), use an accumulation that "
+                    "divides the epoch, or an infinite mixture (stop_strategy='restart') with "
+                    "max_steps")  # fmt: skip
+            return
+        stop = self.source.stop_position()
+        examples = int(record["examples"])
+        if stop and examples % stop and int(state.max_steps) * examples_per_step(args) > stop:
+            raise ValueError(
+                f"resuming mid-epoch a finite MixedDataset ({stop} examples an epoch) as "
+                "train_dataset, with training going past the epoch: the Trainer would start the "
+                "next epoch at the restored position. Use MixtapeTrainer with a Loader, or "
+                "stop_strategy='restart' with max_steps")  # fmt: skip
 
     def _find_checkpoint(self, args: TrainingArguments, state: TrainerState) -> str:
         candidates = []
