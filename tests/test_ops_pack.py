@@ -527,7 +527,7 @@ def reference_fill(
         "loss_mask": (labels != label_pad).reshape(shape),
         "cu_seqlens": np.array(cu, np.int32),
         # the longest segment of cu_seqlens (padding runs included), as a varlen kernel needs
-        "max_seqlen": int(np.diff(cu).max()) if plan.num_pieces else 0,
+        "max_seqlen": int(np.diff(cu).max()) if len(cu) > 1 else 0,
         "doc_lens": plan.length.astype(np.int32),
         "doc_ids": plan.doc,
     }

@@ -935,8 +935,14 @@ def pack_batch(
         c = c.reshape(0, 4)
     if c.ndim != 2 or c.shape[1] != 4:
         raise ValueError(f"pack_batch: carry must have shape (n, 4), got {c.shape}")
-    return _pack_batch(c, np.ascontiguousarray(doc_sources, dtype=np.int32),
-                       _index_array(doc_rows), _index_array(doc_lengths),
+    src = _index_array(doc_sources)
+    rows = _index_array(doc_rows)
+    for name, arr, top in (("doc_sources", src, np.iinfo(np.int32).max),
+                           ("doc_rows", rows, np.iinfo(np.int64).max)):  # fmt: skip
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > top):
+            bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
+            raise ValueError(f"pack_batch: {name} holds {bad}, outside [0, {top}]")
+    return _pack_batch(c, src.astype(np.int32), rows, _index_array(doc_lengths),
                        operator.index(capacity), operator.index(batch_size), strategy)
 
 
@@ -1006,7 +1012,7 @@ def _piece_fields(
         # The longest segment of cu_seqlens: in the padded layout, padding runs are segments too
         # (a varlen kernel given a smaller max_seqlen leaves their queries uncomputed).
         longest = int(plan.length.max()) if plan.num_pieces else 0
-        if not flat and plan.num_pieces:
+        if not flat and plan.num_rows:  # rows without pieces are whole padding segments
             longest = max(longest, int(np.diff(_padded_cu_seqlens(plan)).max()))
         out["max_seqlen"] = longest
     if "doc_lens" in wanted:
@@ -1605,6 +1611,8 @@ def gather_rows(
     vals = np.ascontiguousarray(values)
     if vals.ndim != 1:
         raise ValueError(f"gather_rows: values must be 1-D, got shape {vals.shape}")
+    if vals.dtype.kind not in "biufc":  # object pointers copied bytewise skip their refcounts
+        raise TypeError(f"gather_rows: values must be numbers, got dtype {vals.dtype}")
     cols = [np.ascontiguousarray(a, dtype=np.int64) for a in (starts, lengths, out_offsets)]
     _threads_ready()
     _C.gather_rows(vals, cols[0], cols[1], cols[2], out)
@@ -1847,6 +1855,11 @@ def datainf(
     )  # fmt: skip
     if bad_layer >= 0:
         _raise_not_finite(names[bad_layer], bad_row)
+    if not stats_only and not np.isfinite(influence).all():  # e.g. a damping so small 1/lambda
+        row = int(np.argmax(~np.isfinite(influence)))  # overflows
+        raise ValueError(f"datainf: the influence of sample {row} is not finite "
+                         f"({influence[row]}): damping={damping} or lambda_ is too small for "
+                         "these gradients")  # fmt: skip
     return DataInfResult(influence, layer_scores, a, q, probe_sq, lam)
 
 

@@ -274,6 +274,13 @@ def _rows_table(
     piece in the whole plan (``seq_idx`` numbers the pieces of the whole output);
     ``doc_sources`` the source id of every input row (written per piece as doc_source_ids)."""
     fill_layout = "padded" if fmt.layout == "padded" else "flat"
+    if values.size and np.issubdtype(values.dtype, np.signedinteger) and int(values.min()) < 0:
+        at = int(np.argmax(values < 0))  # -100 would pass for a masked label, -1 for padding
+        doc = int(np.searchsorted(offsets, at, side="right")) - 1
+        piece = np.flatnonzero(plan.doc == doc)
+        row = int(doc_ids[piece[0]]) if piece.size else doc
+        raise ValueError(f"pack_sequences: example {row} has a negative token id "
+                         f"({int(values[at])}); token ids must be >= 0")
     token_fields = [f for f in TOKEN_FIELDS if f in fmt.fields]
     filled = pack_fill(
         plan, values, offsets, layout=fill_layout, pad_value=fmt.pad_value,

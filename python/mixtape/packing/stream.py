@@ -62,6 +62,9 @@ def _concat_ragged(
     if not parts:
         return np.zeros((width, 0), dtype), offsets
     joined = np.concatenate(parts, axis=1)
+    if joined.size and np.issubdtype(joined.dtype, np.signedinteger) and int(joined[0].min()) < 0:
+        bad = int(joined[0][np.argmax(joined[0] < 0)])  # row 0: the ids (labels may be -100)
+        raise ValueError(f"PackingStream: negative token id ({bad}); token ids must be >= 0")
     target = np.dtype(dtype)
     if joined.dtype != target and joined.size and np.issubdtype(target, np.integer):
         info = np.iinfo(target)  # a cast would wrap an id beyond the range silently
