@@ -1855,8 +1855,8 @@ def datainf(
     )  # fmt: skip
     if bad_layer >= 0:
         _raise_not_finite(names[bad_layer], bad_row)
-    if not stats_only and not np.isfinite(influence).all():  # e.g. a damping so small 1/lambda
-        row = int(np.argmax(~np.isfinite(influence)))  # overflows
+    if influence is not None and not np.isfinite(influence).all():  # e.g. a damping so small
+        row = int(np.argmax(~np.isfinite(influence)))  # that 1 / lambda overflows
         raise ValueError(f"datainf: the influence of sample {row} is not finite "
                          f"({influence[row]}): damping={damping} or lambda_ is too small for "
                          "these gradients")  # fmt: skip
