@@ -257,8 +257,10 @@ class SourceSampler:
                 lo = max(pos, block_start)
                 sources[lo - start :] = bs[lo - block_start : stop - block_start]
                 ordinals[lo - start :] = bo[lo - block_start : stop - block_start]
-                counts = state.counts + np.bincount(
-                    bs[: stop - block_start], minlength=self._num_sources
+                # counts holds the picks before lo (also those made before a weight change
+                # inside this block, which the block's start state does not)
+                counts = counts + np.bincount(
+                    bs[lo - block_start : stop - block_start], minlength=self._num_sources
                 )
                 rest = slice(stop - block_start, None)
                 self._block = _Block(stop, bs[rest], bo[rest], r.after)
