@@ -362,3 +362,14 @@ def test_bad_sources() -> None:
     m = MixedDataset({"t": DatasetMixture("t", dataset=text, text_field="text")})
     with pytest.raises(ValueError, match=r"'t'.*row"):
         first(m, 1)
+
+
+def test_updates_must_come_in_position_order() -> None:
+    # Rebuilding the timeline at an earlier position dropped the later update without a word.
+    mixed = MixedDataset(sources(a=20, b=20))
+    mixed.update_weights({"a": 1.0, "b": 0.0}, position=1000)
+    with pytest.raises(ValueError, match="position 500 precedes an update already set at "
+                                         "position 1000"):  # fmt: skip
+        mixed.update_weights({"a": 0.0, "b": 1.0}, position=500)
+    mixed.update_weights({"a": 0.25, "b": 0.75}, position=1000)  # the same position: replaced
+    assert mixed.weight_timeline[-1] == (1000, {"a": 0.25, "b": 0.75})

@@ -137,8 +137,11 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
             ``"random"`` (i.i.d. draws) or ``"block"`` (exact counts per block of
             ``block_size``, EasyDeL's semantics); see :class:`~mixtape.sampler.SourceSampler`.
         stop_strategy: ``"restart"`` (an exhausted source starts a new, freshly permuted pass;
-            infinite), ``"first_exhausted"`` (stop when a source with positive weight has been
-            read fully), ``"all_exhausted"`` (stop once every source with positive weight was read
+            infinite), ``"first_exhausted"`` (stop before the first position that would start
+            a second pass of a positive-weight source: positions between the last row of that
+            source and its next pick still serve the other sources, where HF's
+            ``interleave_datasets`` stops right after that row), ``"all_exhausted"`` (stop once
+            every source with positive weight was read
             fully at least once; the others restart meanwhile, as HF's oversampling).
         schedule: a :class:`WeightScheduler` (or its points) over training steps; step ``t``
             starts at position ``t * batch_size``. ``update_weights`` replaces the schedule from
@@ -207,6 +210,7 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         self._stop: int | None = None  # end of a finite mixture, once known
         self._stop_version = -1
         self._version = 0  # bumped by every timeline change (invalidates planned chunks)
+        self._updated_at: list[int] = []  # positions of update_weights calls (not the schedule's)
         # Pid of the process that iterates this dataset, shared with DataLoader workers: the
         # main process's copy has not advanced when a worker iterates (its state_dict is stale).
         self._iterated_by = multiprocessing.RawValue("q", 0)
@@ -271,10 +275,11 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
     def planning_state(self) -> tuple[Any, ...]:
         """An opaque copy of what planning changes (sampler, schedule markers), to plan ahead on
         trial and put back with :meth:`restore_planning_state`."""
-        return (copy.deepcopy(self._sampler), self._scheduled_until, self._schedule_end)
+        return (copy.deepcopy(self._sampler), self._scheduled_until, self._schedule_end,
+                list(self._updated_at))  # fmt: skip
 
     def restore_planning_state(self, state: tuple[Any, ...]) -> None:
-        self._sampler, self._scheduled_until, self._schedule_end = state
+        self._sampler, self._scheduled_until, self._schedule_end, self._updated_at = state
         self._version += 1
 
     def _weights_at(self, position: int) -> npt.NDArray[np.float64]:
@@ -312,6 +317,11 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
             raise ValueError(f"update_weights: position {p} was already produced (next position "
                              f"{self._position}); positions already produced keep their "
                              "weights")  # fmt: skip
+        later = [q for q in self._updated_at if q > p]
+        if later:  # rebuilding the timeline at p would silently drop that update
+            raise ValueError(f"update_weights: position {p} precedes an update already set at "
+                             f"position {later[0]}; give updates in position order")  # fmt: skip
+        self._updated_at = [q for q in self._updated_at if q != p] + [p]
         if self.schedule is not None and (self._schedule_end is None or p < self._schedule_end):
             self._extend_schedule(p)  # the schedule holds up to p, the update from p on
             self._schedule_end = p
@@ -717,6 +727,7 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         self._schedule_end = None if end is None else int(end)
         lengths = dict(state.get("stream_lengths", {}))
         self._stream_lengths = {int(k): int(v) for k, v in lengths.items()}
+        self._updated_at = []  # the state's entries are the past: updates go on from there
         self._version += 1
         self._iterated_by.value = os.getpid()
 
