@@ -373,3 +373,27 @@ def test_updates_must_come_in_position_order() -> None:
         mixed.update_weights({"a": 0.0, "b": 1.0}, position=500)
     mixed.update_weights({"a": 0.25, "b": 0.75}, position=1000)  # the same position: replaced
     assert mixed.weight_timeline[-1] == (1000, {"a": 0.25, "b": 0.75})
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_a_moving_schedule_gives_one_sequence_however_positions_are_asked(kind: str) -> None:
+    # Each extension of the timeline added an entry off the grid where the request began, so
+    # one plan, chunked plans, iteration and a resumed run gave different sequences.
+    def make() -> MixedDataset:
+        sched = WeightScheduler([(0, {"a": 0.9, "b": 0.1}), (20000, {"a": 0.1, "b": 0.9})], kind)
+        return MixedDataset(sources(a=50, b=50), schedule=sched, batch_size=1)
+
+    n = 9000
+    whole = make().plan(0, n).sources
+    chunked = make()
+    assert np.array_equal(np.concatenate([chunked.plan(s, 3000).sources
+                                          for s in range(0, n, 3000)]), whole)  # fmt: skip
+    it = iter(make())
+    assert [r["__source__"] for r in itertools.islice(it, n)] == \
+        [("a", "b")[s] for s in whole]  # fmt: skip
+    first = make()
+    head = list(itertools.islice(iter(first), 5000))
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    rest = [r["__source__"] for r in itertools.islice(iter(resumed), n - 5000)]
+    assert [r["__source__"] for r in head] + rest == [("a", "b")[s] for s in whole]

@@ -234,3 +234,20 @@ def test_point_weights_are_copied_and_floats() -> None:
     assert p.step == 4 and type(p.step) is int and p.weights == {"a": 1.0, "b": 2.0}
     with pytest.raises(AttributeError):
         p.step = 5  # type: ignore[misc]
+
+
+def test_entry_step_is_the_entry_in_force() -> None:
+    # A timeline started there (a resumed or chunked extension) gives the weights of one started
+    # at 0 at every later step.
+    sched = WeightScheduler([(0, {"a": 1.0, "b": 0.0}), (10, {"a": 0.0, "b": 1.0}),
+                             (20, {"a": 0.0, "b": 1.0})], "linear")  # fmt: skip
+
+    def at(entries: list[tuple[int, dict[str, float]]], step: int) -> dict[str, float]:
+        return [w for s, w in entries if s <= step][-1]
+
+    full = sched.timeline(0, 30, every=4)
+    for step in range(30):
+        start = sched.entry_step(step, every=4)
+        assert start <= step and at(full, start) == at(full, step)
+        tail = sched.timeline(start, 30, every=4)
+        assert all(at(tail, s) == at(full, s) for s in range(start, 30))

@@ -361,7 +361,10 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         end = until if self._schedule_end is None else min(until, self._schedule_end)
         if end > self._scheduled_until:
             b = self.batch_size
-            first = self._scheduled_until // b
+            # From the entry in force (not the step holding _scheduled_until, which would add an
+            # entry off the grid wherever a request happened to end: plans would depend on how
+            # positions were asked for)
+            first = self.schedule.entry_step(self._scheduled_until // b, self.schedule_every)
             last = -(-end // b)  # steps whose start position is below `end`
             entries = self.schedule.timeline(first, last, every=self.schedule_every)
             for step, weights in entries:

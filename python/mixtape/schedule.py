@@ -211,6 +211,19 @@ class WeightScheduler:
                 prev = w
         return out
 
+    def entry_step(self, step: int, every: int | None = None) -> int:
+        """The step of the :meth:`timeline` entry in force at ``step`` (a point, a multiple of
+        ``every`` inside a moving stretch, or 0): a timeline started there has the entries of one
+        started at 0 from there on, whatever ``step`` is."""
+        at = max([p for p in self.steps if p <= step], default=0)
+        if self.interpolation != "step" and every:
+            for i in range(len(self.steps) - 1):
+                if self.steps[i] <= step < self.steps[i + 1] and not self._same(i, i + 1):
+                    grid = (step // every) * every
+                    if grid > self.steps[i]:
+                        at = max(at, grid)
+        return at
+
     def _same(self, i: int, j: int) -> bool:
         return bool(np.array_equal(self._weights[i], self._weights[j]))
 
