@@ -397,3 +397,22 @@ def test_a_moving_schedule_gives_one_sequence_however_positions_are_asked(kind: 
     resumed.load_state_dict(first.state_dict())
     rest = [r["__source__"] for r in itertools.islice(iter(resumed), n - 5000)]
     assert [r["__source__"] for r in head] + rest == [("a", "b")[s] for s in whole]
+
+
+@pytest.mark.parametrize(("stop", "sizes"), [("first_exhausted", (5, 200)),
+                                             ("all_exhausted", (200, 5))])  # fmt: skip
+def test_stop_strategies_count_map_style_sources_beside_streams(stop: str,
+                                                                sizes: tuple[int, int]) -> None:
+    # With a streaming source present only the stream's end was checked: first_exhausted read
+    # a 5-row map-style source 201 times, all_exhausted ended before a map-style source's pass.
+    def ds(n: int, base: int) -> Any:
+        return datasets.Dataset.from_dict({"input_ids": [[base + i] for i in range(n)]})
+
+    def counts(stream: bool) -> Counter[str]:
+        second = ds(sizes[1], 1000)
+        mixed = MixedDataset({"m": ds(sizes[0], 0),
+                              "s": second.to_iterable_dataset() if stream else second},
+                             stop_strategy=stop)  # fmt: skip
+        return Counter(e["__source__"] for e in mixed)
+
+    assert counts(stream=True) == counts(stream=False)

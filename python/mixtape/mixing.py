@@ -581,6 +581,16 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
         # for its first batch whatever the position it resumes from.
         first = pos // b
         stop = self.stop_position() if self.random_access else None
+        # With streaming sources the end is found as they go; map-style sources count too: one
+        # that finished its first pass (all_exhausted), or would start a second (first_exhausted)
+        finite = not self.random_access and self.stop_strategy != "restart"
+        num_rows = self._num_rows()
+        done: set[int] = set()
+        if finite:
+            for j, c in enumerate(self.source_counts(pos).values()):
+                rows_j = num_rows[j]
+                if rows_j is not None and c >= rows_j:
+                    done.add(j)
         while stop is None or pos < stop:
             n = _CHUNK if stop is None else min(_CHUNK, stop - pos)
             version = self._version
@@ -600,38 +610,63 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
                 if self._version != version:  # weights changed: plan again from here
                     break
                 k = int(sources[i])
+                last = False  # the mixture ends after this position (every shard sees it)
                 if num_rows[k] is None:  # every shard reads streams to keep ordinals exact
                     ex = self._stream_take(streams, k, int(ordinals[i]))
                     if ex is None:
-                        if self._finite_stream_end(k):
+                        if self._finite_stream_end(k, done):
                             return
                         ex = self._stream_take(streams, k, int(ordinals[i]))
                         assert ex is not None
                     if mine is not None and not mine[i]:
                         continue
-                elif mine is not None and not mine[i]:
-                    continue
                 else:
+                    if finite:
+                        end = self._map_source_end(k, int(ordinals[i]), done)
+                        if end == "before":
+                            return
+                        last = end == "after"
+                    if mine is not None and not mine[i]:
+                        if last:
+                            return
+                        continue
                     ex = by_source[k].pop()
                 ex[self.source_key] = self.source_names[k]
                 self._position = pos + i + 1
                 yield ex
+                if last:
+                    return
             else:
                 pos += n
                 continue
             pos = self._position
 
-    def _finite_stream_end(self, k: int) -> bool:
-        """A streaming source just ended its first pass: whether the mixture ends here."""
+    def _finite_stream_end(self, k: int, done: set[int] | None = None) -> bool:
+        """A streaming source ``k`` just ended its first pass (or, ``k=-1``, a map-style one in
+        ``done``): whether the mixture ends here. ``done``: map-style sources past their first
+        pass."""
         if self.stop_strategy == "first_exhausted":
-            return True
+            return k >= 0
         if self.stop_strategy == "all_exhausted":
             w = self._weights_at(self._position)
-            ended = {j for j in self._stream_lengths}
-            rows = self._num_rows()
-            return all(w[j] == 0 or j in ended or rows[j] is not None
-                       for j in range(self.num_sources))  # fmt: skip
+            ended = set(self._stream_lengths) | (done or set())
+            return all(w[j] == 0 or j in ended for j in range(self.num_sources))
         return False
+
+    def _map_source_end(self, k: int, ordinal: int, done: set[int]) -> str:
+        """Map-style source ``k`` serves its ``ordinal``-th row: "before" when the mixture ends
+        before this position (first_exhausted: a second pass would start), "after" when it ends
+        after it (all_exhausted: the last positive-weight source finished its first pass), else
+        "" (finished first passes are noted in ``done``)."""
+        n = self._num_rows()[k]
+        assert n is not None
+        if ordinal >= n and self.stop_strategy == "first_exhausted":
+            return "before"
+        if ordinal == n - 1 and k not in done:
+            done.add(k)
+            if self.stop_strategy == "all_exhausted" and self._finite_stream_end(-1, done):
+                return "after"
+        return ""
 
     def iter_batches(self, batch_size: int | None = None, *, start: int = 0,
                      stop: int | None = None) -> Iterator[pa.Table]:  # fmt: skip
