@@ -559,3 +559,15 @@ def test_the_state_keeps_the_runs_horizon_and_packing() -> None:
     with pytest.raises(ValueError, match="saved with packing='bfd', max_length=16; this loader "
                                          "has packing=None"):  # fmt: skip
         get_loader(make(), 4).load_state_dict(packed)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7])
+def test_ranks_share_a_map_style_dataset_as_distributed_sampler_does(n: int) -> None:
+    # Fewer examples than the padding a rank needed left a rank short (DistributedSampler
+    # repeats the indices): ranks would then take different numbers of steps.
+    data = list(range(n))
+    for rank in range(3):
+        ours = [i for b in get_loader(data, 1, shuffle=False, collate_fn=lambda xs: xs,
+                                      rank=rank, world_size=3) for i in b]  # fmt: skip
+        ref = torch.utils.data.DistributedSampler(data, num_replicas=3, rank=rank, shuffle=False)
+        assert ours == list(ref)

@@ -897,7 +897,7 @@ class Loader:
         """This rank's batches per epoch when known ahead (None: packing, iterable datasets,
         infinite mixtures)."""
         if self._sampler is not None:
-            n, b = len(self._sampler._indices()), self.config.batch_size
+            n, b = self._sampler.size(), self.config.batch_size
             return n // b if self.config.drop_last else -(-n // b)
         if self.exact and self._planner is None and self.mixed.stop_position() is not None:
             return len(self)
@@ -1171,10 +1171,22 @@ class _ResumableSampler(torch.utils.data.Sampler[int]):
         if self.world > 1:
             if self.drop_last:
                 idx = idx[: self.n - self.n % self.world]
-            elif self.n % self.world and self.pad:
-                idx += idx[: self.world - self.n % self.world]  # padded, as DistributedSampler
+            elif self.n % self.world and self.pad and idx:  # padded, as DistributedSampler
+                extra = self.world - self.n % self.world  # (repeated when n is below it)
+                idx += (idx * -(-extra // len(idx)))[:extra]
             idx = idx[self.rank :: self.world]
         return idx
+
+    def size(self) -> int:
+        """This rank's indices per epoch (what :meth:`_indices` gives, without drawing them)."""
+        m = self.n
+        if self.world > 1:
+            if self.drop_last:
+                m -= self.n % self.world
+            elif self.pad and self.n:
+                m += -self.n % self.world
+            return max(0, (m - self.rank + self.world - 1) // self.world)
+        return m
 
     def __iter__(self) -> Iterator[int]:
         idx = self._indices()[self.skip :]
@@ -1182,7 +1194,7 @@ class _ResumableSampler(torch.utils.data.Sampler[int]):
         return iter(idx)
 
     def __len__(self) -> int:
-        return len(self._indices()) - self.skip
+        return self.size() - self.skip
 
 
 def _source_lengths(source: Any, column: str) -> Int64Array:
