@@ -5,6 +5,7 @@ document at a time from the mixture, pack_plan, the fullest rows, the carry): th
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -76,33 +77,36 @@ class ReferencePlanner:
         return [p for r in keep for p in rows[r]], [int(per_row[r]) for r in keep]
 
 
-def loader_plans(loader: Any, n: int) -> list[Any]:
-    loader._start_requests()
+def _plans(step: Callable[[], Any], n: int) -> list[Any]:
+    """Up to ``n`` plans of ``step()``; None ends them, a ValueError ends them with its text."""
     out: list[Any] = []
     try:
         for _ in range(n):
-            req = loader._next_request()
-            if req is None:
-                return [*out, None]
-            pieces = np.stack([req.sources.astype(np.int64), req.rows, req.starts, req.lengths],
-                              axis=1).tolist()  # fmt: skip
-            out.append((pieces, np.diff(req.row_offsets).tolist()))
-    except ValueError as e:
-        out.append(("error", str(e).split(" has ")[0]))
-    return out
-
-
-def reference_plans(ref: ReferencePlanner, n: int) -> list[Any]:
-    out: list[Any] = []
-    try:
-        for _ in range(n):
-            got = ref.batch()
+            got = step()
             if got is None:
                 return [*out, None]
             out.append(got)
     except ValueError as e:
         out.append(("error", str(e).split(" has ")[0]))
     return out
+
+
+def loader_plans(loader: Any, n: int) -> list[Any]:
+    loader._start_requests()
+
+    def step() -> Any:
+        req = loader._next_request()
+        if req is None:
+            return None
+        pieces = np.stack([req.sources.astype(np.int64), req.rows, req.starts, req.lengths],
+                          axis=1).tolist()  # fmt: skip
+        return pieces, np.diff(req.row_offsets).tolist()
+
+    return _plans(step, n)
+
+
+def reference_plans(ref: ReferencePlanner, n: int) -> list[Any]:
+    return _plans(ref.batch, n)
 
 
 @pytest.mark.parametrize("strategy", ["bfd", "ffd", "next_fit"])

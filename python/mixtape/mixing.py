@@ -622,7 +622,7 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
                         continue
                 else:
                     if finite:
-                        end = self._map_source_end(k, int(ordinals[i]), done)
+                        end = self._map_source_end(k, int(ordinals[i]), num_rows[k], done)
                         if end == "before":
                             return
                         last = end == "after"
@@ -653,12 +653,11 @@ class MixedDataset(torch.utils.data.IterableDataset[dict[str, Any]]):
             return all(w[j] == 0 or j in ended for j in range(self.num_sources))
         return False
 
-    def _map_source_end(self, k: int, ordinal: int, done: set[int]) -> str:
+    def _map_source_end(self, k: int, ordinal: int, n: int | None, done: set[int]) -> str:
         """Map-style source ``k`` serves its ``ordinal``-th row: "before" when the mixture ends
         before this position (first_exhausted: a second pass would start), "after" when it ends
         after it (all_exhausted: the last positive-weight source finished its first pass), else
-        "" (finished first passes are noted in ``done``)."""
-        n = self._num_rows()[k]
+        "" (finished first passes are noted in ``done``). ``n``: the source's rows."""
         assert n is not None
         if ordinal >= n and self.stop_strategy == "first_exhausted":
             return "before"

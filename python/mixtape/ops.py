@@ -989,12 +989,18 @@ def _piece_fields(
 ) -> dict[str, Any]:
     """The per-piece fields (numpy; O(pieces))."""
     out: dict[str, Any] = {}
-    if "cu_seqlens" in wanted or "cu_seqlens_padded" in wanted:
+    want_cu = bool({"cu_seqlens", "cu_seqlens_padded"} & wanted)
+    # max_seqlen is the longest segment of cu_seqlens: in the padded layout padding runs (and
+    # rows without pieces) are segments too, and a varlen kernel given less skips their queries
+    padded_max = "max_seqlen" in wanted and not flat and plan.num_rows > 0
+    cu = np.zeros(1, dtype=np.int64)
+    if want_cu or padded_max:
         if flat:
             cu = np.zeros(plan.num_pieces + 1, dtype=np.int64)
             np.cumsum(plan.length, out=cu[1:])
         else:
             cu = _padded_cu_seqlens(plan)
+    if want_cu:
         if cu[-1] > np.iinfo(np.int32).max:
             raise ValueError(f"cu_seqlens: {int(cu[-1])} tokens do not fit int32; fill fewer rows")
         if "cu_seqlens" in wanted:
@@ -1009,12 +1015,8 @@ def _piece_fields(
             padded[: cu.size] = cu
             out["cu_seqlens_padded"] = padded
     if "max_seqlen" in wanted:
-        # The longest segment of cu_seqlens: in the padded layout, padding runs are segments too
-        # (a varlen kernel given a smaller max_seqlen leaves their queries uncomputed).
         longest = int(plan.length.max()) if plan.num_pieces else 0
-        if not flat and plan.num_rows:  # rows without pieces are whole padding segments
-            longest = max(longest, int(np.diff(_padded_cu_seqlens(plan)).max()))
-        out["max_seqlen"] = longest
+        out["max_seqlen"] = max(longest, int(np.diff(cu).max())) if padded_max else longest
     if "doc_lens" in wanted:
         out["doc_lens"] = plan.length.astype(np.int32)
     if "doc_ids" in wanted:
